@@ -1,0 +1,41 @@
+"""FastV's stage: score visual tokens with the flash-safe scorer, keep the top ``keep_ratio``."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from pydantic import Field
+
+from tokenpress import DecoderContext, Keep, Method, SelectingConfig, hookimpl, keep_count
+from tokenpress.select import topk_mask
+
+
+class FastVConfig(SelectingConfig):
+    """Parameters of ``fastv`` (the stage's ``layers`` give K: tokens are dropped before layer K)."""
+
+    query: Literal["last", "text"] = Field(
+        "last", description="Whose attention ranks the visual tokens: the last prompt token, or all prompt text."
+    )
+    score_layer: Literal["previous", "current"] = Field(
+        "previous", description="Attention inside layer K-1 (as in the paper) or inside layer K."
+    )
+
+
+class FastV(Method):
+    """Drop the least-attended visual tokens before the stage's layer(s)."""
+
+    name = "fastv"
+    Config = FastVConfig
+    points = ("decoder_layer",)
+    description = "Keep the top keep_ratio visual tokens by the last prompt token's attention (FastV)."
+    config: FastVConfig
+
+    @hookimpl
+    def decoder_layer(self, context: DecoderContext) -> Keep:
+        scores = context.scorer.attention_to_tokens(query=self.config.query, layer=self.config.score_layer)
+        counts = keep_count(context.visual_counts(), self.config.keep_ratio).to(scores.device)
+        return Keep(topk_mask(scores, context.is_visual, counts))
+
+    def promised_count(self, tokens_in: torch.Tensor) -> torch.Tensor:
+        return keep_count(tokens_in, self.config.keep_ratio)

@@ -1,0 +1,318 @@
+"""The model-adapter contract: everything model-specific lives in a subclass of :class:`ModelAdapter`.
+
+An adapter finds a model's modules, turns pixels into a :class:`~tokenpress.TokenState`, applies
+the projector, lays out the compressed sequence (placeholders, padding, positions), and runs the
+decoder layers one at a time so that the token set may change between layers. The defaults here
+fit Llama-style decoders (``layers``, ``norm``, ``rotary_emb``, ``embed_tokens``; layers with
+``input_layernorm`` and ``self_attn.q_proj/k_proj``); a family overrides what differs.
+
+A third party adds a family by subclassing this and returning the class from the
+``tokenpress_register_adapters`` hook.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from tokenpress.errors import CompressionError
+from tokenpress.sequence import Sequence
+from tokenpress.tokens import TokenState
+
+
+@dataclass(frozen=True)
+class AttentionParts:
+    """The pieces of a decoder layer's attention the scorer recomputes rows from."""
+
+    input_norm: nn.Module
+    q_proj: nn.Module
+    k_proj: nn.Module
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    scaling: float
+    q_norm: nn.Module | None = None
+    k_norm: nn.Module | None = None
+
+
+@dataclass
+class ImageSpan:
+    """A run of image placeholder columns in one row of ``input_ids``."""
+
+    sample: int
+    start: int
+    length: int
+    image: int  # index into the batch's images (TokenState row)
+
+
+class ModelAdapter:
+    """Base class of model-family adapters.
+
+    Subclasses set ``family`` and implement :meth:`supports`, :meth:`encode_images`,
+    :meth:`project`, :meth:`inner_module` and :meth:`make_output`; they override the sequence and
+    decoder helpers where their model differs from a Llama-style decoder.
+    """
+
+    family: ClassVar[str] = ""
+    #: Number of position rows: 1 for 1-D RoPE, 3 for M-RoPE.
+    position_rank: ClassVar[int] = 1
+    #: Encoder signals the family can provide, e.g. ("cls_attention",).
+    signals: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+
+    # --- identification -------------------------------------------------------------------------
+
+    @classmethod
+    def supports(cls, model: nn.Module) -> bool:
+        raise NotImplementedError
+
+    def inner_module(self) -> nn.Module:
+        """The module whose ``forward`` is taken over while attached (instance attribute only)."""
+        raise NotImplementedError
+
+    # --- modules --------------------------------------------------------------------------------
+
+    @property
+    def language_model(self) -> nn.Module:
+        raise NotImplementedError
+
+    @property
+    def layers(self) -> nn.ModuleList:
+        return self.language_model.layers
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    @property
+    def text_config(self) -> Any:
+        return self.language_model.config
+
+    @property
+    def attention_implementation(self) -> str:
+        return self.text_config._attn_implementation or "eager"
+
+    @property
+    def image_token_id(self) -> int:
+        return self.model.config.image_token_id
+
+    def num_encoder_layers(self) -> int:
+        return 0
+
+    def check_signal(self, name: str, value: Any) -> str | None:
+        """Why the signal request cannot be served (None when it can)."""
+        if name not in self.signals:
+            return f"the {self.family} adapter cannot provide the encoder signal {name!r}"
+        return None
+
+    # --- pre-LLM --------------------------------------------------------------------------------
+
+    def encode_images(self, inputs: dict[str, Any], signals: dict[str, Any]) -> tuple[TokenState, dict[str, Any]]:
+        """Run the vision encoder: the patch features (encoder space) and the requested signals."""
+        raise NotImplementedError
+
+    def project(self, tokens: TokenState) -> TokenState:
+        """Apply the model's projector to tokens in encoder space."""
+        raise NotImplementedError
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.language_model.get_input_embeddings()(input_ids)
+
+    def image_spans(self, input_ids: torch.Tensor, valid: torch.Tensor, tokens: TokenState) -> list[ImageSpan]:
+        """Runs of placeholder columns, one per image, in the order the images were given."""
+        spans: list[ImageSpan] = []
+        is_image = ((input_ids == self.image_token_id) & valid).tolist()
+        per_image = tokens.original_grid.prod(-1).tolist()
+        image = 0
+        for sample, row in enumerate(is_image):
+            column = 0
+            while column < len(row):
+                if not row[column]:
+                    column += 1
+                    continue
+                end = column
+                while end < len(row) and row[end]:
+                    end += 1
+                while column < end:  # adjacent images form one run
+                    if image >= len(per_image):
+                        raise CompressionError("the prompt has more image placeholders than images were given")
+                    length = int(per_image[image])
+                    if column + length > end:
+                        raise CompressionError(
+                            f"image {image} needs {length} placeholder tokens but its run has {end - column}"
+                        )
+                    spans.append(ImageSpan(sample, column, length, image))
+                    column += length
+                    image += 1
+        if image != len(per_image):
+            raise CompressionError(f"{len(per_image)} images were given but the prompt has placeholders for {image}")
+        return spans
+
+    def text_positions(self, start: int, count: int) -> list[list[int]]:
+        """Positions (R rows) of ``count`` text tokens starting at scalar position ``start``."""
+        return [list(range(start, start + count))] * self.position_rank
+
+    def image_positions(
+        self, start: int, tokens: TokenState, image: int, slots: torch.Tensor, compact: bool
+    ) -> tuple[list[list[int]], int]:
+        """Positions (R rows) of an image's kept tokens ``slots`` and the next scalar position.
+
+        Default (1-D RoPE): ``original`` puts a token at ``start + grid_index`` and the image takes
+        its whole current grid; ``compact`` numbers the kept tokens one after another.
+        """
+        if compact:
+            return [list(range(start, start + len(slots)))], start + len(slots)
+        cells = int(tokens.grid[image].prod())
+        grid_index = tokens.grid_index[image, slots]
+        return [(grid_index + start).tolist()], start + cells
+
+    def compact_positions(self, sequence: Sequence) -> torch.Tensor:
+        """Re-index the sequence's positions one after another (``positions: compact``)."""
+        ranks = torch.cumsum(sequence.valid.long(), dim=-1) - 1
+        first = torch.where(sequence.valid.unsqueeze(0), sequence.positions, torch.iinfo(torch.long).max)
+        base = first.amin(dim=(0, 2))  # keeps a row's starting offset
+        ranks = (ranks + base.unsqueeze(1)).clamp_min(0)
+        return ranks.unsqueeze(0).expand(self.position_rank, -1, -1).contiguous()
+
+    def build_sequence(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        tokens: TokenState,
+        prompt_length: int,
+        compact: bool,
+    ) -> Sequence:
+        """Lay out each sample's text and (compressed) visual tokens, left-packed, with positions."""
+        batch, columns = input_ids.shape
+        device = input_ids.device
+        valid_in = attention_mask.bool() if attention_mask is not None else torch.ones_like(input_ids, dtype=torch.bool)
+        spans = self.image_spans(input_ids, valid_in, tokens)
+        text_embeds = self.embed(input_ids)
+        slots = tokens.num_slots
+        kept = [torch.nonzero(tokens.valid[i]).flatten() for i in range(tokens.num_images)]
+
+        rows: list[dict[str, list]] = []
+        valid_cols = valid_in.tolist()
+        spans_by_sample: dict[int, list[ImageSpan]] = {}
+        for span in spans:
+            spans_by_sample.setdefault(span.sample, []).append(span)
+        for sample in range(batch):
+            row = {"bank": [], "pos": [[] for _ in range(self.position_rank)], "visual": [], "prompt": [],
+                   "column": [], "visual_id": []}
+            position = 0
+            sample_spans = {span.start: span for span in spans_by_sample.get(sample, [])}
+            column = 0
+            while column < columns:
+                span = sample_spans.get(column)
+                if span is not None:
+                    picks = kept[span.image]
+                    pos, position = self.image_positions(position, tokens, span.image, picks, compact)
+                    count = len(picks)
+                    row["bank"] += (batch * columns + span.image * slots + picks).tolist()
+                    for r in range(self.position_rank):
+                        row["pos"][r] += pos[r]
+                    row["visual"] += [True] * count
+                    row["prompt"] += [True] * count
+                    row["column"] += list(range(span.start, span.start + count))
+                    row["visual_id"] += (span.image * slots + picks).tolist()
+                    column += span.length
+                    continue
+                if valid_cols[sample][column]:
+                    row["bank"].append(sample * columns + column)
+                    pos = self.text_positions(position, 1)
+                    for r in range(self.position_rank):
+                        row["pos"][r] += pos[r]
+                    position += 1
+                    row["visual"].append(False)
+                    row["prompt"].append(column < prompt_length)
+                    row["column"].append(column)
+                    row["visual_id"].append(-1)
+                column += 1
+            rows.append(row)
+
+        length = max(len(row["bank"]) for row in rows)
+        def padded(key: str, fill: Any, dtype: torch.dtype) -> torch.Tensor:
+            return torch.tensor([row[key] + [fill] * (length - len(row[key])) for row in rows], dtype=dtype,
+                                device=device)
+
+        bank = torch.cat([text_embeds.reshape(batch * columns, -1),
+                          tokens.embeddings.reshape(tokens.num_images * slots, -1).to(text_embeds.dtype)])
+        index = padded("bank", 0, torch.long)
+        positions = torch.stack([
+            torch.tensor([row["pos"][r] + [0] * (length - len(row["pos"][r])) for row in rows], dtype=torch.long,
+                         device=device)
+            for r in range(self.position_rank)
+        ])
+        valid = torch.arange(length, device=device).unsqueeze(0) < torch.tensor(
+            [len(row["bank"]) for row in rows], device=device).unsqueeze(1)
+        return Sequence(
+            hidden=bank[index],
+            positions=positions,
+            valid=valid,
+            is_visual=padded("visual", False, torch.bool),
+            is_prompt=padded("prompt", False, torch.bool),
+            column=padded("column", 0, torch.long),
+            slot_id=torch.arange(length, device=device).expand(batch, -1).clone(),
+            visual_id=padded("visual_id", -1, torch.long),
+        )
+
+    # --- decoder --------------------------------------------------------------------------------
+
+    def position_embeddings(self, hidden: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cos, sin) of the decoder's rotary embedding for ``positions`` (R, B, N)."""
+        return self.language_model.rotary_emb(hidden, positions[0])
+
+    def rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """Apply rotary embedding (cos, sin of shape B, N, d) to x of shape (B, H, N, d)."""
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+        half = x.shape[-1] // 2
+        rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+        return x * cos + rotated * sin
+
+    def attention_parts(self, layer_index: int) -> AttentionParts:
+        layer = self.layers[layer_index]
+        attention = layer.self_attn
+        config = self.text_config
+        return AttentionParts(
+            input_norm=layer.input_layernorm,
+            q_proj=attention.q_proj,
+            k_proj=attention.k_proj,
+            num_heads=config.num_attention_heads,
+            num_kv_heads=getattr(config, "num_key_value_heads", None) or config.num_attention_heads,
+            head_dim=attention.head_dim,
+            scaling=attention.scaling,
+            q_norm=getattr(attention, "q_norm", None),
+            k_norm=getattr(attention, "k_norm", None),
+        )
+
+    def call_layer(
+        self,
+        layer_index: int,
+        hidden: torch.Tensor,
+        attention_mask: torch.Tensor,
+        positions: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        cache: Any,
+    ) -> torch.Tensor:
+        """Run one decoder layer on packed hidden states; the layer appends its K/V to ``cache``."""
+        output = self.layers[layer_index](
+            hidden,
+            attention_mask=attention_mask,
+            position_ids=positions[0],
+            past_key_values=cache,
+            use_cache=cache is not None,
+            position_embeddings=position_embeddings,
+        )
+        return output[0] if isinstance(output, tuple) else output
+
+    def final_norm(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.language_model.norm(hidden)
+
+    def make_output(self, last_hidden_state: torch.Tensor, cache: Any, image_hidden_states: Any) -> Any:
+        """The output object the inner module's own forward would return."""
+        raise NotImplementedError

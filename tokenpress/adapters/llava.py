@@ -1,0 +1,107 @@
+"""LLaVA-1.5 (``transformers.LlavaForConditionalGeneration``): CLIP-style encoder, MLP projector,
+Llama-style decoder, one run of ``image_token_id`` placeholders per image."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from tokenpress.adapters.base import ModelAdapter
+from tokenpress.errors import UnsupportedModelError
+from tokenpress.tokens import TokenState
+
+
+def cls_attention(encoder_layer: nn.Module, layer_input: torch.Tensor) -> torch.Tensor:
+    """Attention the CLS token (slot 0) pays to every patch inside a CLIP-style encoder layer.
+
+    Recomputed from the layer's own norm and q/k projections for the one CLS row: (I, N) over the
+    patches (CLS column removed), averaged over heads. No N x N matrix is formed.
+    """
+    attention = encoder_layer.self_attn
+    normed = encoder_layer.layer_norm1(layer_input)
+    images, length, _ = normed.shape
+    heads, head_dim = attention.num_heads, attention.head_dim
+    query = attention.q_proj(normed[:, :1]).view(images, 1, heads, head_dim).transpose(1, 2)
+    key = attention.k_proj(normed).view(images, length, heads, head_dim).transpose(1, 2)
+    logits = torch.matmul(query.float(), key.float().transpose(-1, -2)) * attention.scale
+    return torch.softmax(logits, dim=-1).mean(dim=1)[:, 0, 1:]
+
+
+class LlavaAdapter(ModelAdapter):
+    """Adapter for ``LlavaForConditionalGeneration`` (LLaVA-1.5 and its relatives)."""
+
+    family = "llava"
+    signals = ("cls_attention",)
+
+    @classmethod
+    def supports(cls, model: nn.Module) -> bool:
+        return getattr(getattr(model, "config", None), "model_type", None) == "llava" and hasattr(model, "model")
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__(model)
+        config = model.config
+        if config.vision_feature_select_strategy != "default":
+            raise UnsupportedModelError(
+                f"the llava adapter needs vision_feature_select_strategy='default' (patch grid without CLS), "
+                f"this model has {config.vision_feature_select_strategy!r}"
+            )
+        vision = config.vision_config
+        side = vision.image_size // vision.patch_size
+        self.grid = (1, side, side)
+
+    def inner_module(self) -> nn.Module:
+        return self.model.model
+
+    @property
+    def language_model(self) -> nn.Module:
+        return self.model.model.language_model
+
+    @property
+    def vision_tower(self) -> nn.Module:
+        return self.model.model.vision_tower
+
+    def _encoder_layers(self) -> nn.ModuleList:
+        return self.vision_tower.vision_model.encoder.layers
+
+    def num_encoder_layers(self) -> int:
+        return len(self._encoder_layers())
+
+    def check_signal(self, name: str, value: Any) -> str | None:
+        problem = super().check_signal(name, value)
+        if problem is None and name == "cls_attention":
+            count = self.num_encoder_layers()
+            if not isinstance(value, int) or not -count <= value < count:
+                return f"cls_attention layer {value!r} is out of range for a {count}-layer vision encoder"
+        return problem
+
+    def encode_images(self, inputs: dict[str, Any], signals: dict[str, Any]) -> tuple[TokenState, dict[str, Any]]:
+        pixel_values = inputs["pixel_values"]
+        config = self.model.config
+        outputs = self.vision_tower(pixel_values, output_hidden_states=True, return_dict=True)
+        hidden_states = outputs.hidden_states
+        feature_layer = config.vision_feature_layer
+        if isinstance(feature_layer, int):
+            features = hidden_states[feature_layer][:, 1:]
+        else:
+            features = torch.cat([hidden_states[i][:, 1:] for i in feature_layer], dim=-1)
+        tokens = TokenState.from_dense(features, self.grid)
+        found: dict[str, Any] = {}
+        if "cls_attention" in signals:
+            layer = signals["cls_attention"] % self.num_encoder_layers()
+            found["cls_attention"] = cls_attention(self._encoder_layers()[layer], hidden_states[layer])
+        return tokens, found
+
+    def project(self, tokens: TokenState) -> TokenState:
+        projector = self.model.model.multi_modal_projector
+        return tokens.to_space(projector(tokens.embeddings), "llm")
+
+    def make_output(self, last_hidden_state: torch.Tensor, cache: Any, image_hidden_states: Any) -> Any:
+        from transformers.models.llava.modeling_llava import LlavaModelOutputWithPast
+
+        return LlavaModelOutputWithPast(
+            last_hidden_state=last_hidden_state,
+            past_key_values=cache,
+            image_hidden_states=image_hidden_states,
+        )

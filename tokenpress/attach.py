@@ -1,0 +1,201 @@
+"""Attaching a stack to one model instance, and taking it off again exactly.
+
+```python
+with tokenpress.compress(model, "stacks/fastv.yaml") as handle:
+    out = model.generate(**inputs, max_new_tokens=20)
+    print(handle.report())
+```
+
+Only the instance is touched: the inner module gets an instance attribute ``forward`` and the model
+an instance attribute ``generate`` (which records the prompt length so that selections are made
+from the prompt alone). Detaching deletes both (or restores what was there before). Everything
+that can be wrong with the stack or the model is checked before anything is touched.
+"""
+
+from __future__ import annotations
+
+import functools
+import weakref
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pluggy
+from torch import nn
+
+from tokenpress import hookspecs
+from tokenpress.adapters.base import ModelAdapter
+from tokenpress.engine import CompressedForward, StageEntry, StageRecord
+from tokenpress.errors import PluginError, StackError, UnsupportedModelError
+from tokenpress.registry import Registry, get_registry
+from tokenpress.stack import Stack, load_stack
+
+SUPPORTED_ATTENTION = ("eager", "sdpa", "flash_attention_2", "flash_attention_3")
+
+_ATTACHED: weakref.WeakKeyDictionary[nn.Module, Handle] = weakref.WeakKeyDictionary()
+_MISSING = object()
+
+
+def find_adapter(model: nn.Module, registry: Registry | None = None) -> ModelAdapter:
+    """The adapter of the first registered family that supports ``model``."""
+    registry = registry or get_registry()
+    for adapter_class in registry.adapters:
+        if adapter_class.supports(model):
+            return adapter_class(model)
+    families = ", ".join(a.family for a in registry.adapters) or "none"
+    raise UnsupportedModelError(
+        f"no tokenpress adapter supports {type(model).__name__} "
+        f"(model_type {getattr(getattr(model, 'config', None), 'model_type', None)!r}); supported families: {families}"
+    )
+
+
+@dataclass
+class Report:
+    """Per-stage token counts of the last compressed prefill (visual tokens, per sample)."""
+
+    stack: str
+    records: list[StageRecord]
+
+    def as_dicts(self) -> list[dict[str, Any]]:
+        return [record.as_dict() for record in self.records]
+
+    def __str__(self) -> str:
+        if not self.records:
+            return f"stack {self.stack!r}: no compressed prefill yet (or no stage)"
+        header = f"{'stage':<34} {'action':<9} {'tokens in':>14} {'tokens out':>14}"
+        lines = [f"stack {self.stack!r}", header, "-" * len(header)]
+        for record in self.records:
+            where = record.stage + (f" layer {record.layer}" if record.layer is not None else "")
+            lines.append(f"{where:<34} {record.action:<9} {_counts(record.tokens_in):>14} "
+                         f"{_counts(record.tokens_out):>14}")
+        return "\n".join(lines)
+
+
+def _counts(values: list[int]) -> str:
+    return str(values[0]) if len(set(values)) == 1 else "/".join(map(str, values))
+
+
+class Handle:
+    """A stack attached to one model instance. Use as a context manager or call :meth:`detach`."""
+
+    def __init__(self, model: nn.Module, stack: Stack, adapter: ModelAdapter, entries: list[StageEntry],
+                 registry: Registry) -> None:
+        self.model = model
+        self.stack = stack
+        self.adapter = adapter
+        self.entries = entries
+        self.registry = registry
+        self.records: list[StageRecord] = []
+        self.prompt_length: int | None = None
+        self.attached = False
+        self._saved: dict[tuple[int, str], Any] = {}
+
+    # --- attach / detach ------------------------------------------------------------------------
+
+    def _set(self, target: nn.Module, name: str, value: Any) -> None:
+        self._saved[(id(target), name)] = (target, target.__dict__.get(name, _MISSING))
+        setattr(target, name, value)
+
+    def _attach(self) -> None:
+        inner = self.adapter.inner_module()
+        forward = CompressedForward(self, inner.forward)
+        self._set(inner, "forward", forward)
+        self._set(self.model, "generate", self._wrap_generate(self.model.generate))
+        _ATTACHED[self.model] = self
+        self.attached = True
+
+    def _wrap_generate(self, generate: Any) -> Any:
+        @functools.wraps(generate)
+        def generate_with_prompt(*args: Any, **kwargs: Any) -> Any:
+            input_ids = kwargs.get("input_ids", args[0] if args else None)
+            outer = self.prompt_length
+            self.prompt_length = input_ids.shape[1] if input_ids is not None else None
+            try:
+                return generate(*args, **kwargs)
+            finally:
+                self.prompt_length = outer
+
+        return generate_with_prompt
+
+    def detach(self) -> None:
+        """Restore the model exactly: same modules, same forward and generate attributes."""
+        if not self.attached:
+            return
+        for (_, name), (target, previous) in self._saved.items():
+            if previous is _MISSING:
+                target.__dict__.pop(name, None)
+            else:
+                target.__dict__[name] = previous
+        self._saved.clear()
+        _ATTACHED.pop(self.model, None)
+        self.attached = False
+
+    def __enter__(self) -> Handle:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.detach()
+
+    # --- reporting ------------------------------------------------------------------------------
+
+    def report(self) -> Report:
+        """What each stage did at the last compressed prefill."""
+        return Report(self.stack.name, list(self.records))
+
+
+def _validate(stack: Stack, adapter: ModelAdapter) -> None:
+    implementation = adapter.attention_implementation
+    if stack.stages and implementation not in SUPPORTED_ATTENTION:
+        raise UnsupportedModelError(f"attention implementation {implementation!r} is not supported while "
+                                    f"compressing; use one of {', '.join(SUPPORTED_ATTENTION)}")
+    for stage in stack.stages:
+        where = f"{stack.source}: stages[{stage.index}]"
+        for layer in stage.layers:
+            if layer >= adapter.num_layers:
+                raise StackError(f"{where}.layers: layer {layer} is out of range for this model, which has "
+                                 f"{adapter.num_layers} decoder layers (0-{adapter.num_layers - 1})")
+
+
+def _make_entries(stack: Stack, adapter: ModelAdapter) -> list[StageEntry]:
+    # Each stage object is registered in a plugin manager of its own so that pluggy checks its hook
+    # signatures against the specs; the core then calls the stages itself, in stack order.
+    checker = pluggy.PluginManager(hookspecs.PROJECT)
+    checker.add_hookspecs(hookspecs)
+    entries = []
+    for stage in stack.stages:
+        method = stage.method_class(stage.config, stage.layers)
+        try:
+            checker.register(method, name=f"stage-{stage.index}")
+        except pluggy.PluginValidationError as exc:
+            raise PluginError(f"method {stage.method!r}: {exc}") from None
+        for signal, value in method.required_signals().items():
+            problem = adapter.check_signal(signal, value)
+            if problem:
+                raise UnsupportedModelError(f"{stack.source}: stages[{stage.index}] ({stage.method}): {problem}")
+        method.setup(adapter)
+        entries.append(StageEntry(stage, method))
+    return entries
+
+
+def compress(model: nn.Module, stack: Stack | str | Path | dict, registry: Registry | None = None) -> Handle:
+    """Attach ``stack`` to ``model`` (this instance only) and return the :class:`Handle`.
+
+    Raises a :class:`~tokenpress.errors.TokenpressError` - with the model untouched - when the
+    stack is invalid, names layers the model does not have, or no adapter supports the model.
+    """
+    registry = registry or get_registry()
+    stack = load_stack(stack, registry)
+    if model in _ATTACHED:
+        raise PluginError(f"a stack ({_ATTACHED[model].stack.name!r}) is already attached to this model; "
+                          "detach it first")
+    adapter = find_adapter(model, registry)
+    _validate(stack, adapter)
+    entries = _make_entries(stack, adapter)
+    handle = Handle(model, stack, adapter, entries, registry)
+    handle._attach()
+    return handle
+
+
+def attached_handle(model: nn.Module) -> Handle | None:
+    """The handle of the stack attached to ``model``, if any."""
+    return _ATTACHED.get(model)

@@ -1,0 +1,49 @@
+"""A KV cache whose layers may hold different tokens, plus the bookkeeping to keep decoding right."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers import DynamicCache
+
+
+@dataclass
+class DecodeState:
+    """What decoding steps need from the prefill of a compressed prompt.
+
+    ``key_valid[l]`` (B, S_l) marks the real entries of layer l's cache (the cache holds padding
+    slots too); ``next_position[l]`` (B,) is the RoPE position the next text token takes at layer l
+    (the same for every layer with ``positions: original``; per layer with ``compact``).
+    """
+
+    key_valid: list[torch.Tensor]
+    next_position: list[torch.Tensor]
+    logical_length: int
+
+
+class CompressedCache(DynamicCache):
+    """The cache a compressed prefill returns: layer l holds exactly the tokens layer l processed.
+
+    ``get_seq_length()`` reports the length of the *uncompressed* input seen so far (what
+    ``generate`` counts in input ids), while each layer's tensors are shorter. Pass the returned
+    cache back as ``past_key_values`` for the next step, as ``generate`` does.
+    """
+
+    def __init__(self, state: DecodeState | None = None) -> None:
+        super().__init__()
+        self.tokenpress_state = state
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        if self.tokenpress_state is None:
+            return super().get_seq_length(layer_idx)
+        return self.tokenpress_state.logical_length
+
+    def layer_lengths(self) -> list[int]:
+        """Number of cache slots (real and padding) per layer."""
+        return [layer.get_seq_length() for layer in self.layers]
+
+    def real_lengths(self) -> torch.Tensor:
+        """Real (non-padding) cached tokens, (num_layers, B)."""
+        assert self.tokenpress_state is not None
+        return torch.stack([valid.sum(-1) for valid in self.tokenpress_state.key_valid])

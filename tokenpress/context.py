@@ -1,0 +1,65 @@
+"""What a stage sees besides the tokens: its stage, the model's signals, helpers."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from tokenpress.scorer import Scorer
+from tokenpress.sequence import Sequence
+
+if TYPE_CHECKING:
+    from tokenpress.stack import Stage
+    from tokenpress.tokens import TokenState
+
+
+@dataclass
+class StageContext:
+    """Context of a pre-LLM stage (``post_encoder``, ``projector``, ``query_conditioned``)."""
+
+    stage: Stage
+    signals: dict[str, Any]
+    project: Callable[[TokenState], TokenState]
+    sample_keys: torch.Tensor  # (B,) int64: a fingerprint of each prompt, the same alone or batched
+    image_rank: torch.Tensor  # (I,) long: the image's place among its sample's images
+    prompt_embeddings: Callable[[int], torch.Tensor] | None = None
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    def text_embeddings(self, image_index: int) -> torch.Tensor:
+        """Embedded prompt text (T, D) of the sample image ``image_index`` belongs to."""
+        if self.prompt_embeddings is None:
+            raise RuntimeError("text embeddings are only available at the query_conditioned point")
+        return self.prompt_embeddings(image_index)
+
+    def random_key(self, image_index: int, image_to_sample: torch.Tensor, seed: int) -> int:
+        """A seed for one image that depends on ``seed``, the prompt and the image's place in it -
+        never on the batch it was run in."""
+        sample = int(image_to_sample[image_index])
+        return int(self.sample_keys[sample]) * 1_000_003 + int(self.image_rank[image_index]) * 7919 + seed
+
+
+@dataclass
+class DecoderContext:
+    """Context of a ``decoder_layer`` stage: the sequence entering layer ``layer_index`` at prefill."""
+
+    stage: Stage
+    layer_index: int
+    num_layers: int
+    sequence: Sequence
+    scorer: Scorer
+    sample_keys: torch.Tensor
+
+    @property
+    def is_visual(self) -> torch.Tensor:
+        """(B, N) bool: real visual slots of the current sequence."""
+        return self.sequence.is_visual & self.sequence.valid
+
+    def visual_counts(self) -> torch.Tensor:
+        return self.sequence.visual_counts()
+
+    def random_key(self, sample: int, seed: int) -> int:
+        """A seed for one sample at this layer that does not depend on the batch."""
+        return int(self.sample_keys[sample]) * 1_000_003 + self.layer_index * 7919 + seed

@@ -1,0 +1,285 @@
+"""The compressed forward pass: pre-LLM stages, sequence rewrite, and the layer-by-layer decoder runner.
+
+It replaces the forward of one model instance's inner module (the one that merges image features
+into the text and runs the decoder) while a stack is attached. Three cases:
+
+* **prefill** (images given, no compressed cache yet): encoder -> ``post_encoder`` -> projector ->
+  ``query_conditioned`` -> packed sequence -> decoder layers, with ``decoder_layer`` stages deciding
+  before each layer what is dropped (``Keep``) or routed around it (``Route``). Every decision is
+  made here, once per prompt.
+* **decode** (a :class:`CompressedCache` from that prefill): new text tokens run through every
+  layer against that layer's own cache; nothing is re-decided.
+* anything else (text only, or a plain cache): the model's own forward, untouched.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace as dc_replace
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from tokenpress.cache import CompressedCache, DecodeState
+from tokenpress.context import DecoderContext, StageContext
+from tokenpress.decisions import Keep, Route
+from tokenpress.errors import CompressionError, PluginError
+from tokenpress.scorer import Scorer
+from tokenpress.sequence import Sequence, attention_mask_for, next_positions
+from tokenpress.tokens import TokenState
+
+if TYPE_CHECKING:
+    from tokenpress.adapters.base import ModelAdapter
+    from tokenpress.attach import Handle
+    from tokenpress.method import Method
+    from tokenpress.stack import Stage
+
+
+@dataclass
+class StageRecord:
+    """What one stage did at the last prefill: tokens in and out per sample (visual tokens)."""
+
+    stage: str
+    method: str
+    point: str
+    layer: int | None
+    tokens_in: list[int]
+    tokens_out: list[int]
+    action: str = "transform"  # transform | keep | route
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+@dataclass
+class StageEntry:
+    """An attached stage: its validated spec and its method instance."""
+
+    stage: Stage
+    method: Method
+
+    def hook(self, point: str) -> Callable[..., Any]:
+        return getattr(self.method, point)
+
+
+@dataclass
+class PrefillResult:
+    sequence: Sequence
+    key_valid: list[torch.Tensor] = field(default_factory=list)
+    next_position: list[torch.Tensor] = field(default_factory=list)
+
+
+def prompt_fingerprints(input_ids: torch.Tensor, valid: torch.Tensor, prompt_length: int) -> torch.Tensor:
+    """A number per sample that depends only on its real prompt tokens (so alone == batched)."""
+    keys = []
+    for ids, mask in zip(input_ids[:, :prompt_length].tolist(), valid[:, :prompt_length].tolist(), strict=True):
+        key = 1469598103934665603
+        for token, real in zip(ids, mask, strict=True):
+            if real:
+                key = ((key ^ (token + 1)) * 1099511628211) % (2**61 - 1)
+        keys.append(key)
+    return torch.tensor(keys, dtype=torch.long)
+
+
+class CompressedForward:
+    """Callable installed as the inner module's ``forward`` while a stack is attached."""
+
+    def __init__(self, handle: Handle, original_forward: Callable[..., Any]) -> None:
+        self.handle = handle
+        self.adapter: ModelAdapter = handle.adapter
+        self.original_forward = original_forward
+        self.entries: list[StageEntry] = handle.entries
+        self.compact = handle.stack.positions == "compact"
+
+    # --- dispatch -------------------------------------------------------------------------------
+
+    def __call__(self, input_ids: torch.Tensor | None = None, pixel_values: torch.Tensor | None = None,
+                 attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
+                 past_key_values: Any = None, inputs_embeds: torch.Tensor | None = None, **kwargs: Any) -> Any:
+        cache_state = getattr(past_key_values, "tokenpress_state", None)
+        if cache_state is not None:
+            if pixel_values is not None:
+                raise CompressionError("new images on a cache of a compressed prompt are not supported; "
+                                       "start a new conversation (past_key_values=None)")
+            return self.decode(input_ids, inputs_embeds, attention_mask, past_key_values, kwargs)
+        has_images = pixel_values is not None and (input_ids is None or bool((input_ids == self.adapter.image_token_id).any()))
+        if not has_images or not self.entries:
+            return self.original_forward(input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask,
+                                         position_ids=position_ids, past_key_values=past_key_values,
+                                         inputs_embeds=inputs_embeds, **kwargs)
+        if input_ids is None:
+            raise CompressionError("a compressed forward needs input_ids (to find the image placeholders), "
+                                   "not inputs_embeds")
+        if past_key_values is not None and past_key_values.get_seq_length() > 0:
+            raise CompressionError("images after an uncompressed cached prefix are not supported; "
+                                   "pass past_key_values=None for the prompt with images")
+        for flag in ("output_attentions", "output_hidden_states"):
+            if kwargs.get(flag):
+                raise CompressionError(f"{flag}=True is not available while a compression stack is attached")
+        use_cache = kwargs.get("use_cache")
+        if use_cache is None:
+            use_cache = bool(getattr(self.adapter.text_config, "use_cache", True))
+        image_inputs = {key: value for key, value in kwargs.items() if key in ("image_sizes", "image_grid_thw",
+                                                                              "pixel_values_videos", "video_grid_thw")}
+        call = lambda: self.prefill(input_ids, pixel_values, attention_mask, use_cache, image_inputs)  # noqa: E731
+        return self.handle.registry.plugin_manager.hook.tokenpress_prefill(
+            adapter=self.adapter, batch_size=input_ids.shape[0], call=call)
+
+    def _run_stage(self, entry: StageEntry, point: str, payload: Any, call: Callable[[Any], Any]) -> Any:
+        return self.handle.registry.plugin_manager.hook.tokenpress_run_stage(
+            stage=entry.stage, method=entry.method, point=point, payload=payload, call=call)
+
+    # --- prefill --------------------------------------------------------------------------------
+
+    def prefill(self, input_ids: torch.Tensor, pixel_values: torch.Tensor, attention_mask: torch.Tensor | None,
+                use_cache: bool, image_inputs: dict[str, Any]) -> Any:
+        adapter = self.adapter
+        batch, columns = input_ids.shape
+        device = input_ids.device
+        records: list[StageRecord] = []
+        valid_in = attention_mask.bool() if attention_mask is not None else torch.ones_like(input_ids, dtype=torch.bool)
+        prompt_length = min(self.handle.prompt_length or columns, columns)
+        sample_keys = prompt_fingerprints(input_ids, valid_in, prompt_length).to(device)
+
+        requested: dict[str, Any] = {}
+        for entry in self.entries:
+            requested.update(entry.method.required_signals())
+        tokens, signals = adapter.encode_images({"pixel_values": pixel_values, **image_inputs}, requested)
+        spans = sorted(adapter.image_spans(input_ids, valid_in, tokens), key=lambda span: span.image)
+        image_to_sample = torch.tensor([span.sample for span in spans], dtype=torch.long, device=device)
+        image_rank = torch.tensor([sum(1 for other in spans[:i] if other.sample == span.sample)
+                                   for i, span in enumerate(spans)], dtype=torch.long, device=device)
+        tokens = dc_replace(tokens, image_to_sample=image_to_sample)
+        context = StageContext(stage=None, signals=signals, project=self._project, sample_keys=sample_keys,
+                               image_rank=image_rank)  # type: ignore[arg-type]
+
+        for point in ("post_encoder", "projector", "query_conditioned"):
+            if point == "query_conditioned":
+                if tokens.space == "encoder":
+                    tokens = adapter.project(tokens)
+                context.prompt_embeddings = self._prompt_embeddings(input_ids, valid_in, prompt_length, tokens)
+            for entry in self.entries:
+                if entry.stage.point != point:
+                    continue
+                context.stage = entry.stage
+                before = _per_sample(tokens.counts(), tokens.image_to_sample, batch)
+                hook = entry.hook(point)
+                tokens = self._run_stage(entry, point, tokens,
+                                         lambda state, hook=hook: hook(tokens=state, context=context))
+                if not isinstance(tokens, TokenState):
+                    raise PluginError(f"stage {entry.stage.label()} returned {type(tokens).__name__}, not a TokenState")
+                records.append(StageRecord(entry.stage.label(), entry.stage.method, point, None, before,
+                                           _per_sample(tokens.counts(), tokens.image_to_sample, batch)))
+
+        sequence = adapter.build_sequence(input_ids, attention_mask, tokens, prompt_length, self.compact)
+        cache = CompressedCache() if use_cache else None
+        result = self.run_decoder(sequence, cache, sample_keys, records)
+        final = result.sequence
+        hidden = adapter.final_norm(final.hidden)
+
+        output = hidden.new_zeros(batch, columns, hidden.shape[-1])
+        columns_out = torch.where(final.valid, final.column, columns)  # padding slots go to a dump column
+        output = torch.cat([output, output.new_zeros(batch, 1, hidden.shape[-1])], dim=1)
+        output.scatter_(1, columns_out.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]), hidden)
+        output = output[:, :columns]
+        if cache is not None:
+            cache.tokenpress_state = DecodeState(result.key_valid, result.next_position, columns)
+        self.handle.records = records
+        image_hidden = tokens.embeddings[tokens.valid]
+        return adapter.make_output(output, cache, image_hidden)
+
+    def _project(self, tokens: TokenState) -> TokenState:
+        return tokens if tokens.space == "llm" else self.adapter.project(tokens)
+
+    def _prompt_embeddings(self, input_ids: torch.Tensor, valid: torch.Tensor, prompt_length: int,
+                           tokens: TokenState) -> Callable[[int], torch.Tensor]:
+        text = valid & (input_ids != self.adapter.image_token_id)
+        text[:, prompt_length:] = False
+        embeds = self.adapter.embed(input_ids)
+
+        def lookup(image_index: int) -> torch.Tensor:
+            sample = int(tokens.image_to_sample[image_index])
+            return embeds[sample][text[sample]]
+
+        return lookup
+
+    def run_decoder(self, sequence: Sequence, cache: CompressedCache | None, sample_keys: torch.Tensor,
+                    records: list[StageRecord]) -> PrefillResult:
+        """Run every decoder layer at prefill, applying the decoder_layer stages before each."""
+        adapter = self.adapter
+        implementation = adapter.attention_implementation
+        result = PrefillResult(sequence)
+        previous: Sequence | None = None
+        for layer in range(adapter.num_layers):
+            route: torch.Tensor | None = None
+            for entry in self.entries:
+                if entry.stage.point != "decoder_layer" or layer not in entry.stage.layers:
+                    continue
+                context = DecoderContext(entry.stage, layer, adapter.num_layers, sequence,
+                                         Scorer(adapter, layer, sequence, previous), sample_keys)
+                before = sequence.visual_counts().tolist()
+                hook = entry.hook("decoder_layer")
+                decision = self._run_stage(entry, "decoder_layer", context, lambda ctx, hook=hook: hook(context=ctx))
+                if decision is None:
+                    continue
+                if isinstance(decision, Keep):
+                    sequence, _, _ = sequence.pack(decision.mask.bool() | ~sequence.is_visual)
+                    if self.compact:
+                        sequence = sequence.with_positions(adapter.compact_positions(sequence))
+                    records.append(StageRecord(entry.stage.label(), entry.stage.method, "decoder_layer", layer,
+                                               before, sequence.visual_counts().tolist(), "keep"))
+                elif isinstance(decision, Route):
+                    chosen = decision.mask.bool() | ~sequence.is_visual
+                    route = chosen if route is None else route & chosen
+                    processed = (route & sequence.is_visual & sequence.valid).sum(-1).tolist()
+                    records.append(StageRecord(entry.stage.label(), entry.stage.method, "decoder_layer", layer,
+                                               before, processed, "route"))
+                else:
+                    raise PluginError(f"stage {entry.stage.label()} returned {type(decision).__name__}; "
+                                      "a decoder_layer hook returns Keep, Route or None")
+            processed_seq, index, picked = (sequence, None, None) if route is None else sequence.pack(route)
+            mask = attention_mask_for(implementation, processed_seq.valid, processed_seq.length,
+                                      processed_seq.hidden.dtype)
+            embeddings = adapter.position_embeddings(processed_seq.hidden, processed_seq.positions)
+            out = adapter.call_layer(layer, processed_seq.hidden, mask, processed_seq.positions, embeddings, cache)
+            result.key_valid.append(processed_seq.valid)
+            result.next_position.append(next_positions(processed_seq.positions, processed_seq.valid))
+            previous = sequence
+            sequence = sequence.with_hidden(out) if index is None else sequence.scatter_hidden(index, picked, out)
+        result.sequence = sequence
+        return result
+
+    # --- decode ---------------------------------------------------------------------------------
+
+    def decode(self, input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None,
+               attention_mask: torch.Tensor | None, cache: CompressedCache, kwargs: dict[str, Any]) -> Any:
+        adapter = self.adapter
+        state = cache.tokenpress_state
+        assert state is not None
+        if input_ids is not None and bool((input_ids == adapter.image_token_id).any()):
+            raise CompressionError("a follow-up turn on a compressed cache cannot contain image placeholders")
+        hidden = inputs_embeds if inputs_embeds is not None else adapter.embed(input_ids)
+        batch, count = hidden.shape[:2]
+        if attention_mask is not None:
+            new_valid = attention_mask[:, -count:].bool()
+        else:
+            new_valid = torch.ones(batch, count, dtype=torch.bool, device=hidden.device)
+        offsets = torch.cumsum(new_valid.long(), dim=-1) - 1
+        implementation = adapter.attention_implementation
+        for layer in range(adapter.num_layers):
+            positions = (state.next_position[layer].unsqueeze(1) + offsets.clamp_min(0))
+            positions = positions.unsqueeze(0).expand(adapter.position_rank, -1, -1)
+            key_valid = torch.cat([state.key_valid[layer], new_valid], dim=1)
+            mask = attention_mask_for(implementation, key_valid, count, hidden.dtype)
+            embeddings = adapter.position_embeddings(hidden, positions)
+            hidden = adapter.call_layer(layer, hidden, mask, positions, embeddings, cache)
+            state.key_valid[layer] = key_valid
+            state.next_position[layer] = state.next_position[layer] + new_valid.sum(-1)
+        state.logical_length += count
+        return adapter.make_output(adapter.final_norm(hidden), cache, None)
+
+
+def _per_sample(counts: torch.Tensor, image_to_sample: torch.Tensor, batch: int) -> list[int]:
+    totals = torch.zeros(batch, dtype=torch.long, device=counts.device)
+    totals.index_add_(0, image_to_sample, counts.long())
+    return totals.tolist()

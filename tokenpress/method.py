@@ -1,0 +1,71 @@
+"""The base classes every compression method (built-in or third-party) derives from."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+POINTS: tuple[str, ...] = ("post_encoder", "projector", "query_conditioned", "decoder_layer")
+
+
+class MethodConfig(BaseModel):
+    """Base of every method's ``params`` model. Unknown fields are errors."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SelectingConfig(MethodConfig):
+    """Parameters shared by every method that keeps a fraction of the visual tokens."""
+
+    keep_ratio: float = Field(
+        0.5, gt=0.0, le=1.0, description="Fraction of the visual tokens kept, in (0, 1]."
+    )
+
+
+class Method:
+    """A compression method. Subclass it, set the class attributes, implement one hook per point.
+
+    Class attributes:
+
+    * ``name`` - registry name used in stacks (``method: fastv``);
+    * ``Config`` - the pydantic model of the stage's ``params``;
+    * ``points`` - the insertion points the method supports; the first is the default ``at``;
+    * ``encoder_signals`` - encoder signals the method needs, e.g. ``{"cls_attention": -2}``
+      (may depend on the config: override :meth:`required_signals`).
+
+    Hooks are ordinary methods named after the points and marked with :data:`tokenpress.hookimpl`
+    (see :mod:`tokenpress.hookspecs` for their arguments). One instance is made per stage.
+    """
+
+    name: ClassVar[str] = ""
+    Config: ClassVar[type[MethodConfig]] = MethodConfig
+    points: ClassVar[tuple[str, ...]] = ()
+    description: ClassVar[str] = ""
+
+    def __init__(self, config: MethodConfig, layers: tuple[int, ...] = ()) -> None:
+        self.config = config
+        self.layers = layers
+
+    @classmethod
+    def default_point(cls) -> str:
+        return cls.points[0]
+
+    def required_signals(self) -> dict[str, Any]:
+        """Encoder signals this stage needs, e.g. ``{"cls_attention": -2}`` (layer of the encoder)."""
+        return {}
+
+    def promised_count(self, tokens_in: torch.Tensor) -> torch.Tensor | None:
+        """Tokens per image (or per sample, for decoder stages) this stage promises to output.
+
+        ``None`` means the method makes no promise (adaptive methods). The profiling contract
+        checks the promise against what the stage really did.
+        """
+        return None
+
+    def setup(self, model_info: Any) -> None:
+        """Called once when the stack is attached, before any forward pass (validate, build buffers)."""
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.config!r}, layers={self.layers})"

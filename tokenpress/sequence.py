@@ -1,0 +1,109 @@
+"""The packed token sequence that enters the decoder layers, and the attention masks over it.
+
+Each sample's real tokens sit at the left of its row, in order (text, visual, text...), with
+padding at the right; ``valid`` marks the real ones. Causality is therefore slot order, whatever
+padding side the caller used, and positions are carried explicitly (``positions``, R x B x N, R = 1
+for 1-D RoPE, 3 for M-RoPE), so survivors of a compression keep the positions they had.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace as dc_replace
+
+import torch
+
+from tokenpress.tokens import pack_index
+
+
+@dataclass(frozen=True)
+class Sequence:
+    """Hidden states of the tokens alive before a decoder layer, with what each token is."""
+
+    hidden: torch.Tensor  # (B, N, D)
+    positions: torch.Tensor  # (R, B, N) long
+    valid: torch.Tensor  # (B, N) bool
+    is_visual: torch.Tensor  # (B, N) bool
+    is_prompt: torch.Tensor  # (B, N) bool: prompt text or visual (False for pads and generated text)
+    column: torch.Tensor  # (B, N) long: input column the token came from (first placeholder column + rank for visual)
+    slot_id: torch.Tensor  # (B, N) long: slot in the layer-0 sequence, a stable identity across layers
+    visual_id: torch.Tensor  # (B, N) long: image * slots + token slot in the TokenState, -1 for text
+
+    @property
+    def batch_size(self) -> int:
+        return self.hidden.shape[0]
+
+    @property
+    def length(self) -> int:
+        return self.hidden.shape[1]
+
+    def visual_counts(self) -> torch.Tensor:
+        """Real visual tokens per sample, (B,)."""
+        return (self.is_visual & self.valid).sum(-1)
+
+    def last_prompt_index(self) -> torch.Tensor:
+        """Slot of each sample's last prompt *text* token, (B,) (the query FastV-style methods use)."""
+        text = self.valid & self.is_prompt & ~self.is_visual
+        slots = torch.arange(self.length, device=text.device).expand_as(text)
+        return torch.where(text, slots, -1).max(-1).values.clamp_min(0)
+
+    def pack(self, mask: torch.Tensor) -> tuple[Sequence, torch.Tensor, torch.Tensor]:
+        """Keep the slots where ``mask`` holds (and valid), left-packed in order.
+
+        Returns the new sequence and the (index, valid) of the picks into this one.
+        """
+        index, picked = pack_index(mask & self.valid)
+        gathered = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name == "hidden":
+                gathered[f.name] = torch.gather(value, 1, index.unsqueeze(-1).expand(-1, -1, value.shape[-1]))
+            elif f.name == "positions":
+                gathered[f.name] = torch.gather(value, 2, index.unsqueeze(0).expand(value.shape[0], -1, -1))
+            else:
+                gathered[f.name] = torch.gather(value, 1, index)
+        gathered["valid"] = picked
+        return Sequence(**gathered), index, picked
+
+    def scatter_hidden(self, index: torch.Tensor, picked: torch.Tensor, hidden: torch.Tensor) -> Sequence:
+        """Put ``hidden`` (B, K, D) back at the slots ``index`` (B, K) it was packed from."""
+        batch, length, dim = self.hidden.shape
+        target = torch.where(picked, index, length)  # padding picks go to a dump slot
+        out = torch.cat([self.hidden, self.hidden.new_zeros(batch, 1, dim)], dim=1)
+        out = out.scatter(1, target.unsqueeze(-1).expand(-1, -1, dim), hidden)
+        return dc_replace(self, hidden=out[:, :length])
+
+    def with_hidden(self, hidden: torch.Tensor) -> Sequence:
+        return dc_replace(self, hidden=hidden)
+
+    def with_positions(self, positions: torch.Tensor) -> Sequence:
+        return dc_replace(self, positions=positions)
+
+
+def next_positions(positions: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Position the next text token takes in each row: one past the largest real position, (B,)."""
+    masked = torch.where(valid.unsqueeze(0), positions, torch.iinfo(positions.dtype).min)
+    return masked.amax(dim=(0, 2)) + 1
+
+
+def allowed_keys(key_valid: torch.Tensor, num_new: int) -> torch.Tensor:
+    """(B, n, S) bool: which keys each of the ``num_new`` last slots may attend to (causal + real keys)."""
+    total = key_valid.shape[1]
+    device = key_valid.device
+    query_slot = torch.arange(total - num_new, total, device=device).unsqueeze(1)
+    key_slot = torch.arange(total, device=device).unsqueeze(0)
+    return key_valid.unsqueeze(1) & (key_slot <= query_slot).unsqueeze(0)
+
+
+def attention_mask_for(
+    implementation: str, key_valid: torch.Tensor, num_new: int, dtype: torch.dtype
+) -> torch.Tensor:
+    """The mask a decoder layer gets, in the form its attention implementation expects."""
+    if implementation.startswith("flash"):
+        # FlashAttention unpads by a 2-D key mask and aligns causality bottom-right, which is
+        # exactly slot order here (new tokens are the last slots).
+        return key_valid.long()
+    allowed = allowed_keys(key_valid, num_new).unsqueeze(1)
+    if implementation == "sdpa":
+        return allowed
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=key_valid.device)
+    return mask.masked_fill(~allowed, torch.finfo(dtype).min)

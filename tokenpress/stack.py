@@ -1,0 +1,258 @@
+"""Stacks: YAML files (or dicts) that list compression stages, validated before any forward pass.
+
+```yaml
+name: fastv-after-pooling
+positions: original        # or compact
+stages:
+  - method: pool
+    at: post_encoder       # optional: defaults to the method's first point
+    params: {kernel: 2, mode: avg}
+  - method: fastv
+    layers: [2]
+    params: {keep_ratio: 0.5}
+```
+
+Stages run in the order listed. Every error names the file, the stage and the field.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from tokenpress.errors import StackError
+from tokenpress.method import POINTS, Method, MethodConfig
+
+Point = Literal["post_encoder", "projector", "query_conditioned", "decoder_layer"]
+
+
+class StageSpec(BaseModel):
+    """One stage as written in the stack file."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    method: str = Field(description="Registered method name, e.g. 'fastv' (see `tokenpress plugins`).")
+    at: Point | None = Field(None, description="Insertion point; defaults to the method's first point.")
+    layers: list[int] | None = Field(
+        None, description="Decoder layers the stage acts before (decoder_layer stages only)."
+    )
+    params: dict[str, Any] = Field(default_factory=dict, description="The method's parameters.")
+
+
+class StackSpec(BaseModel):
+    """A whole stack file."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(description="A name for reports.")
+    description: str | None = None
+    positions: Literal["original", "compact"] = Field(
+        "original",
+        description="original: surviving tokens keep their positions; compact: re-index them.",
+    )
+    stages: list[StageSpec] = Field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Stage:
+    """A validated stage: its method class, point, layers and parsed config."""
+
+    index: int
+    method: str
+    method_class: type[Method]
+    point: str
+    layers: tuple[int, ...]
+    config: MethodConfig
+
+    def label(self) -> str:
+        where = f"{self.point}" + (f"@{','.join(map(str, self.layers))}" if self.layers else "")
+        return f"{self.index}:{self.method}({where})"
+
+
+@dataclass(frozen=True)
+class Stack:
+    """A validated stack, ready to attach."""
+
+    name: str
+    positions: str
+    stages: tuple[Stage, ...]
+    source: str = "<dict>"
+    description: str | None = None
+
+    def at(self, point: str) -> list[Stage]:
+        return [stage for stage in self.stages if stage.point == point]
+
+    def decoder_stages(self, layer: int) -> list[Stage]:
+        return [s for s in self.stages if s.point == "decoder_layer" and layer in s.layers]
+
+    def is_empty(self) -> bool:
+        return not self.stages
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml's safe loader, refusing duplicate keys (the plain one silently keeps the last)."""
+
+
+def _construct_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    seen: dict[Any, Any] = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            raise StackError(
+                f"duplicate key {key!r} at line {key_node.start_mark.line + 1}, column "
+                f"{key_node.start_mark.column + 1}"
+            )
+        seen[key] = True
+    return yaml.SafeLoader.construct_mapping(loader, node, deep=deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+def _read(source: str | Path | dict) -> tuple[dict, str]:
+    if isinstance(source, dict):
+        return source, "<dict>"
+    path = Path(source)
+    label = str(path)
+    if not path.exists():
+        raise StackError(f"{label}: no such stack file")
+    text = path.read_text(encoding="utf-8", errors="replace")
+    if not text.strip():
+        raise StackError(f"{label}: the file is empty; a stack needs at least `name:` and `stages:`")
+    try:
+        data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+    except StackError as exc:
+        raise StackError(f"{label}: {exc}") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise StackError(f"{label}: not valid YAML{where}: {problem}") from None
+    if not isinstance(data, dict):
+        kind = type(data).__name__ if data is not None else "nothing"
+        raise StackError(f"{label}: a stack must be a mapping with `name:` and `stages:`, found {kind}")
+    return data, label
+
+
+def _field_path(loc: tuple) -> str:
+    path = ""
+    for part in loc:
+        path += f"[{part}]" if isinstance(part, int) else (f".{part}" if path else str(part))
+    return path
+
+
+def _describe(error: dict) -> str:
+    message = error["msg"]
+    if error["type"] == "extra_forbidden":
+        message = "unknown field"
+    elif error["type"] == "missing":
+        message = "required field is missing"
+    if "input" in error and error["type"] not in ("missing",) and not isinstance(error["input"], dict):
+        message += f" (got {error['input']!r})"
+    return message
+
+
+def _spec_error(label: str, exc: ValidationError, prefix: tuple = ()) -> StackError:
+    first = exc.errors()[0]
+    loc = prefix + tuple(first["loc"])
+    extra = ""
+    if first["type"] == "extra_forbidden" and len(loc) >= 1:
+        allowed = _allowed_fields(prefix, loc)
+        close = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
+        extra = f"; did you mean {close[0]!r}?" if close else f"; allowed: {', '.join(allowed)}"
+    more = f" (and {len(exc.errors()) - 1} more)" if len(exc.errors()) > 1 else ""
+    return StackError(f"{label}: {_field_path(loc)}: {_describe(first)}{extra}{more}")
+
+
+def _allowed_fields(prefix: tuple, loc: tuple) -> list[str]:
+    if len(loc) == 1:
+        return list(StackSpec.model_fields)
+    if len(loc) == 3 and loc[0] == "stages":
+        return list(StageSpec.model_fields)
+    return []
+
+
+def load_stack(source: str | Path | dict | Stack, registry: Any = None) -> Stack:
+    """Read and validate a stack from a YAML file path or a dict.
+
+    Every stage's method must be registered, its ``at`` one of the method's points, its ``params``
+    valid for the method's config. Raises :class:`~tokenpress.errors.StackError` with one sentence
+    naming the file, the stage and the field. Layer indices are checked against the model when the
+    stack is attached (``tokenpress.compress``).
+    """
+    if isinstance(source, Stack):
+        return source
+    from tokenpress.registry import get_registry
+
+    registry = registry or get_registry()
+    data, label = _read(source)
+    try:
+        spec = StackSpec.model_validate(data)
+    except ValidationError as exc:
+        raise _spec_error(label, exc) from None
+
+    stages = []
+    for index, stage_spec in enumerate(spec.stages):
+        where = f"{label}: stages[{index}]"
+        method_class = registry.methods.get(stage_spec.method)
+        if method_class is None:
+            known = sorted(registry.methods)
+            close = difflib.get_close_matches(stage_spec.method, known, n=3)
+            hint = f"did you mean {', '.join(repr(c) for c in close)}?" if close else f"known: {', '.join(known)}"
+            raise StackError(f"{where}.method: unknown method {stage_spec.method!r}; {hint}")
+        point = stage_spec.at or method_class.default_point()
+        if point not in method_class.points:
+            raise StackError(
+                f"{where}.at: method {stage_spec.method!r} cannot act at {point!r}; "
+                f"it supports {', '.join(method_class.points)}"
+            )
+        layers: tuple[int, ...] = ()
+        if point == "decoder_layer":
+            if not stage_spec.layers:
+                raise StackError(f"{where}.layers: a decoder_layer stage must list the layer(s) it acts before")
+            if any(layer < 0 for layer in stage_spec.layers):
+                raise StackError(f"{where}.layers: layer indices start at 0 (got {stage_spec.layers})")
+            if len(set(stage_spec.layers)) != len(stage_spec.layers):
+                raise StackError(f"{where}.layers: a layer is listed twice (got {stage_spec.layers})")
+            layers = tuple(stage_spec.layers)
+        elif stage_spec.layers is not None:
+            raise StackError(f"{where}.layers: only decoder_layer stages take layers (this one is at {point})")
+        try:
+            config = method_class.Config.model_validate(stage_spec.params)
+        except ValidationError as exc:
+            raise _spec_error(where, exc, prefix=("params",)) from None
+        stages.append(Stage(index, stage_spec.method, method_class, point, layers, config))
+    return Stack(spec.name, spec.positions, tuple(stages), label, spec.description)
+
+
+def stack_json_schema(registry: Any = None) -> dict:
+    """JSON schema of stack files, with each registered method's ``params`` (for editors)."""
+    from tokenpress.registry import get_registry
+
+    registry = registry or get_registry()
+    schema = StackSpec.model_json_schema()
+    stage_schema = schema["$defs"]["StageSpec"]
+    stage_schema["properties"]["method"]["enum"] = sorted(registry.methods)
+    rules = []
+    for name, method_class in sorted(registry.methods.items()):
+        params = method_class.Config.model_json_schema()
+        rules.append({
+            "if": {"properties": {"method": {"const": name}}},
+            "then": {"properties": {"params": params, "at": {"enum": list(method_class.points)}}},
+        })
+    stage_schema["allOf"] = rules
+    schema["title"] = "tokenpress stack"
+    return schema
+
+
+def dump_schema(registry: Any = None) -> str:
+    return json.dumps(stack_json_schema(registry), indent=2, sort_keys=True)
+
+
+__all__ = ["POINTS", "Stack", "StackSpec", "Stage", "StageSpec", "load_stack", "stack_json_schema"]

@@ -1,0 +1,86 @@
+"""Tiny random-weight models built from transformers configs (no download), and their inputs.
+
+Used by the project's tests and by plugin authors' tests through the ``tokenpress.testing`` kit.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+IMAGE_TOKEN_ID = 120
+PAD_TOKEN_ID = 0
+VOCAB_SIZE = 128
+
+
+def tiny_llava(attn_implementation: str = "eager", seed: int = 0, image_size: int = 48, patch_size: int = 8,
+               num_layers: int = 4) -> LlavaForConditionalGeneration:
+    """A LLaVA-1.5-shaped model: CLIP encoder (2 layers) + MLP projector + Llama decoder (GQA)."""
+    torch.manual_seed(seed)
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                              image_size=image_size, patch_size=patch_size, projection_dim=32)
+    text = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=num_layers, num_attention_heads=4,
+                       num_key_value_heads=2, vocab_size=VOCAB_SIZE, max_position_embeddings=4096,
+                       pad_token_id=PAD_TOKEN_ID, bos_token_id=1, eos_token_id=2)
+    config = LlavaConfig(vision_config=vision, text_config=text, image_token_id=IMAGE_TOKEN_ID,
+                         vision_feature_layer=-2, vision_feature_select_strategy="default",
+                         projector_hidden_act="gelu")
+    config._attn_implementation = attn_implementation
+    model = LlavaForConditionalGeneration(config)
+    model.config.text_config._attn_implementation = attn_implementation
+    model.config.vision_config._attn_implementation = attn_implementation
+    model.generation_config.pad_token_id = PAD_TOKEN_ID
+    model.generation_config.eos_token_id = None
+    return model.eval()
+
+
+@dataclass
+class Prompt:
+    """A prompt: text before the image, the image, text after it."""
+
+    before: list[int]
+    after: list[int]
+
+
+def llava_batch(model: LlavaForConditionalGeneration, prompts: list[Prompt], padding_side: str = "left",
+                seed: int = 0) -> dict[str, torch.Tensor]:
+    """Inputs for ``prompts`` (one image each, random pixels), padded on ``padding_side``."""
+    vision = model.config.vision_config
+    patches = (vision.image_size // vision.patch_size) ** 2
+    rows = [p.before + [model.config.image_token_id] * patches + p.after for p in prompts]
+    width = max(len(r) for r in rows)
+    input_ids = torch.full((len(rows), width), PAD_TOKEN_ID, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        if padding_side == "left":
+            input_ids[i, width - len(row):] = torch.tensor(row)
+            attention_mask[i, width - len(row):] = 1
+        else:
+            input_ids[i, :len(row)] = torch.tensor(row)
+            attention_mask[i, :len(row)] = 1
+    generator = torch.Generator().manual_seed(seed)
+    pixel_values = torch.randn(len(rows), 3, vision.image_size, vision.image_size, generator=generator)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "pixel_values": pixel_values}
+
+
+def sample_prompts(count: int = 3, seed: int = 0) -> list[Prompt]:
+    """``count`` prompts of different lengths (text ids avoid the special and image ids)."""
+    generator = torch.Generator().manual_seed(seed)
+    prompts = []
+    for i in range(count):
+        before = [1] + torch.randint(4, 100, (2 + i,), generator=generator).tolist()
+        after = torch.randint(4, 100, (3 + 2 * i,), generator=generator).tolist()
+        prompts.append(Prompt(before, after))
+    return prompts
+
+
+def select_rows(batch: dict[str, torch.Tensor], index: int) -> dict[str, torch.Tensor]:
+    """One sample of a batch, with its padding removed."""
+    keep = batch["attention_mask"][index].bool()
+    return {
+        "input_ids": batch["input_ids"][index][keep].unsqueeze(0),
+        "attention_mask": batch["attention_mask"][index][keep].unsqueeze(0),
+        "pixel_values": batch["pixel_values"][index:index + 1],
+    }

@@ -1,0 +1,240 @@
+"""The token state: the visual tokens of a batch as they travel through the pre-LLM stages.
+
+Every image of the batch is one row. Images may hold different numbers of tokens after a stage
+(ragged batches); rows are padded and ``valid`` marks the real tokens. Each token carries
+
+* ``grid_index`` - its cell in the image's *current* grid (raster order over ``grid`` = t, h, w);
+  this is what positions are computed from (RoPE index, or M-RoPE's t/h/w),
+* ``size`` - how many original patches it stands for (ToMe's size, used for weighted merges),
+* ``source`` - which original patches it covers (provenance, for reports and visualisation).
+
+Methods never edit these fields by hand: they call :meth:`TokenState.select`, :meth:`keep`,
+:meth:`merge` or :meth:`replace`, so the bookkeeping is written once, here. All operations are pure
+(they return a new state) and work on whole batches without Python loops over tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace as dc_replace
+from typing import Literal
+
+import torch
+
+Space = Literal["encoder", "llm"]
+
+
+@dataclass(frozen=True)
+class TokenState:
+    """Visual tokens of a batch of images, with positions, sizes and provenance."""
+
+    embeddings: torch.Tensor  # (I, N, D)
+    valid: torch.Tensor  # (I, N) bool
+    grid_index: torch.Tensor  # (I, N) long, cell in the current grid
+    size: torch.Tensor  # (I, N) float, number of original patches merged into the token
+    source: torch.Tensor  # (I, N, P) bool, original patches covered
+    grid: torch.Tensor  # (I, 3) long, current (t, h, w)
+    original_grid: torch.Tensor  # (I, 3) long, (t, h, w) of the encoder output
+    image_to_sample: torch.Tensor  # (I,) long, batch row each image belongs to
+    space: Space = "encoder"
+    meta: dict = field(default_factory=dict)
+
+    # --- construction ---------------------------------------------------------------------------
+
+    @classmethod
+    def from_dense(
+        cls,
+        embeddings: torch.Tensor,
+        grid: torch.Tensor | tuple[int, int, int],
+        image_to_sample: torch.Tensor | None = None,
+        valid: torch.Tensor | None = None,
+    ) -> TokenState:
+        """Build the state of full patch grids: token ``j`` of image ``i`` is cell ``j`` of its grid.
+
+        ``embeddings`` is (I, N, D); ``grid`` one (t, h, w) for all images or an (I, 3) tensor.
+        Images with fewer cells than N are padded; ``valid`` then marks the real cells.
+        """
+        num_images, num_tokens, _ = embeddings.shape
+        device = embeddings.device
+        grid = torch.as_tensor(grid, dtype=torch.long, device=device)
+        if grid.dim() == 1:
+            grid = grid.expand(num_images, 3).clone()
+        cells = grid.prod(-1)
+        arange = torch.arange(num_tokens, device=device)
+        if valid is None:
+            valid = arange.unsqueeze(0) < cells.unsqueeze(1)
+        if image_to_sample is None:
+            image_to_sample = torch.arange(num_images, device=device)
+        source = torch.eye(num_tokens, dtype=torch.bool, device=device).expand(num_images, -1, -1)
+        return cls(
+            embeddings=embeddings,
+            valid=valid.clone(),
+            grid_index=arange.expand(num_images, -1).clone(),
+            size=valid.to(torch.float32),
+            source=source & valid.unsqueeze(-1),
+            grid=grid,
+            original_grid=grid.clone(),
+            image_to_sample=image_to_sample.to(device),
+        )
+
+    # --- views ----------------------------------------------------------------------------------
+
+    @property
+    def num_images(self) -> int:
+        return self.embeddings.shape[0]
+
+    @property
+    def num_slots(self) -> int:
+        return self.embeddings.shape[1]
+
+    def counts(self) -> torch.Tensor:
+        """Number of real tokens per image, (I,) long."""
+        return self.valid.sum(-1)
+
+    def is_dense(self) -> bool:
+        """True when every image holds its whole current grid, in raster order, with no padding."""
+        cells = self.grid.prod(-1)
+        if not bool((cells == self.num_slots).all()) or not bool(self.valid.all()):
+            return False
+        arange = torch.arange(self.num_slots, device=self.grid_index.device)
+        return bool((self.grid_index == arange).all())
+
+    def dense_grid(self) -> torch.Tensor:
+        """The embeddings as (I, t, h, w, D); the state must be dense with one grid for all images."""
+        if not self.is_dense() or not bool((self.grid == self.grid[0]).all()):
+            raise ValueError("this operation needs every image's full patch grid (place it before any selection)")
+        t, h, w = (int(v) for v in self.grid[0])
+        return self.embeddings.reshape(self.num_images, t, h, w, -1)
+
+    # --- operations -----------------------------------------------------------------------------
+
+    def select(self, index: torch.Tensor, valid: torch.Tensor | None = None) -> TokenState:
+        """Keep the tokens at ``index`` (I, K) of each image, in that order.
+
+        ``valid`` (I, K) marks which of the K picks are real (for ragged keeps); picks of padding
+        slots stay invalid whatever it says.
+        """
+        gathered_valid = torch.gather(self.valid, 1, index)
+        if valid is not None:
+            gathered_valid = gathered_valid & valid
+        dim = self.embeddings.shape[-1]
+        patches = self.source.shape[-1]
+        return dc_replace(
+            self,
+            embeddings=torch.gather(self.embeddings, 1, index.unsqueeze(-1).expand(-1, -1, dim)),
+            valid=gathered_valid,
+            grid_index=torch.gather(self.grid_index, 1, index),
+            size=torch.gather(self.size, 1, index) * gathered_valid,
+            source=torch.gather(self.source, 1, index.unsqueeze(-1).expand(-1, -1, patches))
+            & gathered_valid.unsqueeze(-1),
+        )
+
+    def keep(self, mask: torch.Tensor) -> TokenState:
+        """Keep the tokens where ``mask`` (I, N) is true, preserving their order; rows may differ in count."""
+        mask = mask & self.valid
+        index, valid = pack_index(mask)
+        return self.select(index, valid)
+
+    def merge(
+        self,
+        assign: torch.Tensor,
+        num_out: int,
+        grid: torch.Tensor | tuple[int, int, int] | None = None,
+    ) -> TokenState:
+        """Merge tokens: token j of image i goes to output slot ``assign[i, j]`` (-1 drops it).
+
+        Embeddings are averaged weighted by ``size``; sizes add up; provenance is the union. A merged
+        token takes the smallest ``grid_index`` of its members (its position), unless a new ``grid``
+        is given: then slot k is cell k of that grid (a re-gridding such as pooling).
+        """
+        num_images, _, dim = self.embeddings.shape
+        device = self.embeddings.device
+        weight = (self.size * self.valid).to(self.embeddings.dtype)
+        live = self.valid & (assign >= 0)
+        slot = torch.where(live, assign, torch.full_like(assign, num_out))  # dump slot for dropped tokens
+        sums = torch.zeros(num_images, num_out + 1, dim, dtype=self.embeddings.dtype, device=device)
+        sums.scatter_add_(1, slot.unsqueeze(-1).expand(-1, -1, dim), self.embeddings * weight.unsqueeze(-1))
+        sizes = torch.zeros(num_images, num_out + 1, dtype=torch.float32, device=device)
+        sizes.scatter_add_(1, slot, (self.size * live).float())
+        out_valid = torch.zeros(num_images, num_out + 1, dtype=torch.bool, device=device)
+        out_valid.scatter_(1, slot, live)
+        out_valid = out_valid[:, :num_out]
+        sizes = sizes[:, :num_out]
+        embeddings = sums[:, :num_out] / sizes.clamp_min(1e-12).unsqueeze(-1).to(sums.dtype)
+        patches = self.source.shape[-1]
+        source = torch.zeros(num_images, num_out + 1, patches, dtype=torch.uint8, device=device)
+        source.scatter_reduce_(
+            1, slot.unsqueeze(-1).expand(-1, -1, patches), self.source.to(torch.uint8), reduce="amax"
+        )
+        source = source[:, :num_out].bool() & out_valid.unsqueeze(-1)
+        if grid is None:
+            big = torch.iinfo(torch.long).max
+            first = torch.full((num_images, num_out + 1), big, dtype=torch.long, device=device)
+            first.scatter_reduce_(1, slot, torch.where(live, self.grid_index, big), reduce="amin")
+            grid_index = torch.where(out_valid, first[:, :num_out], 0)
+            new_grid = self.grid
+        else:
+            new_grid = _as_grid(grid, num_images, device)
+            grid_index = torch.arange(num_out, device=device).expand(num_images, -1).clone()
+        return dc_replace(
+            self,
+            embeddings=embeddings,
+            valid=out_valid,
+            grid_index=grid_index,
+            size=sizes,
+            source=source,
+            grid=new_grid,
+        )
+
+    def replace(
+        self,
+        embeddings: torch.Tensor,
+        *,
+        space: Space | None = None,
+        grid: torch.Tensor | tuple[int, int, int] | None = None,
+        assign: torch.Tensor | None = None,
+    ) -> TokenState:
+        """Swap in new embeddings.
+
+        With the same number of slots and no ``grid``, tokens keep their positions and provenance
+        (for example after a projector). With a new ``grid`` the output is that dense grid, and
+        ``assign`` (I, N) says which output cell each old token went to, for sizes and provenance.
+        """
+        if grid is None:
+            if embeddings.shape[:2] != self.embeddings.shape[:2]:
+                raise ValueError("replace() with a different token count needs the new grid and an assign map")
+            return dc_replace(self, embeddings=embeddings, space=space or self.space)
+        if assign is None:
+            raise ValueError("replace() with a new grid needs `assign`, the output cell of every old token")
+        num_out = embeddings.shape[1]
+        regridded = self.merge(assign, num_out, grid=grid)
+        return dc_replace(regridded, embeddings=embeddings, valid=torch.ones_like(regridded.valid),
+                          space=space or self.space)
+
+    def to_space(self, embeddings: torch.Tensor, space: Space) -> TokenState:
+        """Same tokens, new embeddings in another space (used by the projector)."""
+        return dc_replace(self, embeddings=embeddings, space=space)
+
+
+def pack_index(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices of the true entries of each row of ``mask`` (R, N), packed to the left, in order.
+
+    Returns (index, valid), both (R, K) with K the largest row count; padding picks index 0.
+    """
+    counts = mask.sum(-1)
+    width = int(counts.max()) if mask.numel() else 0
+    order = torch.argsort((~mask).to(torch.int8), dim=-1, stable=True)[:, :width]
+    valid = torch.arange(width, device=mask.device).unsqueeze(0) < counts.unsqueeze(1)
+    return torch.where(valid, order, 0), valid
+
+
+def _as_grid(grid: torch.Tensor | tuple[int, int, int], num_images: int, device: torch.device) -> torch.Tensor:
+    grid = torch.as_tensor(grid, dtype=torch.long, device=device)
+    if grid.dim() == 1:
+        grid = grid.expand(num_images, 3).clone()
+    return grid
+
+
+def keep_count(count: torch.Tensor | int, keep_ratio: float) -> torch.Tensor:
+    """How many tokens a method with ``keep_ratio`` keeps out of ``count``: round, at least one."""
+    count = torch.as_tensor(count)
+    return torch.clamp(torch.round(count.double() * keep_ratio).long(), min=1)
