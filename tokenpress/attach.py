@@ -25,7 +25,7 @@ from torch import nn
 
 from tokenpress import hookspecs
 from tokenpress.adapters.base import ModelAdapter
-from tokenpress.engine import CompressedForward, StageEntry, StageRecord
+from tokenpress.engine import CompressedForward, DeferredEncoding, StageEntry, StageRecord
 from tokenpress.errors import PluginError, StackError, UnsupportedModelError
 from tokenpress.registry import Registry, get_registry
 from tokenpress.stack import Stack, load_stack
@@ -105,15 +105,30 @@ class Handle:
         self.attached = True
 
     def _wrap_generate(self, generate: Any) -> Any:
+        # transformers' generate() runs the vision encoder itself before the prefill (through the
+        # inner module's get_*_features) and passes the result as `mm_encoder_outputs`. The
+        # post_encoder stages need the raw encoder (and its signals), so during generate() those
+        # calls only record their arguments and the compressed prefill encodes.
+        inner = self.adapter.inner_module()
+
         @functools.wraps(generate)
         def generate_with_prompt(*args: Any, **kwargs: Any) -> Any:
             input_ids = kwargs.get("input_ids", args[0] if args else None)
             outer = self.prompt_length
             self.prompt_length = input_ids.shape[1] if input_ids is not None else None
+            deferred = []
+            if self.entries:
+                for name in ("get_image_features", "get_video_features"):
+                    encoder = getattr(inner, name, None)
+                    if encoder is not None and name not in inner.__dict__:
+                        setattr(inner, name, _deferring(encoder))
+                        deferred.append(name)
             try:
                 return generate(*args, **kwargs)
             finally:
                 self.prompt_length = outer
+                for name in deferred:
+                    inner.__dict__.pop(name, None)
 
         return generate_with_prompt
 
@@ -141,6 +156,16 @@ class Handle:
     def report(self) -> Report:
         """What each stage did at the last compressed prefill."""
         return Report(self.stack.name, list(self.records))
+
+
+def _deferring(encoder: Any) -> Any:
+    """A stand-in for ``get_*_features`` with the same signature that defers the encoding."""
+
+    @functools.wraps(encoder)
+    def record(*args: Any, **kwargs: Any) -> DeferredEncoding:
+        return DeferredEncoding(encoder, args, kwargs)
+
+    return record
 
 
 def _validate(stack: Stack, adapter: ModelAdapter) -> None:

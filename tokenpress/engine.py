@@ -15,7 +15,8 @@ into the text and runs the decoder) while a stack is attached. Three cases:
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace as dc_replace
+from dataclasses import dataclass, field
+from dataclasses import replace as dc_replace
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -62,6 +63,28 @@ class StageEntry:
         return getattr(self.method, point)
 
 
+class DeferredEncoding:
+    """What ``get_*_features`` returns during ``generate()`` while attached: its arguments, to be
+    encoded by the compressed prefill (``pooler_output`` is None so generate leaves it alone)."""
+
+    pooler_output = None
+
+    def __init__(self, encoder: Callable[..., Any], args: tuple, kwargs: dict[str, Any]) -> None:
+        self.encoder = encoder
+        self.args = args
+        self.kwargs = kwargs
+
+    def inputs(self) -> dict[str, Any]:
+        names = ("pixel_values", "pixel_values_videos")
+        found = dict(zip(names, self.args, strict=False))
+        found.update(self.kwargs)
+        return found
+
+    def materialize(self) -> Any:
+        """The real encoder output (for the model's own forward)."""
+        return self.encoder(*self.args, **self.kwargs)
+
+
 @dataclass
 class PrefillResult:
     sequence: Sequence
@@ -96,13 +119,28 @@ class CompressedForward:
     def __call__(self, input_ids: torch.Tensor | None = None, pixel_values: torch.Tensor | None = None,
                  attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
                  past_key_values: Any = None, inputs_embeds: torch.Tensor | None = None, **kwargs: Any) -> Any:
+        deferred = kwargs.get("mm_encoder_outputs") or {}
+        if any(isinstance(value, DeferredEncoding) for value in deferred.values()):
+            image = deferred.get("image")
+            if pixel_values is None and isinstance(image, DeferredEncoding):
+                pixel_values = image.inputs().get("pixel_values")
+                kwargs.update({k: v for k, v in image.inputs().items() if k != "pixel_values" and v is not None})
+            if pixel_values is not None:
+                kwargs.pop("mm_encoder_outputs")
+            else:  # nothing for us to compress: let the model encode as usual
+                kwargs["mm_encoder_outputs"] = {key: value.materialize() if isinstance(value, DeferredEncoding)
+                                                else value for key, value in deferred.items()}
+        elif deferred and self.entries and (past_key_values is None or past_key_values.get_seq_length() == 0):
+            raise CompressionError("pass pixel_values rather than pre-computed mm_encoder_outputs while a "
+                                   "compression stack is attached (the stages need the raw encoder)")
         cache_state = getattr(past_key_values, "tokenpress_state", None)
         if cache_state is not None:
             if pixel_values is not None:
                 raise CompressionError("new images on a cache of a compressed prompt are not supported; "
                                        "start a new conversation (past_key_values=None)")
             return self.decode(input_ids, inputs_embeds, attention_mask, past_key_values, kwargs)
-        has_images = pixel_values is not None and (input_ids is None or bool((input_ids == self.adapter.image_token_id).any()))
+        has_images = pixel_values is not None and (
+            input_ids is None or bool((input_ids == self.adapter.image_token_id).any()))
         if not has_images or not self.entries:
             return self.original_forward(input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask,
                                          position_ids=position_ids, past_key_values=past_key_values,

@@ -8,7 +8,8 @@ for 1-D RoPE, 3 for M-RoPE), so survivors of a compression keep the positions th
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields, replace as dc_replace
+from dataclasses import dataclass, fields
+from dataclasses import replace as dc_replace
 
 import torch
 

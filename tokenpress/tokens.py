@@ -15,7 +15,8 @@ Methods never edit these fields by hand: they call :meth:`TokenState.select`, :m
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace as dc_replace
+from dataclasses import dataclass, field
+from dataclasses import replace as dc_replace
 from typing import Literal
 
 import torch

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from tokenpress import Method, hookimpl
 from tokenpress_plugins.pool.method import Pool
+
+from tokenpress import Method, hookimpl
 
 
 @hookimpl

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from tokenpress import Method, hookimpl
 from tokenpress_plugins.random.method import RandomKeep
+
+from tokenpress import Method, hookimpl
 
 
 @hookimpl

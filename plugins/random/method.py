@@ -9,7 +9,16 @@ from __future__ import annotations
 import torch
 from pydantic import Field
 
-from tokenpress import DecoderContext, Keep, Method, SelectingConfig, StageContext, TokenState, hookimpl, keep_count
+from tokenpress import (
+    DecoderContext,
+    Keep,
+    Method,
+    SelectingConfig,
+    StageContext,
+    TokenState,
+    hookimpl,
+    keep_count,
+)
 from tokenpress.select import seeded_uniform, topk_mask
 
 

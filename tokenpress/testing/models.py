@@ -6,6 +6,8 @@ Used by the project's tests and by plugin authors' tests through the ``tokenpres
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
@@ -84,3 +86,36 @@ def select_rows(batch: dict[str, torch.Tensor], index: int) -> dict[str, torch.T
         "attention_mask": batch["attention_mask"][index][keep].unsqueeze(0),
         "pixel_values": batch["pixel_values"][index:index + 1],
     }
+
+
+def word_tokenizer(vocab_size: int = VOCAB_SIZE) -> Any:
+    """A word-level fast tokenizer over ``w4 .. w119`` plus special tokens, built offline."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": PAD_TOKEN_ID, "<s>": 1, "</s>": 2, "<unk>": 3}
+    vocab.update({f"w{i}": i for i in range(4, IMAGE_TOKEN_ID)})
+    vocab["<image>"] = IMAGE_TOKEN_ID
+    vocab.update({f"x{i}": i for i in range(IMAGE_TOKEN_ID + 1, vocab_size)})
+    tokenizer = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+                                   unk_token="<unk>", extra_special_tokens={"image_token": "<image>"})
+
+
+def save_tiny_llava_checkpoint(folder: str | Path, attn_implementation: str = "eager") -> Path:
+    """Save a tiny LLaVA with a processor (word-level tokenizer, PIL image processor) to ``folder``."""
+    from transformers import LlavaProcessor
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+    folder = Path(folder)
+    model = tiny_llava(attn_implementation)
+    side = model.config.vision_config.image_size
+    image_processor = CLIPImageProcessorPil(size={"shortest_edge": side}, crop_size={"height": side, "width": side})
+    processor = LlavaProcessor(image_processor=image_processor, tokenizer=word_tokenizer(),
+                               patch_size=model.config.vision_config.patch_size,
+                               vision_feature_select_strategy="default", num_additional_image_tokens=1,
+                               image_token="<image>")
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder

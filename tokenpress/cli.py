@@ -1,0 +1,203 @@
+"""The ``tokenpress`` command line.
+
+User mistakes (a bad stack, a missing file, an unsupported model) print one line and exit 2; no
+traceback. Subcommands: ``plugins``, ``validate``, ``schema``, ``run``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from tokenpress.errors import TokenpressError
+
+EXIT_USAGE = 2
+
+
+class UserError(TokenpressError):
+    """A mistake on the command line (missing file, bad option value)."""
+
+
+def _registry() -> Any:
+    from tokenpress.registry import get_registry
+
+    return get_registry()
+
+
+def cmd_plugins(args: argparse.Namespace) -> int:
+    registry = _registry()
+    rows = [(name, ", ".join(cls.points), registry.origins.get(name, "?"), cls.description)
+            for name, cls in sorted(registry.methods.items())]
+    if args.json:
+        print(json.dumps([dict(zip(("name", "points", "origin", "description"), row, strict=True)) for row in rows],
+                         indent=2))
+        return 0
+    width = max([len(r[0]) for r in rows] + [6])
+    points_width = max([len(r[1]) for r in rows] + [6])
+    print(f"{'method':<{width}}  {'points':<{points_width}}  origin")
+    for name, points, origin, _ in rows:
+        print(f"{name:<{width}}  {points:<{points_width}}  {origin}")
+    families = ", ".join(f"{a.family} ({registry.origins.get('adapter:' + a.family, '?')})" for a in registry.adapters)
+    print(f"\nmodel families: {families or 'none'}")
+    return 0
+
+
+def _check_stack(path: str, model_path: str | None) -> Any:
+    from tokenpress.stack import load_stack
+
+    stack = load_stack(path)
+    if model_path:
+        from tokenpress.attach import _validate, find_adapter
+
+        model = _load_model(model_path, meta=True)
+        _validate(stack, find_adapter(model))
+    return stack
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    stack = _check_stack(args.stack, args.model)
+    print(f"{args.stack}: ok - stack {stack.name!r}, {len(stack.stages)} stage(s), positions {stack.positions}")
+    for stage in stack.stages:
+        print(f"  {stage.label()}  {stage.config.model_dump()}")
+    return 0
+
+
+def cmd_schema(args: argparse.Namespace) -> int:
+    from tokenpress.stack import dump_schema
+
+    text = dump_schema()
+    if args.output:
+        Path(args.output).write_text(text + "\n", encoding="utf-8")
+    else:
+        print(text)
+    return 0
+
+
+def _load_model(path: str, meta: bool = False) -> Any:
+    """Load a checkpoint folder (``zoo:NAME`` for a shipped proxy model) with plain from_pretrained."""
+    folder = _resolve_model_path(path)
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    try:
+        config = AutoConfig.from_pretrained(folder)
+    except (OSError, ValueError) as exc:
+        raise UserError(f"{path}: not a loadable model folder ({str(exc).splitlines()[0]})") from None
+    if meta:
+        import torch
+
+        with torch.device("meta"):
+            return AutoModelForImageTextToText.from_config(config)
+    return AutoModelForImageTextToText.from_pretrained(folder).eval()
+
+
+def _resolve_model_path(path: str) -> Path:
+    if path.startswith("zoo:"):
+        try:
+            from tokenpress.zoo import zoo_path
+        except ImportError:
+            raise UserError(f"{path}: the model zoo is not installed") from None
+        try:
+            return zoo_path(path)
+        except ValueError as exc:
+            raise UserError(str(exc)) from None
+    folder = Path(path)
+    if not folder.is_dir():
+        raise UserError(f"{path}: no such model folder")
+    return folder
+
+
+def build_prompt(processor: Any, text: str) -> str:
+    """The model's chat format when it has one, else ``<image>\\n{text}``."""
+    image_token = getattr(processor, "image_token", "<image>")
+    if getattr(processor, "chat_template", None):
+        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
+        return processor.apply_chat_template(messages, add_generation_prompt=True)
+    return f"{image_token}\n{text}"
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    import torch
+    from PIL import Image
+    from transformers import AutoProcessor
+
+    import tokenpress
+
+    stack = tokenpress.load_stack(args.stack)
+    image_path = Path(args.image)
+    if not image_path.is_file():
+        raise UserError(f"{args.image}: no such image file")
+    try:
+        image = Image.open(image_path).convert("RGB")
+    except OSError as exc:
+        raise UserError(f"{args.image}: not a readable image ({exc})") from None
+    model = _load_model(args.model)
+    processor = AutoProcessor.from_pretrained(_resolve_model_path(args.model))
+    inputs = processor(images=image, text=build_prompt(processor, args.prompt), return_tensors="pt")
+    with torch.no_grad(), tokenpress.compress(model, stack) as handle:
+        output = model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False)
+        report = handle.report()
+    answer = processor.batch_decode(output[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)[0]
+    if args.json:
+        print(json.dumps({"answer": answer.strip(), "stack": stack.name, "stages": report.as_dicts()}, indent=2))
+    else:
+        print(f"answer: {answer.strip()}\n")
+        print(report)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tokenpress", description="Stackable visual-token compression.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("plugins", help="list registered methods, their points and where they came from")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_plugins)
+
+    p = sub.add_parser("validate", help="check a stack file (exit 0, or a message and exit 2)")
+    p.add_argument("stack")
+    p.add_argument("--model", help="also check layers etc. against this model folder (config only)")
+    p.set_defaults(func=cmd_validate)
+
+    p = sub.add_parser("schema", help="print the JSON schema of stack files")
+    p.add_argument("--output", "-o", help="write to this file")
+    p.set_defaults(func=cmd_schema)
+
+    p = sub.add_parser("run", help="answer a prompt about an image with a stack attached")
+    p.add_argument("stack")
+    p.add_argument("--model", required=True, help="model folder (from_pretrained) or zoo:NAME")
+    p.add_argument("--image", required=True)
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-new-tokens", type=int, default=16)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_run)
+
+    for register in EXTRA_COMMANDS:
+        register(sub)
+    return parser
+
+
+#: Functions that add more subcommands (eval, viz, flops, ...) to the parser.
+EXTRA_COMMANDS: list[Callable[[Any], None]] = []
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except TokenpressError as exc:
+        print(f"tokenpress: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
