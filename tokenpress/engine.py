@@ -261,7 +261,9 @@ class CompressedForward:
                 if decision is None:
                     continue
                 if isinstance(decision, Keep):
-                    sequence, _, _ = sequence.pack(decision.mask.bool() | ~sequence.is_visual)
+                    sequence, kept, picked = sequence.pack(decision.mask.bool() | ~sequence.is_visual)
+                    if route is not None:  # an earlier stage at this layer routed: carry its choice over
+                        route = torch.gather(route, 1, kept) & picked
                     if self.compact:
                         sequence = sequence.with_positions(adapter.compact_positions(sequence))
                     records.append(StageRecord(entry.stage.label(), entry.stage.method, "decoder_layer", layer,

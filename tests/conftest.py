@@ -1,0 +1,31 @@
+"""Shared fixtures: tiny random-weight models built from configs (no downloads)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+@pytest.fixture(scope="session")
+def llava_eager():
+    from tokenpress.testing import tiny_llava
+
+    return tiny_llava("eager")
+
+
+@pytest.fixture(scope="session")
+def llava_sdpa():
+    from tokenpress.testing import tiny_llava
+
+    return tiny_llava("sdpa")
+
+
+@pytest.fixture(params=["eager", "sdpa"])
+def llava(request, llava_eager, llava_sdpa):
+    return llava_eager if request.param == "eager" else llava_sdpa
