@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from reference import llava_patch_features, manual_decoder, merged_embeddings
 
 import tokenpress
+from reference import llava_patch_features, manual_decoder, merged_embeddings
 from tokenpress.testing import Prompt, llava_batch, sample_prompts, select_rows
 
 

@@ -5,9 +5,8 @@ Chen et al., "An Image is Worth 1/2 Tokens After Layer 2" (ECCV 2024).
 
 from __future__ import annotations
 
-from tokenpress_plugins.fastv.method import FastV
-
 from tokenpress import Method, hookimpl
+from tokenpress_plugins.fastv.method import FastV
 
 
 @hookimpl

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from tokenpress_plugins.pool.method import Pool
-
 from tokenpress import Method, hookimpl
+from tokenpress_plugins.pool.method import Pool
 
 
 @hookimpl

@@ -6,9 +6,9 @@ from typing import Literal
 
 import torch
 from pydantic import Field
-from tokenpress_plugins.pool.grid import cell_assignment, pool_grid, pooled_size
 
 from tokenpress import Method, MethodConfig, StageContext, TokenState, hookimpl
+from tokenpress_plugins.pool.grid import cell_assignment, pool_grid, pooled_size
 
 
 class PoolConfig(MethodConfig):

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from tokenpress_plugins.random.method import RandomKeep
-
 from tokenpress import Method, hookimpl
+from tokenpress_plugins.random.method import RandomKeep
 
 
 @hookimpl

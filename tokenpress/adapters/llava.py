@@ -63,7 +63,8 @@ class LlavaAdapter(ModelAdapter):
         return self.model.model.vision_tower
 
     def _encoder_layers(self) -> nn.ModuleList:
-        return self.vision_tower.vision_model.encoder.layers
+        tower = self.vision_tower
+        return getattr(tower, "vision_model", tower).encoder.layers
 
     def num_encoder_layers(self) -> int:
         return len(self._encoder_layers())

@@ -1,0 +1,79 @@
+"""TokenState operations against plain-Python references."""
+
+from __future__ import annotations
+
+import torch
+
+from tokenpress import TokenState, keep_count
+from tokenpress.select import topk_mask
+from tokenpress.tokens import pack_index
+from tokenpress_plugins.pool.grid import cell_assignment, pool_grid
+
+
+def make_state(images: int = 3, side: int = 4, dim: int = 5, seed: int = 0) -> TokenState:
+    generator = torch.Generator().manual_seed(seed)
+    return TokenState.from_dense(torch.randn(images, side * side, dim, generator=generator), (1, side, side))
+
+
+def test_keep_preserves_order_and_tracks_positions_per_image():
+    state = make_state()
+    generator = torch.Generator().manual_seed(1)
+    mask = torch.rand(3, 16, generator=generator) > 0.5
+    kept = state.keep(mask)
+    for image in range(3):
+        picks = [j for j in range(16) if mask[image, j]]
+        count = len(picks)
+        assert kept.counts()[image] == count
+        assert kept.grid_index[image, :count].tolist() == picks
+        assert torch.equal(kept.embeddings[image, :count], state.embeddings[image, picks])
+        assert not kept.valid[image, count:].any()
+        for slot, patch in enumerate(picks):
+            assert kept.source[image, slot].nonzero().flatten().tolist() == [patch]
+
+
+def test_merge_averages_by_size_and_unions_provenance():
+    state = make_state(images=1, side=2, dim=3)
+    first = state.merge(torch.tensor([[0, 0, 1, 2]]), 3)  # tokens 0 and 1 merge
+    assert first.size[0].tolist() == [2.0, 1.0, 1.0]
+    second = first.merge(torch.tensor([[0, 1, 0]]), 2)  # merged token (size 2) with token 3 (size 1)
+    expected = (state.embeddings[0, 0] + state.embeddings[0, 1] + state.embeddings[0, 3]) / 3
+    torch.testing.assert_close(second.embeddings[0, 0], expected)
+    assert second.size[0].tolist() == [3.0, 1.0]
+    assert second.source[0, 0].nonzero().flatten().tolist() == [0, 1, 3]
+    assert second.grid_index[0].tolist() == [0, 2]  # a merged token takes its first member's position
+
+
+def test_merge_drops_tokens_assigned_minus_one():
+    state = make_state(images=1, side=2)
+    merged = state.merge(torch.tensor([[0, -1, 1, -1]]), 2)
+    torch.testing.assert_close(merged.embeddings[0], state.embeddings[0, [0, 2]])
+    assert merged.size.sum() == 2
+
+
+def test_replace_with_a_new_grid_keeps_provenance():
+    state = make_state(images=2, side=4)
+    pooled = pool_grid(state.dense_grid().reshape(2, 4, 4, -1), 2, "avg")
+    new = state.replace(pooled.reshape(2, 4, -1), grid=(1, 2, 2), assign=cell_assignment(4, 4, 2).expand(2, -1))
+    assert new.is_dense() and new.grid[0].tolist() == [1, 2, 2]
+    assert new.size[0].tolist() == [4.0, 4.0, 4.0, 4.0]
+    assert new.source[0, 1].nonzero().flatten().tolist() == [2, 3, 6, 7]
+
+
+def test_pack_index_and_topk_mask_match_python():
+    generator = torch.Generator().manual_seed(2)
+    scores = torch.rand(4, 10, generator=generator)
+    candidates = torch.rand(4, 10, generator=generator) > 0.3
+    counts = torch.tensor([1, 3, 0, 10])
+    mask = topk_mask(scores, candidates, counts)
+    for row in range(4):
+        ranked = sorted((j for j in range(10) if candidates[row, j]), key=lambda j: -scores[row, j].item())
+        assert set(mask[row].nonzero().flatten().tolist()) == set(ranked[: counts[row]])
+    index, valid = pack_index(candidates)
+    for row in range(4):
+        assert index[row][valid[row]].tolist() == candidates[row].nonzero().flatten().tolist()
+
+
+def test_keep_count_rounds_and_keeps_at_least_one():
+    assert keep_count(torch.tensor([576, 576, 3]), 0.5).tolist() == [288, 288, 2]
+    assert keep_count(torch.tensor([576]), 0.11).tolist() == [63]
+    assert keep_count(torch.tensor([4]), 0.01).tolist() == [1]
