@@ -25,7 +25,7 @@ from torch import nn
 
 from tokenpress import hookspecs
 from tokenpress.adapters.base import ModelAdapter
-from tokenpress.engine import CompressedForward, DeferredEncoding, StageEntry, StageRecord
+from tokenpress.engine import CompressedForward, DeferredEncoding, PrefillStats, StageEntry, StageRecord
 from tokenpress.errors import PluginError, StackError, UnsupportedModelError
 from tokenpress.registry import Registry, get_registry
 from tokenpress.stack import Stack, load_stack
@@ -86,6 +86,11 @@ class Handle:
         self.entries = entries
         self.registry = registry
         self.records: list[StageRecord] = []
+        self.prefill_stats: PrefillStats | None = None
+        #: Set to a list to record, at the next prefills, which original patches each stage (and each
+        #: decoder layer with a stage) still represents: ``(label, (images, patches) bool)`` pairs.
+        self.trace: list[tuple[str, Any]] | None = None
+        self.trace_grids: Any = None  # (images, 3) original (t, h, w) grids of the traced prefill
         self.prompt_length: int | None = None
         self.attached = False
         self._saved: dict[tuple[int, str], Any] = {}

@@ -90,6 +90,17 @@ class PrefillResult:
     sequence: Sequence
     key_valid: list[torch.Tensor] = field(default_factory=list)
     next_position: list[torch.Tensor] = field(default_factory=list)
+    visual_per_layer: list[torch.Tensor] = field(default_factory=list)
+
+
+@dataclass
+class PrefillStats:
+    """Token counts of the last compressed prefill, per sample: what cost models need."""
+
+    visual_in: list[int]  # visual tokens the encoder produced
+    projected: list[int]  # tokens that went through the projector
+    layer_tokens: list[list[int]]  # [layer][sample]: tokens (text + visual) each decoder layer processed
+    layer_visual: list[list[int]]  # [layer][sample]: visual tokens each decoder layer processed
 
 
 def prompt_fingerprints(input_ids: torch.Tensor, valid: torch.Tensor, prompt_length: int) -> torch.Tensor:
@@ -188,13 +199,25 @@ class CompressedForward:
         image_rank = torch.tensor([sum(1 for other in spans[:i] if other.sample == span.sample)
                                    for i, span in enumerate(spans)], dtype=torch.long, device=device)
         tokens = dc_replace(tokens, image_to_sample=image_to_sample)
-        context = StageContext(stage=None, signals=signals, project=self._project, sample_keys=sample_keys,
+        visual_in = _per_sample(tokens.counts(), image_to_sample, batch)
+        projected = list(visual_in)
+        if self.handle.trace is not None:
+            self.handle.trace.append(("encoder", tokens.source.any(1)))
+            self.handle.trace_grids = tokens.original_grid
+
+        def project(state: TokenState) -> TokenState:
+            """The model's projector, applied once (tokens already in LLM space pass through)."""
+            if state.space == "llm":
+                return state
+            projected[:] = _per_sample(state.counts(), state.image_to_sample, batch)
+            return adapter.project(state)
+
+        context = StageContext(stage=None, signals=signals, project=project, sample_keys=sample_keys,
                                image_rank=image_rank)  # type: ignore[arg-type]
 
         for point in ("post_encoder", "projector", "query_conditioned"):
             if point == "query_conditioned":
-                if tokens.space == "encoder":
-                    tokens = adapter.project(tokens)
+                tokens = project(tokens)
                 context.prompt_embeddings = self._prompt_embeddings(input_ids, valid_in, prompt_length, tokens)
             for entry in self.entries:
                 if entry.stage.point != point:
@@ -208,9 +231,12 @@ class CompressedForward:
                     raise PluginError(f"stage {entry.stage.label()} returned {type(tokens).__name__}, not a TokenState")
                 records.append(StageRecord(entry.stage.label(), entry.stage.method, point, None, before,
                                            _per_sample(tokens.counts(), tokens.image_to_sample, batch)))
+                if self.handle.trace is not None:
+                    self.handle.trace.append((entry.stage.label(), tokens.source.any(1)))
 
         sequence = adapter.build_sequence(input_ids, attention_mask, tokens, prompt_length, self.compact)
         cache = CompressedCache() if use_cache else None
+        self._final_tokens = tokens
         result = self.run_decoder(sequence, cache, sample_keys, records)
         final = result.sequence
         hidden = adapter.final_norm(final.hidden)
@@ -223,11 +249,11 @@ class CompressedForward:
         if cache is not None:
             cache.tokenpress_state = DecodeState(result.key_valid, result.next_position, columns)
         self.handle.records = records
+        self.handle.prefill_stats = PrefillStats(
+            visual_in, projected, [valid.sum(-1).tolist() for valid in result.key_valid],
+            [count.tolist() for count in result.visual_per_layer])
         image_hidden = tokens.embeddings[tokens.valid]
         return adapter.make_output(output, cache, image_hidden)
-
-    def _project(self, tokens: TokenState) -> TokenState:
-        return tokens if tokens.space == "llm" else self.adapter.project(tokens)
 
     def _prompt_embeddings(self, input_ids: torch.Tensor, valid: torch.Tensor, prompt_length: int,
                            tokens: TokenState) -> Callable[[int], torch.Tensor]:
@@ -278,16 +304,29 @@ class CompressedForward:
                     raise PluginError(f"stage {entry.stage.label()} returned {type(decision).__name__}; "
                                       "a decoder_layer hook returns Keep, Route or None")
             processed_seq, index, picked = (sequence, None, None) if route is None else sequence.pack(route)
+            if self.handle.trace is not None and any(
+                    layer in e.stage.layers for e in self.entries if e.stage.point == "decoder_layer"):
+                self.handle.trace.append((f"layer {layer}", self._coverage(processed_seq)))
             mask = attention_mask_for(implementation, processed_seq.valid, processed_seq.length,
                                       processed_seq.hidden.dtype)
             embeddings = adapter.position_embeddings(processed_seq.hidden, processed_seq.positions)
             out = adapter.call_layer(layer, processed_seq.hidden, mask, processed_seq.positions, embeddings, cache)
             result.key_valid.append(processed_seq.valid)
+            result.visual_per_layer.append((processed_seq.valid & processed_seq.is_visual).sum(-1))
             result.next_position.append(next_positions(processed_seq.positions, processed_seq.valid))
             previous = sequence
             sequence = sequence.with_hidden(out) if index is None else sequence.scatter_hidden(index, picked, out)
         result.sequence = sequence
         return result
+
+    def _coverage(self, sequence: Sequence) -> torch.Tensor:
+        """(I, P) bool: original patches represented by the visual tokens of ``sequence``."""
+        tokens = self._final_tokens
+        alive = (sequence.visual_id >= 0) & sequence.valid
+        flat = tokens.source.reshape(tokens.num_images * tokens.num_slots, -1)
+        covered = torch.zeros(flat.shape[0], dtype=torch.bool, device=flat.device)
+        covered[sequence.visual_id[alive]] = True
+        return (flat & covered.unsqueeze(-1)).reshape(tokens.num_images, tokens.num_slots, -1).any(1)
 
     # --- decode ---------------------------------------------------------------------------------
 

@@ -1,0 +1,207 @@
+"""``tokenpress eval``: the uncompressed model and one or more stacks on the same questions, in one run.
+
+For every batch of the shapes benchmark the baseline and each stack run back to back (so timings
+share the machine's state), and each reports accuracy (exact match, per question family), the
+visual tokens it kept, the analytical prefill FLOPs and the measured prefill time. Ratios are
+always against the baseline measured in the same run.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tokenpress.attach import compress
+from tokenpress.errors import TokenpressError
+from tokenpress.flops import DecoderShape, decoder_prefill_flops, llava_shapes
+from tokenpress.stack import Stack, load_stack
+
+DEFAULT_MODEL = "zoo:llava-shapes"
+
+
+@dataclass
+class RunResult:
+    """One configuration (the baseline or a stack) over all questions."""
+
+    name: str
+    predictions: list[str] = field(default_factory=list)
+    visual_in: int = 0
+    visual_kept: int = 0
+    flops: float = 0.0
+    prefill_seconds: list[float] = field(default_factory=list)
+    accuracy: float = 0.0
+    per_family: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class Row:
+    """A line of the comparison table."""
+
+    stack: str
+    accuracy: float
+    retention: float
+    tokens_kept: float
+    flops_ratio: float
+    prefill_time_ratio: float
+    per_family: dict[str, float]
+
+
+def load_model_and_processor(model: str) -> tuple[Any, Any]:
+    """``zoo:NAME`` or a checkpoint folder, loaded offline with plain ``from_pretrained``."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from tokenpress.cli import _resolve_model_path
+
+    folder = _resolve_model_path(model)
+    loaded = AutoModelForImageTextToText.from_pretrained(folder).eval()
+    processor = AutoProcessor.from_pretrained(folder)
+    processor.tokenizer.padding_side = "left"
+    return loaded, processor
+
+
+def _cost(model: Any, layer_tokens: list[list[int]], visual_in: list[int], projected: list[int]) -> float:
+    config = model.config
+    if getattr(config, "model_type", None) != "llava":
+        decoder = DecoderShape.from_config(config.get_text_config())
+        return sum(decoder_prefill_flops(decoder, list(per_layer)) for per_layer in zip(*layer_tokens, strict=True))
+    encoder, decoder = llava_shapes(config)
+    total = 0.0
+    for sample, per_layer in enumerate(zip(*layer_tokens, strict=True)):
+        total += encoder.flops(visual_in[sample], projected[sample]) + decoder_prefill_flops(decoder, list(per_layer))
+    return total
+
+
+def _run_batch(model: Any, inputs: dict[str, torch.Tensor], stack: Stack | None, max_new_tokens: int,
+               result: RunResult) -> list[str]:
+    layers = model.config.get_text_config().num_hidden_layers
+    with torch.no_grad():
+        handle = compress(model, stack) if stack is not None and stack.stages else None
+        try:
+            start = time.perf_counter()
+            model(**inputs, use_cache=False, logits_to_keep=1)
+            result.prefill_seconds.append(time.perf_counter() - start)
+            output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+            stats = handle.prefill_stats if handle is not None else None
+        finally:
+            if handle is not None:
+                handle.detach()
+    lengths = inputs["attention_mask"].sum(-1).tolist()
+    placeholders = (inputs["input_ids"] == model.config.image_token_id).sum(-1).tolist()
+    if stats is None:
+        layer_tokens = [lengths] * layers
+        visual_in, projected, visual_out = placeholders, placeholders, placeholders
+    else:
+        layer_tokens, visual_in, projected = stats.layer_tokens, stats.visual_in, stats.projected
+        visual_out = stats.layer_visual[-1]
+    result.visual_in += sum(visual_in)
+    result.visual_kept += sum(visual_out)
+    result.flops += _cost(model, layer_tokens, visual_in, projected)
+    return list(output[:, inputs["input_ids"].shape[1]:])
+
+
+def evaluate(stacks: list[Stack | str | Path], model: str = DEFAULT_MODEL, n: int = 1000, batch_size: int = 50,
+             split: str = "test", seed: int = 0, max_new_tokens: int = 2, progress: bool = True,
+             loaded: tuple[Any, Any] | None = None) -> list[Row]:
+    """Accuracy, retention, tokens kept, FLOPs and prefill-time ratios of each stack vs the baseline."""
+    from tqdm.auto import tqdm
+
+    from tokenpress.data import shapes
+
+    parsed = [load_stack(stack) for stack in stacks]
+    model_obj, processor = loaded or load_model_and_processor(model)
+    samples = shapes.generate_split(split, n, seed=seed)
+    configs: list[tuple[str, Stack | None]] = [("baseline", None)] + [(stack.name, stack) for stack in parsed]
+    names = [name for name, _ in configs]
+    if len(set(names)) != len(names):
+        raise TokenpressError(f"stack names must differ from each other and from 'baseline': {names}")
+    results = {name: RunResult(name) for name in names}
+    image_token = getattr(processor, "image_token", shapes.IMAGE_TOKEN)
+    batches = range(0, len(samples), batch_size)
+    for start in tqdm(batches, desc="eval", unit="batch", disable=not progress):
+        chunk = samples[start:start + batch_size]
+        inputs = processor(images=[s.image for s in chunk],
+                           text=[shapes.build_prompt(s.question, image_token) for s in chunk],
+                           padding=True, return_tensors="pt")
+        for name, stack in configs:
+            tokens = _run_batch(model_obj, inputs, stack, max_new_tokens, results[name])
+            results[name].predictions += processor.batch_decode(tokens, skip_special_tokens=True)
+
+    for result in results.values():
+        scored = shapes.score(result.predictions, samples)
+        result.accuracy, result.per_family = scored["accuracy"], scored["per_family"]
+    base = results["baseline"]
+    rows = []
+    for name in names:
+        result = results[name]
+        time_ratio = statistics.median(
+            ours / theirs for ours, theirs in zip(result.prefill_seconds, base.prefill_seconds, strict=True))
+        rows.append(Row(name, result.accuracy, result.accuracy / base.accuracy if base.accuracy else float("nan"),
+                        result.visual_kept / max(result.visual_in, 1), result.flops / base.flops, time_ratio,
+                        result.per_family))
+    return rows
+
+
+def format_table(rows: list[Row]) -> str:
+    """The comparison as a Markdown table, then accuracy per question family."""
+    lines = ["| stack | accuracy | retention | tokens kept | FLOPs ratio | prefill time ratio |",
+             "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    for row in rows:
+        lines.append(f"| {row.stack} | {row.accuracy:.1%} | {row.retention:.1%} | {row.tokens_kept:.1%} | "
+                     f"{row.flops_ratio:.3f} | {row.prefill_time_ratio:.3f} |")
+    families = sorted({family for row in rows for family in row.per_family})
+    lines += ["", "| stack | " + " | ".join(families) + " |", "| --- |" + " ---: |" * len(families)]
+    for row in rows:
+        lines.append(f"| {row.stack} | " + " | ".join(f"{row.per_family.get(f, float('nan')):.1%}"
+                                                       for f in families) + " |")
+    return "\n".join(lines)
+
+
+def rows_to_json(rows: list[Row]) -> str:
+    return json.dumps([asdict(row) for row in rows], indent=2)
+
+
+CSV_FIELDS = ("stack", "accuracy", "retention", "tokens_kept", "flops_ratio", "prefill_time_ratio")
+
+
+def rows_to_csv(rows: list[Row]) -> str:
+    families = sorted({family for row in rows for family in row.per_family})
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(list(CSV_FIELDS) + [f"accuracy_{f}" for f in families])
+    for row in rows:
+        writer.writerow([getattr(row, name) for name in CSV_FIELDS] + [row.per_family.get(f, "") for f in families])
+    return buffer.getvalue()
+
+
+def plot_rows(rows: list[Row], path: str | Path, title: str = "") -> Path:
+    """Accuracy retention against visual tokens kept, one point per stack (baseline at 100%, 100%)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise TokenpressError("--plot needs matplotlib: pip install 'tokenpress[plot]'") from None
+    figure, axis = plt.subplots(figsize=(6, 4.5), dpi=120)
+    for row in rows:
+        axis.scatter(row.tokens_kept * 100, row.retention * 100, s=40)
+        axis.annotate(row.stack, (row.tokens_kept * 100, row.retention * 100), textcoords="offset points",
+                      xytext=(5, 4), fontsize=8)
+    axis.set_xlabel("visual tokens kept at the last layer (%)")
+    axis.set_ylabel("accuracy retention (%)")
+    axis.set_xlim(0, 105)
+    axis.grid(alpha=0.3)
+    axis.set_title(title or "accuracy retention vs tokens kept")
+    figure.tight_layout()
+    path = Path(path)
+    figure.savefig(path)
+    plt.close(figure)
+    return path
