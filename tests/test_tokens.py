@@ -52,7 +52,7 @@ def test_merge_drops_tokens_assigned_minus_one():
 
 def test_replace_with_a_new_grid_keeps_provenance():
     state = make_state(images=2, side=4)
-    pooled = pool_grid(state.dense_grid().reshape(2, 4, 4, -1), 2, "avg")
+    pooled = pool_grid(torch.stack([state.dense_grid(i)[0] for i in range(2)]), 2, "avg")
     new = state.replace(pooled.reshape(2, 4, -1), grid=(1, 2, 2), assign=cell_assignment(4, 4, 2).expand(2, -1))
     assert new.is_dense() and new.grid[0].tolist() == [1, 2, 2]
     assert new.size[0].tolist() == [4.0, 4.0, 4.0, 4.0]

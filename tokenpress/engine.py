@@ -63,6 +63,11 @@ class StageEntry:
         return getattr(self.method, point)
 
 
+#: Keyword arguments of a model's forward that describe its images or videos.
+MEDIA_KEYS = ("pixel_values", "pixel_values_videos", "image_sizes", "image_grid_thw", "video_grid_thw",
+              "second_per_grid_ts")
+
+
 class DeferredEncoding:
     """What ``get_*_features`` returns during ``generate()`` while attached: its arguments, to be
     encoded by the compressed prefill (``pooler_output`` is None so generate leaves it alone)."""
@@ -75,10 +80,12 @@ class DeferredEncoding:
         self.kwargs = kwargs
 
     def inputs(self) -> dict[str, Any]:
-        names = ("pixel_values", "pixel_values_videos")
-        found = dict(zip(names, self.args, strict=False))
-        found.update(self.kwargs)
-        return found
+        """The call's arguments by name (positional ones named from the encoder's signature)."""
+        import inspect
+
+        bound = inspect.signature(self.encoder).bind_partial(*self.args, **self.kwargs).arguments
+        extra = bound.pop("kwargs", {})
+        return {**bound, **extra}
 
     def materialize(self) -> Any:
         """The real encoder output (for the model's own forward)."""
@@ -130,32 +137,34 @@ class CompressedForward:
     def __call__(self, input_ids: torch.Tensor | None = None, pixel_values: torch.Tensor | None = None,
                  attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
                  past_key_values: Any = None, inputs_embeds: torch.Tensor | None = None, **kwargs: Any) -> Any:
-        deferred = kwargs.get("mm_encoder_outputs") or {}
-        if any(isinstance(value, DeferredEncoding) for value in deferred.values()):
-            image = deferred.get("image")
-            if pixel_values is None and isinstance(image, DeferredEncoding):
-                pixel_values = image.inputs().get("pixel_values")
-                kwargs.update({k: v for k, v in image.inputs().items() if k != "pixel_values" and v is not None})
-            if pixel_values is not None:
-                kwargs.pop("mm_encoder_outputs")
-            else:  # nothing for us to compress: let the model encode as usual
-                kwargs["mm_encoder_outputs"] = {key: value.materialize() if isinstance(value, DeferredEncoding)
-                                                else value for key, value in deferred.items()}
-        elif deferred and self.entries and (past_key_values is None or past_key_values.get_seq_length() == 0):
-            raise CompressionError("pass pixel_values rather than pre-computed mm_encoder_outputs while a "
-                                   "compression stack is attached (the stages need the raw encoder)")
+        media = {key: kwargs[key] for key in MEDIA_KEYS if kwargs.get(key) is not None}
+        if pixel_values is not None:
+            media["pixel_values"] = pixel_values
+        encoded = kwargs.get("mm_encoder_outputs") or {}
+        deferred = {key: value for key, value in encoded.items() if isinstance(value, DeferredEncoding)}
+        for value in deferred.values():
+            media.update({key: v for key, v in value.inputs().items() if key in MEDIA_KEYS and v is not None})
+        has_media = "pixel_values" in media or "pixel_values_videos" in media
+        placeholders = self.adapter.placeholder_ids()
         cache_state = getattr(past_key_values, "tokenpress_state", None)
+
         if cache_state is not None:
-            if pixel_values is not None:
+            if has_media:
                 raise CompressionError("new images on a cache of a compressed prompt are not supported; "
                                        "start a new conversation (past_key_values=None)")
             return self.decode(input_ids, inputs_embeds, attention_mask, past_key_values, kwargs)
-        has_images = pixel_values is not None and (
-            input_ids is None or bool((input_ids == self.adapter.image_token_id).any()))
-        if not has_images or not self.entries:
+        compressible = has_media and self.entries and (
+            input_ids is None or bool(torch.isin(input_ids, torch.tensor(placeholders, device=input_ids.device)).any()))
+        if not compressible:
+            if deferred:  # let the model encode as usual
+                kwargs["mm_encoder_outputs"] = {key: value.materialize() if isinstance(value, DeferredEncoding)
+                                                else value for key, value in encoded.items()}
             return self.original_forward(input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask,
                                          position_ids=position_ids, past_key_values=past_key_values,
                                          inputs_embeds=inputs_embeds, **kwargs)
+        if encoded and not deferred:
+            raise CompressionError("pass pixel_values rather than pre-computed mm_encoder_outputs while a "
+                                   "compression stack is attached (the stages need the raw encoder)")
         if input_ids is None:
             raise CompressionError("a compressed forward needs input_ids (to find the image placeholders), "
                                    "not inputs_embeds")
@@ -168,9 +177,7 @@ class CompressedForward:
         use_cache = kwargs.get("use_cache")
         if use_cache is None:
             use_cache = bool(getattr(self.adapter.text_config, "use_cache", True))
-        image_inputs = {key: value for key, value in kwargs.items() if key in ("image_sizes", "image_grid_thw",
-                                                                              "pixel_values_videos", "video_grid_thw")}
-        call = lambda: self.prefill(input_ids, pixel_values, attention_mask, use_cache, image_inputs)  # noqa: E731
+        call = lambda: self.prefill(input_ids, attention_mask, use_cache, media)  # noqa: E731
         return self.handle.registry.plugin_manager.hook.tokenpress_prefill(
             adapter=self.adapter, batch_size=input_ids.shape[0], call=call)
 
@@ -180,8 +187,8 @@ class CompressedForward:
 
     # --- prefill --------------------------------------------------------------------------------
 
-    def prefill(self, input_ids: torch.Tensor, pixel_values: torch.Tensor, attention_mask: torch.Tensor | None,
-                use_cache: bool, image_inputs: dict[str, Any]) -> Any:
+    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, use_cache: bool,
+                media: dict[str, Any]) -> Any:
         adapter = self.adapter
         batch, columns = input_ids.shape
         device = input_ids.device
@@ -193,7 +200,7 @@ class CompressedForward:
         requested: dict[str, Any] = {}
         for entry in self.entries:
             requested.update(entry.method.required_signals())
-        tokens, signals = adapter.encode_images({"pixel_values": pixel_values, **image_inputs}, requested)
+        tokens, signals = adapter.encode_images(media, requested)
         spans = sorted(adapter.image_spans(input_ids, valid_in, tokens), key=lambda span: span.image)
         image_to_sample = torch.tensor([span.sample for span in spans], dtype=torch.long, device=device)
         image_rank = torch.tensor([sum(1 for other in spans[:i] if other.sample == span.sample)
@@ -257,7 +264,7 @@ class CompressedForward:
 
     def _prompt_embeddings(self, input_ids: torch.Tensor, valid: torch.Tensor, prompt_length: int,
                            tokens: TokenState) -> Callable[[int], torch.Tensor]:
-        text = valid & (input_ids != self.adapter.image_token_id)
+        text = valid & ~torch.isin(input_ids, torch.tensor(self.adapter.placeholder_ids(), device=input_ids.device))
         text[:, prompt_length:] = False
         embeds = self.adapter.embed(input_ids)
 
@@ -335,7 +342,8 @@ class CompressedForward:
         adapter = self.adapter
         state = cache.tokenpress_state
         assert state is not None
-        if input_ids is not None and bool((input_ids == adapter.image_token_id).any()):
+        if input_ids is not None and bool(torch.isin(input_ids, torch.tensor(adapter.placeholder_ids(),
+                                                                               device=input_ids.device)).any()):
             raise CompressionError("a follow-up turn on a compressed cache cannot contain image placeholders")
         hidden = inputs_embeds if inputs_embeds is not None else adapter.embed(input_ids)
         batch, count = hidden.shape[:2]

@@ -91,20 +91,24 @@ class TokenState:
         """Number of real tokens per image, (I,) long."""
         return self.valid.sum(-1)
 
-    def is_dense(self) -> bool:
-        """True when every image holds its whole current grid, in raster order, with no padding."""
-        cells = self.grid.prod(-1)
-        if not bool((cells == self.num_slots).all()) or not bool(self.valid.all()):
-            return False
+    def is_dense(self, image: int | None = None) -> bool:
+        """True when every image (or image ``image``) holds its whole current grid, in raster order."""
+        images = range(self.num_images) if image is None else [image]
         arange = torch.arange(self.num_slots, device=self.grid_index.device)
-        return bool((self.grid_index == arange).all())
+        for i in images:
+            cells = int(self.grid[i].prod())
+            if cells > self.num_slots or not bool(self.valid[i, :cells].all()) or bool(self.valid[i, cells:].any()):
+                return False
+            if not bool((self.grid_index[i, :cells] == arange[:cells]).all()):
+                return False
+        return True
 
-    def dense_grid(self) -> torch.Tensor:
-        """The embeddings as (I, t, h, w, D); the state must be dense with one grid for all images."""
-        if not self.is_dense() or not bool((self.grid == self.grid[0]).all()):
+    def dense_grid(self, image: int) -> torch.Tensor:
+        """Image ``image``'s embeddings as (t, h, w, D); it must hold its whole grid (no selection yet)."""
+        if not self.is_dense(image):
             raise ValueError("this operation needs every image's full patch grid (place it before any selection)")
-        t, h, w = (int(v) for v in self.grid[0])
-        return self.embeddings.reshape(self.num_images, t, h, w, -1)
+        t, h, w = (int(v) for v in self.grid[image])
+        return self.embeddings[image, : t * h * w].reshape(t, h, w, -1)
 
     # --- operations -----------------------------------------------------------------------------
 
@@ -208,8 +212,9 @@ class TokenState:
             raise ValueError("replace() with a new grid needs `assign`, the output cell of every old token")
         num_out = embeddings.shape[1]
         regridded = self.merge(assign, num_out, grid=grid)
-        return dc_replace(regridded, embeddings=embeddings, valid=torch.ones_like(regridded.valid),
-                          space=space or self.space)
+        cells = regridded.grid.prod(-1)
+        valid = torch.arange(num_out, device=cells.device).unsqueeze(0) < cells.unsqueeze(1)
+        return dc_replace(regridded, embeddings=embeddings, valid=valid, space=space or self.space)
 
     def to_space(self, embeddings: torch.Tensor, space: Space) -> TokenState:
         """Same tokens, new embeddings in another space (used by the projector)."""

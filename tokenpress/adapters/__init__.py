@@ -5,12 +5,13 @@ from __future__ import annotations
 
 from tokenpress.adapters.base import AttentionParts, ImageSpan, ModelAdapter
 from tokenpress.adapters.llava import LlavaAdapter
+from tokenpress.adapters.qwen2_5_vl import Qwen2_5_VLAdapter
 from tokenpress.hookspecs import hookimpl
 
 
 @hookimpl
 def tokenpress_register_adapters() -> list[type[ModelAdapter]]:
-    return [LlavaAdapter]
+    return [LlavaAdapter, Qwen2_5_VLAdapter]
 
 
-__all__ = ["AttentionParts", "ImageSpan", "LlavaAdapter", "ModelAdapter"]
+__all__ = ["AttentionParts", "ImageSpan", "LlavaAdapter", "ModelAdapter", "Qwen2_5_VLAdapter"]

@@ -101,6 +101,10 @@ class ModelAdapter:
     def image_token_id(self) -> int:
         return self.model.config.image_token_id
 
+    def placeholder_ids(self) -> tuple[int, ...]:
+        """Token ids that stand for visual tokens in ``input_ids`` (images, videos...)."""
+        return (self.image_token_id,)
+
     def num_encoder_layers(self) -> int:
         return 0
 
@@ -125,8 +129,13 @@ class ModelAdapter:
 
     def image_spans(self, input_ids: torch.Tensor, valid: torch.Tensor, tokens: TokenState) -> list[ImageSpan]:
         """Runs of placeholder columns, one per image, in the order the images were given."""
+        return self._spans_for(input_ids, valid, tokens, self.image_token_id)
+
+    def _spans_for(self, input_ids: torch.Tensor, valid: torch.Tensor, tokens: TokenState,
+                   token_id: int) -> list[ImageSpan]:
+        """Split the runs of ``token_id`` into one span per image of ``tokens`` (adjacent images share a run)."""
         spans: list[ImageSpan] = []
-        is_image = ((input_ids == self.image_token_id) & valid).tolist()
+        is_image = ((input_ids == token_id) & valid).tolist()
         per_image = tokens.original_grid.prod(-1).tolist()
         image = 0
         for sample, row in enumerate(is_image):
@@ -138,7 +147,7 @@ class ModelAdapter:
                 end = column
                 while end < len(row) and row[end]:
                     end += 1
-                while column < end:  # adjacent images form one run
+                while column < end:
                     if image >= len(per_image):
                         raise CompressionError("the prompt has more image placeholders than images were given")
                     length = int(per_image[image])

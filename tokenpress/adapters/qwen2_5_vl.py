@@ -1,0 +1,154 @@
+"""Qwen2.5-VL (``transformers.Qwen2_5_VLForConditionalGeneration``).
+
+* Encoder: the window-attention ViT. Its patches come grouped in 2x2 merge units; tokenpress sees
+  one token per merge unit (the four patch features side by side, 4C wide), laid out on the LLM's
+  own grid (t, h/2, w/2) in raster order, so positions mean the same thing before and after the
+  projector.
+* ``projector``: the 2x2 patch merger (RMSNorm per patch, then the MLP over the unit).
+* Positions: 3-D M-RoPE. ``original``: a visual token keeps the (t, h, w) position
+  ``get_rope_index`` gives it; text continues after ``max(h, w)`` of each image, as in the model.
+  ``compact``: the kept tokens are numbered one after another on all three axes.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from tokenpress.adapters.base import ImageSpan, ModelAdapter
+from tokenpress.errors import CompressionError
+from tokenpress.tokens import TokenState
+
+
+class _GroupUnits(nn.Module):
+    """Stands in for the merger while encoding: regroups patches into 2x2 units, no weights."""
+
+    def __init__(self, unit: int) -> None:
+        super().__init__()
+        self.unit = unit
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return hidden.reshape(-1, self.unit * hidden.shape[-1])
+
+
+class Qwen2_5_VLAdapter(ModelAdapter):
+    """Adapter for ``Qwen2_5_VLForConditionalGeneration`` (images; videos go through pre-LLM points)."""
+
+    family = "qwen2.5-vl"
+    position_rank = 3
+
+    @classmethod
+    def supports(cls, model: nn.Module) -> bool:
+        return getattr(getattr(model, "config", None), "model_type", None) == "qwen2_5_vl" and hasattr(model, "model")
+
+    def inner_module(self) -> nn.Module:
+        return self.model.model
+
+    @property
+    def language_model(self) -> nn.Module:
+        return self.model.model.language_model
+
+    @property
+    def visual(self) -> nn.Module:
+        return self.model.model.visual
+
+    @property
+    def merge_size(self) -> int:
+        return self.model.config.vision_config.spatial_merge_size
+
+    def num_encoder_layers(self) -> int:
+        return len(self.visual.blocks)
+
+    def placeholder_ids(self) -> tuple[int, ...]:
+        config = self.model.config
+        return (config.image_token_id, config.video_token_id)
+
+    def encode_images(self, inputs: dict[str, Any], signals: dict[str, Any]) -> tuple[TokenState, dict[str, Any]]:
+        grids, pixels, intervals = [], [], []
+        tokens_per_second = getattr(self.model.config.vision_config, "tokens_per_second", 1)
+        if inputs.get("pixel_values") is not None:
+            grids.append(inputs["image_grid_thw"])
+            pixels.append(inputs["pixel_values"])
+            intervals += [1.0] * len(inputs["image_grid_thw"])
+        if inputs.get("pixel_values_videos") is not None:
+            grids.append(inputs["video_grid_thw"])
+            pixels.append(inputs["pixel_values_videos"])
+            seconds = inputs.get("second_per_grid_ts")
+            count = len(inputs["video_grid_thw"])
+            seconds = [1.0] * count if seconds is None else [float(s) for s in seconds]
+            intervals += [tokens_per_second * s for s in seconds]
+        grid_thw = torch.cat(grids).long()
+        merger = self.visual.merger
+        self.visual._modules["merger"] = _GroupUnits(self.merge_size ** 2)
+        try:
+            units = [self.visual(p.type(self.visual.dtype), grid_thw=g).pooler_output for p, g in
+                     zip(pixels, grids, strict=True)]
+        finally:
+            self.visual._modules["merger"] = merger
+        units = torch.cat(units)
+        llm_grids = grid_thw.clone()
+        llm_grids[:, 1:] //= self.merge_size
+        counts = llm_grids.prod(-1).tolist()
+        width = max(counts)
+        rows = [torch.nn.functional.pad(chunk, (0, 0, 0, width - chunk.shape[0]))
+                for chunk in torch.split(units, counts)]
+        tokens = TokenState.from_dense(torch.stack(rows), llm_grids)
+        tokens.meta["time_interval"] = intervals
+        tokens.meta["is_video"] = [False] * (len(inputs["image_grid_thw"]) if inputs.get("pixel_values") is not None
+                                             else 0) + [True] * (len(intervals) - (len(inputs["image_grid_thw"])
+                                                                 if inputs.get("pixel_values") is not None else 0))
+        return tokens, {}
+
+    def project(self, tokens: TokenState) -> TokenState:
+        merger = self.visual.merger
+        images, slots, width = tokens.embeddings.shape
+        patches = tokens.embeddings.reshape(images * slots * self.merge_size ** 2, -1)
+        projected = merger.mlp(merger.ln_q(patches).view(images * slots, width))
+        return tokens.to_space(projected.reshape(images, slots, -1), "llm")
+
+    def image_spans(self, input_ids: torch.Tensor, valid: torch.Tensor, tokens: TokenState) -> list[ImageSpan]:
+        """Images first (in order), then videos: each kind has its own placeholder id."""
+        config = self.model.config
+        is_video = tokens.meta.get("is_video", [False] * tokens.num_images)
+        spans: list[ImageSpan] = []
+        for kind, token_id in ((False, config.image_token_id), (True, config.video_token_id)):
+            indices = [i for i, video in enumerate(is_video) if video == kind]
+            if not indices:
+                if bool(((input_ids == token_id) & valid).any()):
+                    raise CompressionError("the prompt has placeholders for media that were not given")
+                continue
+            subset = TokenState.from_dense(tokens.embeddings[indices], tokens.original_grid[indices])
+            found = super()._spans_for(input_ids, valid, subset, token_id)
+            spans += [ImageSpan(s.sample, s.start, s.length, indices[s.image]) for s in found]
+        return spans
+
+    def image_positions(
+        self, start: int, tokens: TokenState, image: int, slots: torch.Tensor, compact: bool
+    ) -> tuple[list[list[int]], int]:
+        t, h, w = (int(v) for v in tokens.grid[image])
+        if compact:
+            ranks = list(range(start, start + len(slots)))
+            return [ranks, ranks, ranks], start + len(slots)
+        grid_index = tokens.grid_index[image, slots]
+        frame = grid_index // (h * w)
+        row = (grid_index % (h * w)) // w
+        col = grid_index % w
+        interval = tokens.meta.get("time_interval", [1.0] * tokens.num_images)[image]
+        temporal = (frame.double() * interval).long() + start
+        return [temporal.tolist(), (row + start).tolist(), (col + start).tolist()], start + max(h, w)
+
+    def call_layer(self, layer_index, hidden, attention_mask, positions, position_embeddings, cache):
+        output = self.layers[layer_index](hidden, attention_mask=attention_mask, position_ids=None,
+                                          past_key_values=cache, use_cache=cache is not None,
+                                          position_embeddings=position_embeddings)
+        return output[0] if isinstance(output, tuple) else output
+
+    def position_embeddings(self, hidden: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.language_model.rotary_emb(hidden, positions)
+
+    def make_output(self, last_hidden_state: torch.Tensor, cache: Any, image_hidden_states: Any) -> Any:
+        from transformers.modeling_outputs import BaseModelOutputWithPast
+
+        return BaseModelOutputWithPast(last_hidden_state=last_hidden_state, past_key_values=cache)
