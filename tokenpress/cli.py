@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from tokenpress.errors import TokenpressError
+from tokenpress.errors import TokenpressError, UnsupportedModelError
 
 EXIT_USAGE = 2
 
@@ -87,12 +87,16 @@ def _load_model(path: str, meta: bool = False) -> Any:
         config = AutoConfig.from_pretrained(folder)
     except (OSError, ValueError) as exc:
         raise UserError(f"{path}: not a loadable model folder ({str(exc).splitlines()[0]})") from None
-    if meta:
-        import torch
+    try:
+        if meta:
+            import torch
 
-        with torch.device("meta"):
-            return AutoModelForImageTextToText.from_config(config)
-    return AutoModelForImageTextToText.from_pretrained(folder).eval()
+            with torch.device("meta"):
+                return AutoModelForImageTextToText.from_config(config)
+        return AutoModelForImageTextToText.from_pretrained(folder).eval()
+    except ValueError as exc:  # e.g. a text-only model: no image-text-to-text class for its config
+        raise UnsupportedModelError(f"{path}: cannot load model_type {getattr(config, 'model_type', None)!r} as an "
+                                    f"image-text-to-text model ({str(exc).splitlines()[0]})") from None
 
 
 def _resolve_model_path(path: str) -> Path:
@@ -197,6 +201,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # `tokenpress schema | head`
+        sys.stderr.close()
+        return 0
 
 
 if __name__ == "__main__":

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import Annotated, Any, ClassVar
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 POINTS: tuple[str, ...] = ("post_encoder", "projector", "query_conditioned", "decoder_layer")
 
@@ -16,10 +16,19 @@ class MethodConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+def _no_bool(value: Any) -> Any:
+    if isinstance(value, bool):  # YAML's yes/no/true would otherwise pass as 1.0 / 0.0
+        raise ValueError("expected a number, got a boolean")
+    return value
+
+
+Ratio = Annotated[float, BeforeValidator(_no_bool)]
+
+
 class SelectingConfig(MethodConfig):
     """Parameters shared by every method that keeps a fraction of the visual tokens."""
 
-    keep_ratio: float = Field(
+    keep_ratio: Ratio = Field(
         0.5, gt=0.0, le=1.0, description="Fraction of the visual tokens kept, in (0, 1]."
     )
 
@@ -43,6 +52,11 @@ class Method:
     Config: ClassVar[type[MethodConfig]] = MethodConfig
     points: ClassVar[tuple[str, ...]] = ()
     description: ClassVar[str] = ""
+    #: ``params`` under which the method changes nothing (``None``: it has no such setting). The
+    #: shared conformance suite checks that these give the unmodified model's outputs.
+    identity_params: ClassVar[dict[str, Any] | None] = None
+    #: ``params`` of a typical compressing use, for the shared suites and examples.
+    example_params: ClassVar[dict[str, Any]] = {}
 
     def __init__(self, config: MethodConfig, layers: tuple[int, ...] = ()) -> None:
         self.config = config

@@ -109,7 +109,12 @@ def build_registry(autoload: bool | None = None, block: tuple[str, ...] = ()) ->
     if autoload is None:
         autoload = os.environ.get("TOKENPRESS_DISABLE_PLUGIN_AUTOLOAD", "") in ("", "0")
     wanted = set(_split_env("TOKENPRESS_PLUGINS"))
-    found = {ep.name: ep for ep in entry_points(group=ENTRY_POINT_GROUP)}
+    found: dict[str, Any] = {}
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        other = found.setdefault(ep.name, ep)
+        if other.value != ep.value:  # one would silently shadow the other (and blocking hits both)
+            raise PluginError(f"plugin name {ep.name!r} is declared twice in the {ENTRY_POINT_GROUP!r} entry-point "
+                              f"group: by {_origin(other)} and by {_origin(ep)}; uninstall one of them")
     for name, ep in sorted(found.items()):
         if name in blocked or not (autoload or name in wanted):
             continue

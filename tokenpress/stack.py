@@ -122,7 +122,12 @@ def _read(source: str | Path | dict) -> tuple[dict, str]:
     label = str(path)
     if not path.exists():
         raise StackError(f"{label}: no such stack file")
-    text = path.read_text(encoding="utf-8", errors="replace")
+    if not path.is_file():
+        raise StackError(f"{label}: not a file (a stack is a YAML file)")
+    try:
+        text = path.read_text(encoding="utf-8", errors="replace")
+    except OSError as exc:
+        raise StackError(f"{label}: cannot read the stack file ({exc.strerror or exc})") from None
     if not text.strip():
         raise StackError(f"{label}: the file is empty; a stack needs at least `name:` and `stages:`")
     try:
@@ -158,12 +163,12 @@ def _describe(error: dict) -> str:
     return message
 
 
-def _spec_error(label: str, exc: ValidationError, prefix: tuple = ()) -> StackError:
+def _spec_error(label: str, exc: ValidationError, prefix: tuple = (), allowed: list[str] | None = None) -> StackError:
     first = exc.errors()[0]
     loc = prefix + tuple(first["loc"])
     extra = ""
     if first["type"] == "extra_forbidden" and len(loc) >= 1:
-        allowed = _allowed_fields(prefix, loc)
+        allowed = _allowed_fields(prefix, loc) if allowed is None else allowed
         close = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
         extra = f"; did you mean {close[0]!r}?" if close else f"; allowed: {', '.join(allowed)}"
     more = f" (and {len(exc.errors()) - 1} more)" if len(exc.errors()) > 1 else ""
@@ -222,11 +227,13 @@ def load_stack(source: str | Path | dict | Stack, registry: Any = None) -> Stack
                 raise StackError(f"{where}.layers: a layer is listed twice (got {stage_spec.layers})")
             layers = tuple(stage_spec.layers)
         elif stage_spec.layers is not None:
-            raise StackError(f"{where}.layers: only decoder_layer stages take layers (this one is at {point})")
+            hint = ("; to act before decoder layers, add `at: decoder_layer`"
+                    if stage_spec.at is None and "decoder_layer" in method_class.points else "")
+            raise StackError(f"{where}.layers: only decoder_layer stages take layers (this one is at {point}){hint}")
         try:
             config = method_class.Config.model_validate(stage_spec.params)
         except ValidationError as exc:
-            raise _spec_error(where, exc, prefix=("params",)) from None
+            raise _spec_error(where, exc, prefix=("params",), allowed=list(method_class.Config.model_fields)) from None
         stages.append(Stage(index, stage_spec.method, method_class, point, layers, config))
     return Stack(spec.name, spec.positions, tuple(stages), label, spec.description)
 

@@ -29,6 +29,8 @@ class FastV(Method):
     Config = FastVConfig
     points = ("decoder_layer",)
     description = "Keep the top keep_ratio visual tokens by the last prompt token's attention (FastV)."
+    identity_params = {"keep_ratio": 1.0}
+    example_params = {"keep_ratio": 0.5}
     config: FastVConfig
 
     @hookimpl

@@ -25,6 +25,8 @@ class Pool(Method):
     Config = PoolConfig
     points = ("post_encoder", "projector")
     description = "2-D avg/max pooling or bilinear resizing of the patch grid (kernel x kernel -> 1)."
+    identity_params = {"kernel": 1}
+    example_params = {"kernel": 2}
     config: PoolConfig
 
     def _pool(self, tokens: TokenState) -> TokenState:

@@ -35,6 +35,8 @@ class RandomKeep(Method):
     Config = RandomConfig
     points = ("post_encoder", "projector", "query_conditioned", "decoder_layer")
     description = "Keep a seeded random keep_ratio of the visual tokens (baseline)."
+    identity_params = {"keep_ratio": 1.0}
+    example_params = {"keep_ratio": 0.5, "seed": 1}
     config: RandomConfig
 
     def _select(self, tokens: TokenState, context: StageContext) -> TokenState:
