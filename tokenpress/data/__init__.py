@@ -1,0 +1,1 @@
+"""Benchmark data for tokenpress: procedurally generated images and questions (see ``shapes``)."""

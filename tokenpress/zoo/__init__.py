@@ -1,0 +1,21 @@
+"""Tiny vision-language proxy models shipped with tokenpress, trained on the shapes benchmark.
+
+``zoo:llava-shapes`` (LlavaForConditionalGeneration) and ``zoo:qwen2.5-vl-shapes``
+(Qwen2_5_VLForConditionalGeneration) are ordinary Hugging Face checkpoints stored under
+``checkpoints/``; ``tokenpress.zoo.train`` rebuilds them from a seed.
+"""
+
+from __future__ import annotations
+
+import pathlib
+
+ZOO_DIR = pathlib.Path(__file__).parent / "checkpoints"
+ZOO_NAMES: tuple[str, ...] = ("llava-shapes", "qwen2.5-vl-shapes")
+
+
+def zoo_path(name: str) -> pathlib.Path:
+    """Folder of the zoo checkpoint ``name`` (``"llava-shapes"`` or ``"zoo:llava-shapes"``)."""
+    key = name.removeprefix("zoo:")
+    if key not in ZOO_NAMES:
+        raise ValueError(f"Unknown zoo model {name!r}; available: {', '.join(ZOO_NAMES)}.")
+    return ZOO_DIR / key

@@ -1,0 +1,767 @@
+"""Train the zoo's proxy vision-language models from scratch on the shapes benchmark.
+
+Usage::
+
+    python -m tokenpress.zoo.train llava-shapes --out DIR --seed 0 [--steps N] [--threads 2]
+
+Why these models exist: token-compression methods need a real ``transformers`` VLM to act on, and
+one whose accuracy visibly depends on every region of the image.  Public checkpoints cannot be
+downloaded here and are far too large for a CPU, so the zoo ships two tiny ones trained on
+``tokenpress.data.shapes``: a LLaVA (CLIP encoder + Llama decoder, 144 visual tokens) and a
+Qwen2.5-VL (36 visual tokens after its 2x2 patch merger).
+
+Recipe (see /work/shared/FACTS.md): questions alone leave a from-scratch model at chance, so the
+decoder first learns to *caption* -- write the content of every grid cell in raster order -- and
+then trains on sequences that pack several question/answer pairs followed by the caption.  The
+caption and answer losses are averaged separately and added, so the few answer tokens are not
+drowned by the caption tokens.  bf16 autocast on the CPU, AdamW, warm-up + cosine schedule.
+
+The final evaluation runs greedy decoding on the test split of the reloaded checkpoint (as
+shipped, float16 weights upcast to float32) with all visual tokens and with a random 50%, 25% and
+11% of them kept (the others deleted from the sequence with their placeholders), and writes the
+metrics and a MODEL_CARD.md next to the weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tokenizers import Tokenizer, models, pre_tokenizers, processors
+from tqdm import tqdm
+from transformers import (
+    AutoProcessor,
+    CLIPVisionConfig,
+    GenerationConfig,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaProcessor,
+    PaddleOCRVLProcessor,
+    PreTrainedTokenizerFast,
+    Qwen2_5_VLConfig,
+    Qwen2_5_VLForConditionalGeneration,
+)
+from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+from tokenpress.data import shapes
+
+SPECIAL_TOKENS = [
+    "<pad>",
+    "<s>",
+    "</s>",
+    "<unk>",
+    "<image>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+]
+PAD, BOS, EOS = 0, 1, 2
+LLAVA_IMAGE_TOKEN = "<image>"
+QWEN_IMAGE_TOKEN = "<|image_pad|>"
+QWEN_IMAGE_BLOCK = "<|vision_start|><|image_pad|><|vision_end|>"
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+KEEP_RATIOS = (1.0, 0.5, 0.25, 0.11)
+
+
+@dataclass
+class Recipe:
+    """Everything that defines a training run besides the seed (defaults: the shipped models)."""
+
+    arch: str  # "llava" or "qwen"
+    steps: int = 1500
+    caption_steps: int = 400  # stage 1: captioning only
+    batch_size: int = 32
+    lr: float = 1e-3
+    warmup: int = 50
+    weight_decay: float = 0.01
+    n_questions: int = 6  # question/answer pairs packed before the caption in stage 2
+    # Sampling weights of the families in training (aligned with shapes.FAMILIES).
+    family_weights: tuple[float, ...] = (0.15, 0.15, 0.15, 0.25, 0.30)
+    eval_every: int = 100
+    val_size: int = 250
+    test_size: int = shapes.SPLIT_SIZES["test"]
+    bf16: bool = True
+    # model sizes
+    vision_hidden: int = 128
+    vision_layers: int = 4
+    vision_heads: int = 4
+    text_hidden: int = 192
+    text_layers: int = 4
+    text_heads: int = 6
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+RECIPES: dict[str, Recipe] = {
+    "llava-shapes": Recipe(arch="llava"),
+    "qwen2.5-vl-shapes": Recipe(arch="qwen"),
+}
+# Sizes for smoke tests: a few seconds end to end.
+TINY = {
+    "vision_hidden": 32,
+    "vision_layers": 1,
+    "vision_heads": 2,
+    "text_hidden": 64,
+    "text_layers": 1,
+    "text_heads": 2,
+    "batch_size": 4,
+    "caption_steps": 1,
+    "warmup": 1,
+    "val_size": 10,
+    "test_size": 10,
+}
+
+
+# ----------------------------------------------------------------------------------------------
+# tokenizer, processor, model
+
+
+def build_tokenizer(arch: str) -> PreTrainedTokenizerFast:
+    """Word-level tokenizer over the closed shapes vocabulary; ``<s>`` is prepended to every text."""
+    vocab = {w: i for i, w in enumerate(SPECIAL_TOKENS + shapes.vocabulary())}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.add_special_tokens(SPECIAL_TOKENS)
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", BOS)])
+    if arch == "llava":
+        extra = {"image_token": LLAVA_IMAGE_TOKEN}
+    else:
+        extra = {
+            "image_token": QWEN_IMAGE_TOKEN,
+            "video_token": "<|video_pad|>",
+            "vision_start_token": "<|vision_start|>",
+            "vision_end_token": "<|vision_end|>",
+        }
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+        padding_side="left",
+        extra_special_tokens=extra,
+    )
+
+
+def _chat_template(image_text: str) -> str:
+    # Renders [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": q}]}] as
+    # exactly shapes.build_prompt(q, image_text).
+    return (
+        "{% for m in messages %}{% if m['content'] is string %}{{ m['content'] }}{% else %}"
+        "{% for c in m['content'] %}{% if c['type'] == 'image' %}" + image_text + "\n"
+        "{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}{% endif %}{% endfor %}"
+    )
+
+
+def build_processor(arch: str) -> Any:
+    """The checkpoint's processor (image processor + tokenizer + chat template), torchvision-free.
+
+    llava: ``LlavaProcessor`` with ``CLIPImageProcessorPil`` (no resize or crop; rescale and CLIP
+    normalisation, i.e. ``shapes.to_pixel_array``), 1 + 144 vision positions with CLS dropped.
+    qwen: ``PaddleOCRVLProcessor`` with ``Qwen2VLImageProcessorPil`` (patch 8, merge 2, 96x96 kept).
+    ``Qwen2_5_VLProcessor`` also needs a video processor, which transformers only provides with
+    torchvision; ``PaddleOCRVLProcessor`` expands ``<|image_pad|>`` into grid_t*grid_h*grid_w/merge^2
+    placeholders and returns ``mm_token_type_ids`` exactly as ``Qwen2_5_VLProcessor`` does for images.
+    """
+    tokenizer = build_tokenizer(arch)
+    if arch == "llava":
+        image_processor = CLIPImageProcessorPil(
+            size={"height": shapes.IMAGE_SIZE, "width": shapes.IMAGE_SIZE},
+            crop_size={"height": shapes.IMAGE_SIZE, "width": shapes.IMAGE_SIZE},
+            do_resize=False,
+            do_center_crop=False,
+            image_mean=list(CLIP_MEAN),
+            image_std=list(CLIP_STD),
+        )
+        return LlavaProcessor(
+            image_processor=image_processor,
+            tokenizer=tokenizer,
+            patch_size=8,
+            vision_feature_select_strategy="default",
+            num_additional_image_tokens=1,
+            chat_template=_chat_template(LLAVA_IMAGE_TOKEN),
+        )
+    pixels = shapes.IMAGE_SIZE * shapes.IMAGE_SIZE
+    image_processor = Qwen2VLImageProcessorPil(
+        patch_size=8,
+        merge_size=2,
+        temporal_patch_size=2,
+        min_pixels=pixels,
+        max_pixels=pixels,
+        image_mean=list(CLIP_MEAN),
+        image_std=list(CLIP_STD),
+    )
+    return PaddleOCRVLProcessor(
+        image_processor=image_processor, tokenizer=tokenizer, chat_template=_chat_template(QWEN_IMAGE_BLOCK)
+    )
+
+
+def build_model(recipe: Recipe, vocab_size: int) -> torch.nn.Module:
+    """A freshly initialised model of ``recipe.arch`` with the recipe's sizes."""
+    r = recipe
+    ids = {"pad_token_id": PAD, "bos_token_id": BOS, "eos_token_id": EOS}
+    if r.arch == "llava":
+        text = LlamaConfig(
+            vocab_size=vocab_size,
+            hidden_size=r.text_hidden,
+            intermediate_size=4 * r.text_hidden,
+            num_hidden_layers=r.text_layers,
+            num_attention_heads=r.text_heads,
+            num_key_value_heads=r.text_heads,
+            max_position_embeddings=512,
+            tie_word_embeddings=True,
+            **ids,
+        )
+        vision = CLIPVisionConfig(
+            hidden_size=r.vision_hidden,
+            intermediate_size=4 * r.vision_hidden,
+            num_hidden_layers=r.vision_layers,
+            num_attention_heads=r.vision_heads,
+            image_size=shapes.IMAGE_SIZE,
+            patch_size=8,
+            projection_dim=r.vision_hidden,
+        )
+        config = LlavaConfig(
+            vision_config=vision,
+            text_config=text,
+            image_token_index=SPECIAL_TOKENS.index(LLAVA_IMAGE_TOKEN),
+            vision_feature_select_strategy="default",
+            vision_feature_layer=-1,
+            projector_hidden_act="gelu",
+            tie_word_embeddings=True,
+            **ids,
+        )
+        return LlavaForConditionalGeneration(config)
+    head_dim = r.text_hidden // r.text_heads
+    half = head_dim // 2
+    section = [half - 2 * (3 * half // 8), 3 * half // 8, 3 * half // 8]  # e.g. [4, 6, 6] for 32
+    config = Qwen2_5_VLConfig(
+        text_config={
+            "vocab_size": vocab_size,
+            "hidden_size": r.text_hidden,
+            "intermediate_size": 4 * r.text_hidden,
+            "num_hidden_layers": r.text_layers,
+            "num_attention_heads": r.text_heads,
+            "num_key_value_heads": r.text_heads,
+            "max_position_embeddings": 512,
+            "rope_scaling": {"type": "mrope", "mrope_section": section},
+            "tie_word_embeddings": True,
+            **ids,
+        },
+        vision_config={
+            "depth": r.vision_layers,
+            "hidden_size": r.vision_hidden,
+            "intermediate_size": 4 * r.vision_hidden,
+            "num_heads": r.vision_heads,
+            "patch_size": 8,
+            "spatial_merge_size": 2,
+            "temporal_patch_size": 2,
+            "out_hidden_size": r.text_hidden,
+            "window_size": shapes.IMAGE_SIZE,  # one window = the whole image
+            "fullatt_block_indexes": list(range(r.vision_layers)),
+        },
+        image_token_id=SPECIAL_TOKENS.index(QWEN_IMAGE_TOKEN),
+        video_token_id=SPECIAL_TOKENS.index("<|video_pad|>"),
+        vision_start_token_id=SPECIAL_TOKENS.index("<|vision_start|>"),
+        vision_end_token_id=SPECIAL_TOKENS.index("<|vision_end|>"),
+        tie_word_embeddings=True,
+        **ids,
+    )
+    return Qwen2_5_VLForConditionalGeneration(config)
+
+
+def load_checkpoint(path: str | Path) -> tuple[torch.nn.Module, Any, str]:
+    """(model, processor, arch) from a saved zoo checkpoint, in float32 eval mode."""
+    config = json.loads((Path(path) / "config.json").read_text())
+    arch = "llava" if config["model_type"] == "llava" else "qwen"
+    cls = LlavaForConditionalGeneration if arch == "llava" else Qwen2_5_VLForConditionalGeneration
+    model = cls.from_pretrained(path, dtype=torch.float32).eval()
+    return model, AutoProcessor.from_pretrained(path), arch
+
+
+# ----------------------------------------------------------------------------------------------
+# batches
+
+
+class Encoder:
+    """Turns scenes and text into model inputs exactly as the saved processor would, but batched.
+
+    The prompt layout is ``<s>`` + image placeholders + words (``shapes.build_prompt``), so the
+    sequences built here and the processor's ``input_ids`` agree token for token
+    (tests/test_zoo_checkpoints.py checks it).
+    """
+
+    def __init__(self, arch: str, processor: Any, model_config: Any):
+        self.arch = arch
+        self.processor = processor
+        self.vocab = processor.tokenizer.get_vocab()
+        if arch == "llava":
+            self.image_id = self.vocab[LLAVA_IMAGE_TOKEN]
+            vc = model_config.vision_config
+            self.n_visual = (vc.image_size // vc.patch_size) ** 2
+            self.prefix = [BOS] + [self.image_id] * self.n_visual
+            self.image_start = 1
+        else:
+            self.image_id = self.vocab[QWEN_IMAGE_TOKEN]
+            grid = shapes.IMAGE_SIZE // 8 // 2
+            self.n_visual = grid * grid
+            self.prefix = (
+                [BOS, self.vocab["<|vision_start|>"]] + [self.image_id] * self.n_visual + [self.vocab["<|vision_end|>"]]
+            )
+            self.image_start = 2
+
+    def words(self, text: str) -> list[int]:
+        """Token ids of a space-separated text of vocabulary words."""
+        return [self.vocab[w] for w in text.split()]
+
+    def pixels(self, images: list[Any]) -> dict[str, torch.Tensor]:
+        """Vision inputs for ``images`` (what the processor puts next to ``input_ids``)."""
+        if self.arch == "llava":
+            return {"pixel_values": torch.from_numpy(shapes.to_pixel_array(images, CLIP_MEAN, CLIP_STD))}
+        out = self.processor.image_processor(images, return_tensors="pt")
+        return {"pixel_values": out["pixel_values"], "image_grid_thw": out["image_grid_thw"]}
+
+    def training_batch(self, recipe: Recipe, step: int, seed: int, stage: int) -> dict[str, torch.Tensor]:
+        """Batch ``step`` of the training stream: stage 1 captions only, stage 2 QAs then caption.
+
+        ``kind`` marks supervised positions: 1 = answer token, 2 = caption token (incl. its </s>),
+        3 = </s> after an answer; 0 = not supervised.
+        """
+        seqs, kinds, images = [], [], []
+        caption_id = self.vocab[shapes.CAPTION_PROMPT]
+        for i in range(recipe.batch_size):
+            objects, qas = shapes.training_scene(
+                step * recipe.batch_size + i, seed, recipe.n_questions, recipe.family_weights
+            )
+            images.append(shapes.render(objects))
+            ids, kind = list(self.prefix), [0] * len(self.prefix)
+            if stage == 2:
+                for _family, q, a in qas:
+                    q_ids = self.words(q)
+                    ids += q_ids + [self.vocab[a], EOS]
+                    kind += [0] * len(q_ids) + [1, 3]
+            ids.append(caption_id)
+            kind.append(0)
+            for r, c, words in shapes.cell_descriptions(objects):  # coordinates are not supervised
+                content = self.words(words)
+                ids += self.words(f"{r} {c}") + content
+                kind += [0, 0] + [2] * len(content)
+            ids.append(EOS)
+            kind.append(2)
+            seqs.append(ids)
+            kinds.append(kind)
+        length = max(map(len, seqs))
+        input_ids = torch.full((len(seqs), length), PAD, dtype=torch.long)
+        kind_t = torch.zeros((len(seqs), length), dtype=torch.long)
+        mask = torch.zeros((len(seqs), length), dtype=torch.long)
+        for b, (ids, kind) in enumerate(zip(seqs, kinds, strict=True)):  # right padding for training
+            input_ids[b, : len(ids)] = torch.tensor(ids)
+            kind_t[b, : len(ids)] = torch.tensor(kind)
+            mask[b, : len(ids)] = 1
+        batch = {"input_ids": input_ids, "attention_mask": mask, "kind": kind_t, **self.pixels(images)}
+        if self.arch == "qwen":
+            batch["mm_token_type_ids"] = (input_ids == self.image_id).long()
+        return batch
+
+
+# ----------------------------------------------------------------------------------------------
+# evaluation (greedy decoding, optionally with a random subset of the visual tokens kept)
+
+
+@torch.no_grad()
+def greedy_answers(
+    model: torch.nn.Module,
+    encoder: Encoder,
+    samples: list[shapes.Sample],
+    keep_ratio: float = 1.0,
+    seed: int = 0,
+    batch_size: int = 50,
+    max_new_tokens: int = 2,
+) -> list[str]:
+    """Greedy answers to ``samples``; with ``keep_ratio < 1`` a random subset of visual tokens is kept.
+
+    Self-contained ablation: each image's visual features are computed as usual, then only
+    ``round(keep_ratio * N)`` of them (chosen uniformly at random, order preserved) are kept; the
+    others are deleted from the sequence together with their placeholder tokens.  Positions: the
+    LLaVA sequence is simply shorter (positions renumbered 0..L-1, as when the placeholders are
+    absent); Qwen2.5-VL keeps the 3-D M-RoPE positions the full sequence would give each token.
+    With ``keep_ratio == 1`` this equals ``model.generate`` on the processor's inputs.
+    """
+    rng = np.random.default_rng([seed, int(round(keep_ratio * 1000))])
+    embed = model.get_input_embeddings()
+    answers: list[str] = []
+    for start in range(0, len(samples), batch_size):
+        chunk = samples[start : start + batch_size]
+        pix = encoder.pixels([s.image for s in chunk])
+        if encoder.arch == "llava":
+            cfg = model.config
+            feats = model.model.get_image_features(
+                pixel_values=pix["pixel_values"],
+                vision_feature_layer=cfg.vision_feature_layer,
+                vision_feature_select_strategy=cfg.vision_feature_select_strategy,
+            ).pooler_output
+        else:
+            feats = model.model.get_image_features(
+                pixel_values=pix["pixel_values"], image_grid_thw=pix["image_grid_thw"]
+            ).pooler_output
+        rows = []
+        for j, s in enumerate(chunk):
+            ids = torch.tensor(encoder.prefix + encoder.words(s.question))
+            n = encoder.n_visual
+            k = max(1, int(round(keep_ratio * n)))
+            keep_vis = np.sort(rng.choice(n, size=k, replace=False)) if k < n else np.arange(n)
+            if encoder.arch == "llava":
+                pos = torch.arange(len(ids)).unsqueeze(0)  # (1, L)
+            else:
+                mm = (ids == encoder.image_id).long()
+                pos, _ = model.model.get_rope_index(
+                    ids[None], mm_token_type_ids=mm[None], image_grid_thw=pix["image_grid_thw"][j : j + 1]
+                )
+                pos = pos[:, 0]  # (3, L)
+            keep = torch.ones(len(ids), dtype=torch.bool)
+            keep[encoder.image_start : encoder.image_start + n] = False
+            keep[encoder.image_start + torch.from_numpy(keep_vis)] = True
+            emb = embed(ids).clone()
+            vis = feats[j].to(emb.dtype)
+            emb[encoder.image_start : encoder.image_start + n] = vis
+            emb, pos = emb[keep], pos[:, keep]
+            if encoder.arch == "llava":
+                pos = torch.arange(emb.shape[0]).unsqueeze(0)
+            rows.append((emb, pos))
+        # left-pad the batch
+        length = max(e.shape[0] for e, _ in rows)
+        dim = rows[0][0].shape[1]
+        n_pos = rows[0][1].shape[0]
+        emb_b = torch.zeros(len(rows), length, dim)
+        pos_b = torch.zeros(n_pos, len(rows), length, dtype=torch.long)
+        mask_b = torch.zeros(len(rows), length, dtype=torch.long)
+        for b, (e, p) in enumerate(rows):
+            emb_b[b, length - e.shape[0] :] = e
+            pos_b[:, b, length - e.shape[0] :] = p
+            mask_b[b, length - e.shape[0] :] = 1
+        out_tokens = []
+        done = torch.zeros(len(rows), dtype=torch.bool)
+        for _ in range(max_new_tokens):
+            position_ids = pos_b[0] if encoder.arch == "llava" else pos_b
+            logits = model(inputs_embeds=emb_b, attention_mask=mask_b, position_ids=position_ids).logits[:, -1]
+            nxt = logits.argmax(-1)
+            nxt = torch.where(done, torch.full_like(nxt, PAD), nxt)
+            out_tokens.append(nxt)
+            done |= nxt == EOS
+            if bool(done.all()):
+                break
+            emb_b = torch.cat([emb_b, embed(nxt)[:, None]], dim=1)
+            pos_b = torch.cat([pos_b, pos_b[:, :, -1:] + 1], dim=2)
+            mask_b = torch.cat([mask_b, torch.ones(len(rows), 1, dtype=torch.long)], dim=1)
+        toks = torch.stack(out_tokens, 1)
+        answers += encoder.processor.tokenizer.batch_decode(toks, skip_special_tokens=True)
+    return answers
+
+
+def evaluate(
+    model: torch.nn.Module,
+    encoder: Encoder,
+    samples: list[shapes.Sample],
+    keep_ratios: tuple[float, ...] = KEEP_RATIOS,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Per-keep-ratio ``shapes.score`` results, keyed like ``"keep_1.0"``, ``"keep_0.11"``."""
+    model.eval()
+    out = {}
+    for ratio in keep_ratios:
+        preds = greedy_answers(model, encoder, samples, keep_ratio=ratio, seed=seed)
+        out[f"keep_{ratio}"] = shapes.score(preds, samples)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# training
+
+
+def _loss_and_stats(logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+    logits = logits[:, :-1].float()
+    target = batch["input_ids"][:, 1:]
+    kind = batch["kind"][:, 1:]
+    ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="none").view_as(target)
+    pred = logits.argmax(-1)
+    loss = logits.new_zeros(())
+    stats = {}
+    cap = kind == 2
+    ans = (kind == 1) | (kind == 3)
+    if cap.any():
+        loss = loss + ce[cap].mean()
+        stats["cap_acc"] = float((pred[cap] == target[cap]).float().mean())
+    if ans.any():
+        loss = loss + ce[ans].mean()
+        a = kind == 1
+        stats["ans_acc"] = float((pred[a] == target[a]).float().mean())
+    stats["loss"] = float(loss.detach())
+    return loss, stats
+
+
+def _lr_at(recipe: Recipe, step: int) -> float:
+    if step < recipe.warmup:
+        return recipe.lr * (step + 1) / recipe.warmup
+    t = (step - recipe.warmup) / max(1, recipe.steps - recipe.warmup)
+    return recipe.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, t))))
+
+
+def save_checkpoint(model: torch.nn.Module, processor: Any, out_dir: Path) -> None:
+    """Save weights as float16 (config says float32, so from_pretrained upcasts) + processor."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.config.dtype = torch.float32
+    for sub in ("text_config", "vision_config"):
+        if hasattr(model.config, sub):
+            getattr(model.config, sub).dtype = torch.float32
+    model.generation_config = GenerationConfig(
+        bos_token_id=BOS, eos_token_id=EOS, pad_token_id=PAD, do_sample=False, max_new_tokens=3
+    )
+    state = {k: v.to(torch.float16) for k, v in model.state_dict().items()}
+    model.save_pretrained(out_dir, state_dict=state)
+    processor.save_pretrained(out_dir)
+    # float16 in the file but float32 when loaded: rewrite every dtype the config recorded.
+    cfg_path = out_dir / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+
+    def _fix(d: dict[str, Any]) -> None:
+        for value in d.values():
+            if isinstance(value, dict):
+                _fix(value)
+        if "dtype" in d:
+            d["dtype"] = "float32"
+
+    _fix(cfg)
+    cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+
+
+def train(
+    name: str,
+    out_dir: Path,
+    seed: int = 0,
+    steps: int | None = None,
+    progress: bool = True,
+    *,
+    threads: int | None = None,
+    overrides: dict[str, Any] | None = None,
+    tiny: bool = False,
+) -> dict[str, Any]:
+    """Train zoo model ``name`` from scratch into ``out_dir`` and return its test metrics.
+
+    Reproducible from ``seed`` (weights init and the data stream).  ``steps`` overrides the
+    recipe's step count (the caption stage is shortened in proportion); ``tiny`` shrinks the
+    model and evaluation for smoke tests; ``overrides`` sets any ``Recipe`` field.
+    """
+    if name.removeprefix("zoo:") not in RECIPES:
+        raise ValueError(f"Unknown zoo model {name!r}; available: {', '.join(RECIPES)}.")
+    name = name.removeprefix("zoo:")
+    recipe = RECIPES[name]
+    if tiny:
+        recipe = replace(recipe, **TINY)
+    if steps is not None:
+        recipe = replace(recipe, steps=steps, caption_steps=min(recipe.caption_steps, steps * 4 // 15))
+    if overrides:
+        recipe = replace(recipe, **overrides)
+    if threads:
+        torch.set_num_threads(threads)
+    out_dir = Path(out_dir)
+    t0 = time.time()
+    torch.manual_seed(seed)
+    processor = build_processor(recipe.arch)
+    model = build_model(recipe, len(processor.tokenizer.get_vocab()))
+    encoder = Encoder(recipe.arch, processor, model.config)
+    n_params = sum(p.numel() for p in model.parameters())
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n]
+    no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embed" not in n)]
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": recipe.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=recipe.lr,
+        betas=(0.9, 0.98),
+    )
+    val = shapes.generate_split("val", recipe.val_size, seed)
+    history: list[dict[str, Any]] = []
+    bar = tqdm(range(recipe.steps), desc=name, disable=not progress, mininterval=5.0, file=sys.stdout)
+    running: dict[str, float] = {}
+    for step in bar:
+        model.train()
+        stage = 1 if step < recipe.caption_steps else 2
+        batch = encoder.training_batch(recipe, step, seed, stage)
+        for group in opt.param_groups:
+            group["lr"] = _lr_at(recipe, step)
+        inputs = {k: v for k, v in batch.items() if k != "kind"}
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=recipe.bf16):
+            logits = model(**inputs).logits
+        loss, stats = _loss_and_stats(logits, batch)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        for k, v in stats.items():
+            running[k] = v if k not in running else 0.9 * running[k] + 0.1 * v
+        bar.set_postfix({k: f"{v:.3f}" for k, v in running.items()}, refresh=False)
+        last = step == recipe.steps - 1
+        if (step + 1) % recipe.eval_every == 0 or last:
+            res = evaluate(model, encoder, val, keep_ratios=(1.0,), seed=seed)["keep_1.0"]
+            entry = {"step": step + 1, "stage": stage, "minutes": (time.time() - t0) / 60, **running}
+            entry["val_accuracy"] = res["accuracy"]
+            entry["val_per_family"] = res["per_family"]
+            history.append(entry)
+            msg = " ".join(f"{f}={a:.2f}" for f, a in res["per_family"].items())
+            tqdm.write(f"[{name}] step {step + 1} val acc {res['accuracy']:.3f} ({msg}) {running}", file=sys.stdout)
+    train_minutes = (time.time() - t0) / 60
+    save_checkpoint(model, processor, out_dir)
+
+    # Final evaluation on the checkpoint as shipped (float16 weights reloaded in float32).
+    model, processor, _ = load_checkpoint(out_dir)
+    encoder = Encoder(recipe.arch, processor, model.config)
+    test = shapes.generate_split("test", recipe.test_size, seed=0)
+    results = evaluate(model, encoder, test, seed=seed)
+    metrics = {
+        "name": name,
+        "seed": seed,
+        "recipe": asdict(recipe),
+        "parameters": n_params,
+        "visual_tokens": encoder.n_visual,
+        "train_minutes": round(train_minutes, 2),
+        "torch_threads": torch.get_num_threads(),
+        "test": results,
+        "history": history,
+        "checkpoint_bytes": sum(p.stat().st_size for p in out_dir.iterdir() if p.is_file()),
+    }
+    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    (out_dir / "MODEL_CARD.md").write_text(model_card(metrics))
+    return metrics
+
+
+# ----------------------------------------------------------------------------------------------
+# model card
+
+
+def model_card(metrics: dict[str, Any]) -> str:
+    """MODEL_CARD.md text for a trained checkpoint, from its metrics."""
+    r = metrics["recipe"]
+    name = metrics["name"]
+    test = metrics["test"]
+    full = test["keep_1.0"]
+    families = list(full["per_family"])
+    header = "| kept visual tokens | overall | " + " | ".join(families) + " |"
+    sep = "|" + "---|" * (len(families) + 2)
+    rows = []
+    for key, res in test.items():
+        ratio = float(key.removeprefix("keep_"))
+        label = "all" if ratio == 1.0 else f"random {ratio:.0%}"
+        cells = " | ".join(f"{100 * res['per_family'][f]:.1f}" for f in families)
+        rows.append(f"| {label} | {100 * res['accuracy']:.1f} | {cells} |")
+    if r["arch"] == "llava":
+        arch = (
+            "`LlavaForConditionalGeneration`: CLIP ViT encoder "
+            f"(hidden {r['vision_hidden']}, {r['vision_layers']} layers, {r['vision_heads']} heads, "
+            '96x96 images, patch 8, `vision_feature_layer=-1`, `vision_feature_select_strategy="default"` '
+            "drops CLS) -> 2-layer GELU projector -> Llama decoder "
+            f"(hidden {r['text_hidden']}, {r['text_layers']} layers, {r['text_heads']} heads)."
+        )
+        proc = (
+            "`LlavaProcessor` + `CLIPImageProcessorPil` (no resize or crop; `pixel / 255`, CLIP mean/std "
+            "normalisation; identical to `tokenpress.data.shapes.to_pixel_array`)."
+        )
+        prompt = "<image>\\n{question}"
+    else:
+        arch = (
+            "`Qwen2_5_VLForConditionalGeneration`: Qwen2.5-VL vision tower "
+            f"(hidden {r['vision_hidden']}, depth {r['vision_layers']}, {r['vision_heads']} heads, patch 8, "
+            "temporal patch 2, full attention in every block) with its 2x2 patch merger -> Qwen2.5-VL "
+            f"decoder with M-RoPE (hidden {r['text_hidden']}, {r['text_layers']} layers, "
+            f"{r['text_heads']} heads)."
+        )
+        proc = (
+            "`PaddleOCRVLProcessor` + `Qwen2VLImageProcessorPil` (patch 8, merge 2, images kept at "
+            "96x96 -> `image_grid_thw=[1, 12, 12]`, CLIP mean/std). `Qwen2_5_VLProcessor` cannot be "
+            "built without torchvision in transformers 5.x (it requires a video processor); for images "
+            "`PaddleOCRVLProcessor` does the same thing: it expands `<|image_pad|>` to "
+            "`prod(image_grid_thw) / merge_size**2` placeholders and returns `mm_token_type_ids`."
+        )
+        prompt = "<|vision_start|><|image_pad|><|vision_end|>\\n{question}"
+    size_mb = metrics["checkpoint_bytes"] / 1e6
+    model_class = "LlavaForConditionalGeneration" if r["arch"] == "llava" else "Qwen2_5_VLForConditionalGeneration"
+    return f"""# {name}
+
+A tiny vision-language model trained from scratch on the procedurally generated
+`tokenpress.data.shapes` benchmark, shipped as a proxy for token-compression experiments on a CPU.
+It is a plain Hugging Face checkpoint:
+
+```python
+from transformers import AutoProcessor, {model_class} as Model
+model = Model.from_pretrained(path)          # float16 weights on disk, loaded as float32
+processor = AutoProcessor.from_pretrained(path)
+```
+
+- Architecture: {arch}
+- Parameters: {metrics["parameters"]:,} ({size_mb:.1f} MB on disk, weights stored as float16).
+- Visual tokens per image: **{metrics["visual_tokens"]}**.
+- Processor: {proc}
+- Prompt: `{prompt}` (also what `processor.apply_chat_template` renders for one user turn holding an
+  image and a text), then greedy decoding; the answer is one word followed by `</s>`.
+- Tokenizer: word level over the closed vocabulary of the benchmark
+  (`tokenpress.data.shapes.vocabulary()`) plus special tokens; `<s>` is prepended automatically.
+
+## Training
+
+```
+python -m tokenpress.zoo.train {name} --out DIR --seed {metrics["seed"]} --threads {metrics["torch_threads"]}
+```
+
+{r["steps"]} AdamW steps (lr {r["lr"]}, betas 0.9/0.98, weight decay {r["weight_decay"]}, {r["warmup"]} warm-up
+steps then cosine to 10%), batch {r["batch_size"]} freshly generated images per step, bf16 autocast on the
+CPU; {metrics["train_minutes"]:.1f} minutes with {metrics["torch_threads"]} CPU thread(s).
+
+1. Steps 1-{r["caption_steps"]}: captioning only. The sequence is `<s>` + image + `describe` and the
+   target is the content of all 36 cells in raster order (`big red square` or `none`).
+2. Remaining steps: {r["n_questions"]} question/answer pairs (`question answer </s>` each, families
+   sampled with weights {r["family_weights"]} over {list(families)}) followed by the caption. Caption
+   and answer losses are averaged separately and summed.
+
+Questions alone leave a from-scratch model at chance; the dense caption supervision is what makes
+it converge.
+
+## Accuracy on the test split
+
+{full["n"]} questions (`generate_split("test", {full["n"]})`, balanced over the families), exact match
+of the greedy answer, in %. "random p" keeps a uniformly random p of each image's visual tokens (the
+others are deleted from the sequence together with their placeholders; seed {metrics["seed"]}).
+
+{header}
+{sep}
+{chr(10).join(rows)}
+"""
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command line: ``python -m tokenpress.zoo.train NAME --out DIR [--seed S] [--steps N]``."""
+    parser = argparse.ArgumentParser(description="Train a tokenpress zoo model from scratch.")
+    parser.add_argument("name", choices=sorted(RECIPES))
+    parser.add_argument("--out", type=Path, required=True, help="checkpoint folder to write")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--steps", type=int, default=None, help="override the number of steps")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--no-progress", action="store_true")
+    args = parser.parse_args(argv)
+    metrics = train(
+        args.name, args.out, seed=args.seed, steps=args.steps, progress=not args.no_progress, threads=args.threads
+    )
+    print(json.dumps({"test": metrics["test"], "train_minutes": metrics["train_minutes"]}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
