@@ -154,6 +154,44 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    from tokenpress import evaluate
+
+    for path in args.stacks:
+        _check_stack(path, None)
+    rows = evaluate.evaluate(args.stacks, model=args.model, n=args.n, batch_size=args.batch_size, split=args.split,
+                             seed=args.seed, max_new_tokens=args.max_new_tokens, progress=not args.quiet)
+    print(f"model {args.model}, {args.n} questions of the {args.split} split (seed {args.seed})\n")
+    print(evaluate.format_table(rows))
+    for option, render in ((args.json, evaluate.rows_to_json), (args.csv, evaluate.rows_to_csv)):
+        if option == "-":
+            print(render(rows))
+        elif option:
+            Path(option).write_text(render(rows), encoding="utf-8")
+            print(f"\nwrote {option}")
+    if args.plot:
+        print(f"wrote {evaluate.plot_rows(rows, args.plot, title=f'{args.model}, n={args.n}')}")
+    return 0
+
+
+def cmd_viz(args: argparse.Namespace) -> int:
+    from tokenpress.viz import visualize
+
+    _check_stack(args.stack, None)
+    if not Path(args.image).is_file():
+        raise UserError(f"{args.image}: no such image file")
+    print(f"wrote {visualize(args.stack, args.image, args.output, model=args.model, prompt=args.prompt)}")
+    return 0
+
+
+def cmd_zoo_train(args: argparse.Namespace) -> int:
+    from tokenpress.zoo.train import train
+
+    metrics = train(args.name, Path(args.out), seed=args.seed, steps=args.steps)
+    print(json.dumps(metrics.get("test", metrics), indent=2, default=str))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tokenpress", description="Stackable visual-token compression.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -179,6 +217,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=16)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("eval", help="accuracy, tokens, FLOPs and time of stacks vs the uncompressed model")
+    p.add_argument("stacks", nargs="+", metavar="STACK")
+    p.add_argument("--model", default="zoo:llava-shapes", help="zoo:NAME or a checkpoint folder")
+    p.add_argument("--n", type=int, default=1000, help="number of questions")
+    p.add_argument("--batch-size", type=int, default=50)
+    p.add_argument("--split", default="test", choices=("train", "val", "test"))
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-new-tokens", type=int, default=2)
+    p.add_argument("--json", metavar="FILE", help="write the rows as JSON ('-' for stdout)")
+    p.add_argument("--csv", metavar="FILE", help="write the rows as CSV ('-' for stdout)")
+    p.add_argument("--plot", metavar="PNG", help="plot accuracy retention against tokens kept")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("viz", help="PNG of the patches each stage keeps")
+    p.add_argument("stack")
+    p.add_argument("--image", required=True)
+    p.add_argument("--model", default="zoo:llava-shapes")
+    p.add_argument("--prompt", default="describe")
+    p.add_argument("--output", "-o", default="tokenpress-viz.png")
+    p.set_defaults(func=cmd_viz)
+
+    p = sub.add_parser("zoo", help="the shipped proxy models")
+    zoo = p.add_subparsers(dest="zoo_command", required=True)
+    t = zoo.add_parser("train", help="train a proxy model from scratch (reproducible from the seed)")
+    t.add_argument("name", choices=("llava-shapes", "qwen2.5-vl-shapes"))
+    t.add_argument("--out", required=True)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--steps", type=int, default=None)
+    t.set_defaults(func=cmd_zoo_train)
 
     for register in EXTRA_COMMANDS:
         register(sub)
