@@ -202,9 +202,15 @@ class CompressedForward:
             requested.update(entry.method.required_signals())
         tokens, signals = adapter.encode_images(media, requested)
         spans = sorted(adapter.image_spans(input_ids, valid_in, tokens), key=lambda span: span.image)
-        image_to_sample = torch.tensor([span.sample for span in spans], dtype=torch.long, device=device)
-        image_rank = torch.tensor([sum(1 for other in spans[:i] if other.sample == span.sample)
-                                   for i, span in enumerate(spans)], dtype=torch.long, device=device)
+        row_sample = [0] * tokens.num_images
+        row_rank = [0] * tokens.num_images
+        for index, span in enumerate(spans):
+            rank = sum(1 for other in spans[:index] if other.sample == span.sample)
+            for part, row in enumerate(span.rows):
+                row_sample[row] = span.sample
+                row_rank[row] = rank * 16 + part  # an image's rows (tiles) draw differently
+        image_to_sample = torch.tensor(row_sample, dtype=torch.long, device=device)
+        image_rank = torch.tensor(row_rank, dtype=torch.long, device=device)
         tokens = dc_replace(tokens, image_to_sample=image_to_sample)
         visual_in = _per_sample(tokens.counts(), image_to_sample, batch)
         projected = list(visual_in)

@@ -3,15 +3,17 @@ third parties use to add a family."""
 
 from __future__ import annotations
 
-from tokenpress.adapters.base import AttentionParts, ImageSpan, ModelAdapter
+from tokenpress.adapters.base import AttentionParts, ImageLayout, ImageSpan, ModelAdapter
 from tokenpress.adapters.llava import LlavaAdapter
+from tokenpress.adapters.llava_next import LlavaNextAdapter
 from tokenpress.adapters.qwen2_5_vl import Qwen2_5_VLAdapter
 from tokenpress.hookspecs import hookimpl
 
 
 @hookimpl
 def tokenpress_register_adapters() -> list[type[ModelAdapter]]:
-    return [LlavaAdapter, Qwen2_5_VLAdapter]
+    return [LlavaAdapter, LlavaNextAdapter, Qwen2_5_VLAdapter]
 
 
-__all__ = ["AttentionParts", "ImageSpan", "LlavaAdapter", "ModelAdapter", "Qwen2_5_VLAdapter"]
+__all__ = ["AttentionParts", "ImageLayout", "ImageSpan", "LlavaAdapter", "LlavaNextAdapter", "ModelAdapter",
+           "Qwen2_5_VLAdapter"]

@@ -45,7 +45,25 @@ class ImageSpan:
     sample: int
     start: int
     length: int
-    image: int  # index into the batch's images (TokenState row)
+    image: int  # index of the image in the batch
+    rows: tuple[int, ...] = ()  # its TokenState rows (default: row ``image``)
+
+    def __post_init__(self) -> None:
+        if not self.rows:
+            self.rows = (self.image,)
+
+
+@dataclass
+class ImageLayout:
+    """How one image's kept tokens enter the sequence: in order, with positions (R rows).
+
+    ``sources`` index the visual bank: ``row * slots + slot`` for a TokenState token, or
+    ``-1 - k`` for the adapter's extra embedding k (e.g. LLaVA-NeXT's image newline).
+    """
+
+    sources: list[int]
+    positions: list[list[int]]
+    next_position: int
 
 
 class ModelAdapter:
@@ -166,10 +184,26 @@ class ModelAdapter:
         """Positions (R rows) of ``count`` text tokens starting at scalar position ``start``."""
         return [list(range(start, start + count))] * self.position_rank
 
+    def extra_embeddings(self) -> torch.Tensor | None:
+        """Embeddings (E, D) the layout may insert besides the visual tokens (None: none)."""
+        return None
+
+    def layout_image(self, span: ImageSpan, tokens: TokenState, start: int, compact: bool) -> ImageLayout:
+        """Place an image's kept tokens (all its TokenState rows, in order) from scalar position ``start``."""
+        sources: list[int] = []
+        positions: list[list[int]] = [[] for _ in range(self.position_rank)]
+        for row in span.rows:
+            picks = torch.nonzero(tokens.valid[row]).flatten()
+            pos, start = self.image_positions(start, tokens, row, picks, compact)
+            sources += (row * tokens.num_slots + picks).tolist()
+            for r in range(self.position_rank):
+                positions[r] += pos[r]
+        return ImageLayout(sources, positions, start)
+
     def image_positions(
         self, start: int, tokens: TokenState, image: int, slots: torch.Tensor, compact: bool
     ) -> tuple[list[list[int]], int]:
-        """Positions (R rows) of an image's kept tokens ``slots`` and the next scalar position.
+        """Positions (R rows) of the kept tokens ``slots`` of TokenState row ``image``, and the next position.
 
         Default (1-D RoPE): ``original`` puts a token at ``start + grid_index`` and the image takes
         its whole current grid; ``compact`` numbers the kept tokens one after another.
@@ -203,7 +237,9 @@ class ModelAdapter:
         spans = self.image_spans(input_ids, valid_in, tokens)
         text_embeds = self.embed(input_ids)
         slots = tokens.num_slots
-        kept = [torch.nonzero(tokens.valid[i]).flatten() for i in range(tokens.num_images)]
+        extra = self.extra_embeddings()
+        visual_base = batch * columns
+        extra_base = visual_base + tokens.num_images * slots
 
         rows: list[dict[str, list]] = []
         valid_cols = valid_in.tolist()
@@ -219,16 +255,20 @@ class ModelAdapter:
             while column < columns:
                 span = sample_spans.get(column)
                 if span is not None:
-                    picks = kept[span.image]
-                    pos, position = self.image_positions(position, tokens, span.image, picks, compact)
-                    count = len(picks)
-                    row["bank"] += (batch * columns + span.image * slots + picks).tolist()
+                    layout = self.layout_image(span, tokens, position, compact)
+                    position = layout.next_position
+                    count = len(layout.sources)
+                    if count > span.length:
+                        raise CompressionError(f"image {span.image} lays out {count} tokens in {span.length} "
+                                               "placeholders")
+                    row["bank"] += [visual_base + source if source >= 0 else extra_base - 1 - source
+                                    for source in layout.sources]
                     for r in range(self.position_rank):
-                        row["pos"][r] += pos[r]
+                        row["pos"][r] += layout.positions[r]
                     row["visual"] += [True] * count
                     row["prompt"] += [True] * count
                     row["column"] += list(range(span.start, span.start + count))
-                    row["visual_id"] += (span.image * slots + picks).tolist()
+                    row["visual_id"] += [source if source >= 0 else -1 for source in layout.sources]
                     column += span.length
                     continue
                 if valid_cols[sample][column]:
@@ -249,8 +289,11 @@ class ModelAdapter:
             return torch.tensor([row[key] + [fill] * (length - len(row[key])) for row in rows], dtype=dtype,
                                 device=device)
 
-        bank = torch.cat([text_embeds.reshape(batch * columns, -1),
-                          tokens.embeddings.reshape(tokens.num_images * slots, -1).to(text_embeds.dtype)])
+        parts = [text_embeds.reshape(batch * columns, -1),
+                 tokens.embeddings.reshape(tokens.num_images * slots, -1).to(text_embeds.dtype)]
+        if extra is not None:
+            parts.append(extra.to(text_embeds.dtype))
+        bank = torch.cat(parts)
         index = padded("bank", 0, torch.long)
         positions = torch.stack([
             torch.tensor([row["pos"][r] + [0] * (length - len(row["pos"][r])) for row in rows], dtype=torch.long,

@@ -14,11 +14,14 @@ import torch
 from tokenpress.testing.models import (
     Prompt,
     llava_batch,
+    llava_next_batch,
     qwen_batch,
     sample_prompts,
+    select_llava_next_rows,
     select_qwen_rows,
     select_rows,
     tiny_llava,
+    tiny_llava_next,
     tiny_qwen2_5_vl,
 )
 
@@ -47,8 +50,18 @@ def _qwen_mixed(model: Any, prompts: list[Prompt]) -> dict:
     return qwen_batch(model, prompts, grids=[sizes[i % len(sizes)] for i in range(len(prompts))])
 
 
+def _next_batch(model: Any, prompts: list[Prompt], padding_side: str = "left", seed: int = 0) -> dict:
+    return llava_next_batch(model, prompts, padding_side=padding_side, seed=seed)
+
+
+def _next_mixed(model: Any, prompts: list[Prompt]) -> dict:
+    sizes = [(64, 64), (32, 64), (64, 32), (48, 64)]
+    return llava_next_batch(model, prompts, sizes=[sizes[i % len(sizes)] for i in range(len(prompts))])
+
+
 FAMILIES: dict[str, Family] = {
     "llava": Family("llava", tiny_llava, _llava_batch, select_rows),
+    "llava-next": Family("llava-next", tiny_llava_next, _next_batch, select_llava_next_rows, _next_mixed),
     "qwen2.5-vl": Family("qwen2.5-vl", tiny_qwen2_5_vl, _qwen_batch, select_qwen_rows, _qwen_mixed),
 }
 

@@ -1,0 +1,126 @@
+"""LLaVA-NeXT (``transformers.LlavaNextForConditionalGeneration``): any-resolution tiling.
+
+An image becomes a base tile (the whole image at the encoder's size, an s x s grid) and crops
+stitched into one high-resolution grid, unpadded to the image's aspect ratio (H x W), whose rows
+each end with the learned ``image_newline`` token. tokenpress gives each image **two TokenState
+rows**, with their own grids: the base tile and the high-resolution grid. Pre-LLM methods act on
+each with its grid (pooling a 2x grid halves both of its sides).
+
+Newlines after compression: they are not tokens of the state, the layout adds them back. After a
+re-gridding stage (pooling) the high-resolution grid has new rows and each new row ends with a
+newline. After a selection, a row that keeps at least one token keeps its newline (after its last
+kept token); a row that keeps none loses it. Decoder-layer stages see newlines as visual tokens.
+With ``positions: original`` everything keeps the position it has in the uncompressed layout.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from tokenpress.adapters.base import ImageLayout, ImageSpan
+from tokenpress.adapters.llava import LlavaAdapter
+from tokenpress.errors import CompressionError, UnsupportedModelError
+from tokenpress.tokens import TokenState
+
+
+class LlavaNextAdapter(LlavaAdapter):
+    """Adapter for ``LlavaNextForConditionalGeneration`` (spatial_unpad with image newlines)."""
+
+    family = "llava-next"
+
+    @classmethod
+    def supports(cls, model: nn.Module) -> bool:
+        return getattr(getattr(model, "config", None), "model_type", None) == "llava_next" and hasattr(model, "model")
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__(model)
+        if getattr(model.model, "image_newline", None) is None:
+            raise UnsupportedModelError("the llava-next adapter needs a model with an image_newline embedding")
+
+    def encode_images(self, inputs: dict[str, Any], signals: dict[str, Any]) -> tuple[TokenState, dict[str, Any]]:
+        from transformers.models.llava_next.modeling_llava_next import (
+            get_anyres_image_grid_shape,
+            image_size_to_num_patches,
+            unpad_image,
+        )
+
+        config = self.model.config
+        pixel_values, image_sizes = inputs["pixel_values"], inputs.get("image_sizes")
+        if image_sizes is None:
+            raise CompressionError("LLaVA-NeXT needs image_sizes next to pixel_values")
+        tile_size = config.vision_config.image_size
+        tiles_per_image = [image_size_to_num_patches(size, config.image_grid_pinpoints, tile_size)
+                           for size in image_sizes]
+        if pixel_values.dim() == 5:
+            pixel_values = torch.cat([tiles[:count] for tiles, count in zip(pixel_values, tiles_per_image,
+                                                                             strict=True)])
+        outputs = self.vision_tower(pixel_values, output_hidden_states=True, return_dict=True)
+        layer = config.vision_feature_layer
+        if isinstance(layer, int):
+            features = outputs.hidden_states[layer][:, 1:]
+        else:
+            features = torch.cat([outputs.hidden_states[i][:, 1:] for i in layer], dim=-1)
+        side = tile_size // config.vision_config.patch_size
+        rows, grids = [], []
+        for image, chunk in enumerate(torch.split(features, tiles_per_image)):
+            rows.append(chunk[0])
+            grids.append((1, side, side))
+            crops_high, crops_wide = get_anyres_image_grid_shape(image_sizes[image], config.image_grid_pinpoints,
+                                                                 tile_size)
+            stitched = chunk[1:].view(crops_high, crops_wide, side, side, -1).permute(4, 0, 2, 1, 3)
+            stitched = stitched.flatten(1, 2).flatten(2, 3)
+            stitched = unpad_image(stitched, image_sizes[image])  # (C, H, W)
+            rows.append(stitched.flatten(1).transpose(0, 1))
+            grids.append((1, stitched.shape[1], stitched.shape[2]))
+        width = max(row.shape[0] for row in rows)
+        embeddings = torch.stack([nn.functional.pad(row, (0, 0, 0, width - row.shape[0])) for row in rows])
+        found: dict[str, Any] = {}
+        if "cls_attention" in signals:
+            from tokenpress.adapters.llava import cls_attention
+
+            index = signals["cls_attention"] % self.num_encoder_layers()
+            attention = cls_attention(self._encoder_layers()[index], outputs.hidden_states[index])
+            found["cls_attention"] = torch.stack([chunk[0] for chunk in torch.split(attention, tiles_per_image)])
+        return TokenState.from_dense(embeddings, torch.tensor(grids)), found
+
+    def image_spans(self, input_ids: torch.Tensor, valid: torch.Tensor, tokens: TokenState) -> list[ImageSpan]:
+        images = tokens.num_images // 2
+        lengths = []
+        for image in range(images):
+            base = int(tokens.original_grid[2 * image].prod())
+            _, height, width = (int(v) for v in tokens.original_grid[2 * image + 1])
+            lengths.append(base + height * (width + 1))
+        per_image = TokenState.from_dense(tokens.embeddings.new_zeros(images, 1, 1),
+                                          torch.tensor([[1, 1, n] for n in lengths]))
+        spans = self._spans_for(input_ids, valid, per_image, self.image_token_id)
+        return [ImageSpan(s.sample, s.start, s.length, s.image, (2 * s.image, 2 * s.image + 1)) for s in spans]
+
+    def extra_embeddings(self) -> torch.Tensor:
+        return self.model.model.image_newline.unsqueeze(0)
+
+    def layout_image(self, span: ImageSpan, tokens: TokenState, start: int, compact: bool) -> ImageLayout:
+        base_row, high_row = span.rows
+        picks = torch.nonzero(tokens.valid[base_row]).flatten()
+        sources = (base_row * tokens.num_slots + picks).tolist()
+        base_cells = int(tokens.grid[base_row].prod())
+        positions = (tokens.grid_index[base_row, picks] + start).tolist()
+
+        _, height, width = (int(v) for v in tokens.grid[high_row])
+        high_start = start + base_cells
+        kept = torch.nonzero(tokens.valid[high_row]).flatten()
+        cells = tokens.grid_index[high_row, kept]
+        order = torch.argsort(cells, stable=True)
+        kept, cells = kept[order].tolist(), cells[order].tolist()
+        for i, (slot, cell) in enumerate(zip(kept, cells, strict=True)):
+            row, col = divmod(cell, width)
+            sources.append(high_row * tokens.num_slots + slot)
+            positions.append(high_start + row * (width + 1) + col)
+            if i + 1 == len(cells) or cells[i + 1] // width != row:  # last kept token of its row
+                sources.append(-1)  # extra embedding 0: the image newline
+                positions.append(high_start + row * (width + 1) + width)
+        if compact:
+            return ImageLayout(sources, [list(range(start, start + len(sources)))], start + len(sources))
+        return ImageLayout(sources, [positions], high_start + height * (width + 1))
