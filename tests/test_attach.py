@@ -194,3 +194,35 @@ def test_eager_only_features_are_refused_while_compressing(model_and_batch):
     model, batch, _ = model_and_batch
     with tokenpress.compress(model, FASTV), pytest.raises(tokenpress.CompressionError, match="output_attentions"):
         model(**batch, output_attentions=True)
+
+
+def test_a_third_party_family_is_one_adapter_registered_through_the_hook():
+    """A family is added by an adapter alone: no method changes, the same hook as methods use."""
+    from tokenpress.adapters import LlavaAdapter
+
+    class TaggedLlavaAdapter(LlavaAdapter):
+        family = "test-tagged-llava"
+
+        @classmethod
+        def supports(cls, model):
+            return getattr(model.config, "tokenpress_test_family", False)
+
+    class Plugin:
+        @tokenpress.hookimpl
+        def tokenpress_register_adapters(self):
+            return [TaggedLlavaAdapter]
+
+    registry = tokenpress.get_registry()
+    registry.register_plugin(Plugin(), name="tagged")
+    try:
+        model = tiny_llava("sdpa")
+        model.config.tokenpress_test_family = True
+        assert isinstance(tokenpress.find_adapter(model), TaggedLlavaAdapter)
+        batch = llava_batch(model, sample_prompts(2))
+        with tokenpress.compress(model, FASTV) as handle, torch.no_grad():
+            model.generate(**batch, max_new_tokens=2, do_sample=False)
+        assert isinstance(handle.adapter, TaggedLlavaAdapter)
+        assert handle.report().records[0].tokens_out == [18, 18]
+        assert "adapter:test-tagged-llava" in registry.origins
+    finally:
+        tokenpress.get_registry(reload=True)

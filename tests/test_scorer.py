@@ -10,6 +10,7 @@ from tokenpress.adapters.llava import cls_attention
 from tokenpress.scorer import attention_rows
 from tokenpress.sequence import Sequence
 from tokenpress.testing import Prompt, llava_batch, tiny_llava
+from tokenpress.testing.families import FAMILIES
 from tokenpress.testing.memory import AllocationTracker, growth_exponent
 
 
@@ -48,7 +49,7 @@ def test_cls_attention_signal_equals_the_encoder_attention_weights(llava_eager):
         torch.testing.assert_close(cls_attention(layer, out.hidden_states[index]), expected, rtol=1e-5, atol=1e-6)
 
 
-def _synthetic_sequence(model, visual: int) -> Sequence:
+def _synthetic_sequence(model, visual: int, rank: int = 1) -> Sequence:
     """A sequence of ``visual`` visual tokens between short text, straight into the decoder."""
     text_before, text_after = 4, 6
     length = text_before + visual + text_after
@@ -57,7 +58,7 @@ def _synthetic_sequence(model, visual: int) -> Sequence:
     is_visual[0, text_before:text_before + visual] = True
     return Sequence(
         hidden=torch.randn(1, length, model.config.text_config.hidden_size, generator=generator),
-        positions=torch.arange(length).view(1, 1, -1),
+        positions=torch.arange(length).view(1, 1, -1).expand(rank, 1, -1),
         valid=torch.ones(1, length, dtype=torch.bool),
         is_visual=is_visual,
         is_prompt=torch.ones(1, length, dtype=torch.bool),
@@ -89,6 +90,21 @@ def test_scorer_memory_grows_linearly_with_visual_tokens(llava_eager):
     assert growth_exponent(sizes, scorer_bytes) < 1.15, scorer_bytes
     assert growth_exponent(sizes, scorer_largest) < 1.15, scorer_largest
     assert growth_exponent(sizes, eager_largest) > 1.8, eager_largest
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+@torch.no_grad()
+def test_scorer_memory_is_linear_on_every_family(family):
+    model = FAMILIES[family].build("sdpa")
+    adapter = tokenpress.find_adapter(model)
+    sizes = [256, 512, 1024]
+    allocated = []
+    for visual in sizes:
+        sequence = _synthetic_sequence(model, visual, adapter.position_rank)
+        with AllocationTracker() as tracker:
+            tokenpress.engine.Scorer(adapter, 1, sequence, sequence).attention_to_tokens(query="text")
+        allocated.append(tracker.stats.total_bytes)
+    assert growth_exponent(sizes, allocated) < 1.15, allocated
 
 
 @pytest.mark.parametrize("query", ["last", "text"])

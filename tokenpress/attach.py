@@ -37,9 +37,9 @@ _MISSING = object()
 
 
 def find_adapter(model: nn.Module, registry: Registry | None = None) -> ModelAdapter:
-    """The adapter of the first registered family that supports ``model``."""
+    """The adapter of the most recently registered family that supports ``model``."""
     registry = registry or get_registry()
-    for adapter_class in registry.adapters:
+    for adapter_class in reversed(registry.adapters):  # adapters registered later (plugins) take precedence
         if adapter_class.supports(model):
             return adapter_class(model)
     families = ", ".join(a.family for a in registry.adapters) or "none"
