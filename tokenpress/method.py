@@ -66,6 +66,14 @@ class Method:
     def default_point(cls) -> str:
         return cls.points[0]
 
+    @classmethod
+    def params_for_keep(cls, keep_ratio: float) -> dict[str, Any] | None:
+        """``params`` that keep about ``keep_ratio`` of the visual tokens (for sweeps such as
+        ``tokenpress bench``); ``None`` when the method has no such knob."""
+        if "keep_ratio" in cls.Config.model_fields:
+            return {**cls.example_params, "keep_ratio": keep_ratio}
+        return None
+
     def required_signals(self) -> dict[str, Any]:
         """Encoder signals this stage needs, e.g. ``{"cls_attention": -2}`` (layer of the encoder)."""
         return {}

@@ -69,6 +69,11 @@ class Pool(Method):
     def projector(self, tokens: TokenState, context: StageContext) -> TokenState:
         return self._pool(context.project(tokens))
 
+    @classmethod
+    def params_for_keep(cls, keep_ratio: float) -> dict:
+        """The square kernel closest to keeping ``keep_ratio`` (0.25 -> 2, 0.11 -> 3)."""
+        return {"kernel": max(1, round(keep_ratio ** -0.5)), "mode": "avg"}
+
     def promised_count(self, tokens_in: torch.Tensor) -> torch.Tensor | None:
         return None  # depends on the grid, not only the count: see expected_grid
 
