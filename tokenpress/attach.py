@@ -26,7 +26,7 @@ from torch import nn
 from tokenpress import hookspecs
 from tokenpress.adapters.base import ModelAdapter
 from tokenpress.engine import CompressedForward, DeferredEncoding, PrefillStats, StageEntry, StageRecord
-from tokenpress.errors import PluginError, StackError, UnsupportedModelError
+from tokenpress.errors import CompressionError, PluginError, StackError, UnsupportedModelError
 from tokenpress.registry import Registry, get_registry
 from tokenpress.stack import Stack, load_stack
 
@@ -119,6 +119,13 @@ class Handle:
         @functools.wraps(generate)
         def generate_with_prompt(*args: Any, **kwargs: Any) -> Any:
             input_ids = kwargs.get("input_ids", args[0] if args else None)
+            config = kwargs.get("generation_config")
+            for option in ("num_beams", "num_return_sequences"):
+                value = kwargs.get(option, getattr(config, option, None) if config is not None else None)
+                value = value if value is not None else getattr(self.model.generation_config, option, 1)
+                if self.entries and (value or 1) > 1:
+                    raise CompressionError(f"generate({option}={value}) is not supported while a compression stack "
+                                           "is attached (greedy or sampled single sequences are)")
             outer = self.prompt_length
             self.prompt_length = input_ids.shape[1] if input_ids is not None else None
             deferred = []

@@ -41,8 +41,12 @@ class Method:
     * ``name`` - registry name used in stacks (``method: fastv``);
     * ``Config`` - the pydantic model of the stage's ``params``;
     * ``points`` - the insertion points the method supports; the first is the default ``at``;
-    * ``encoder_signals`` - encoder signals the method needs, e.g. ``{"cls_attention": -2}``
-      (may depend on the config: override :meth:`required_signals`).
+    * ``description`` - one line for ``tokenpress plugins``;
+    * ``identity_params`` / ``example_params`` - settings under which it changes nothing, and a
+      typical compressing setting (used by the shared suites and sweeps).
+
+    Encoder signals the method needs (e.g. ``{"cls_attention": -2}``) come from
+    :meth:`required_signals`.
 
     Hooks are ordinary methods named after the points and marked with :data:`tokenpress.hookimpl`
     (see :mod:`tokenpress.hookspecs` for their arguments). One instance is made per stage.
@@ -86,8 +90,10 @@ class Method:
         """
         return None
 
-    def setup(self, model_info: Any) -> None:
-        """Called once when the stack is attached, before any forward pass (validate, build buffers)."""
+    def setup(self, adapter: Any) -> None:
+        """Called once when the stack is attached, before any forward pass, with the model's
+        :class:`~tokenpress.adapters.ModelAdapter` (validate, build buffers). Raising leaves the
+        model untouched."""
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.config!r}, layers={self.layers})"

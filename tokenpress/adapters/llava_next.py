@@ -30,6 +30,7 @@ class LlavaNextAdapter(LlavaAdapter):
     """Adapter for ``LlavaNextForConditionalGeneration`` (spatial_unpad with image newlines)."""
 
     family = "llava-next"
+    signals = ()  # CLS attention per tile does not map onto the stitched grid yet
 
     @classmethod
     def supports(cls, model: nn.Module) -> bool:

@@ -94,6 +94,11 @@ class Recipe:
     val_size: int = 250
     test_size: int = shapes.SPLIT_SIZES["test"]
     bf16: bool = True
+    # Auxiliary probes (training only, not saved): a linear classifier reads each visual token's
+    # decoder hidden state after layer ``aux_layer`` and predicts its cell's row, column, colour,
+    # shape and size.  See ``AuxProbe``.
+    aux_weight: float = 1.0
+    aux_layer: int = 2
     # model sizes
     vision_hidden: int = 128
     vision_layers: int = 4
@@ -365,19 +370,41 @@ class Encoder:
         out = self.processor.image_processor(images, return_tensors="pt")
         return {"pixel_values": out["pixel_values"], "image_grid_thw": out["image_grid_thw"]}
 
+    def cell_targets(self, objects: list[shapes.Obj]) -> torch.Tensor:
+        """(n_visual, 5) class ids per visual token: row, column, colour, shape, size of its cell.
+
+        Empty cells get the extra "none" class (index len(...)) for colour, shape and size.
+        """
+        grid = {(o.row, o.col): o for o in objects}
+        colors, n = list(shapes.COLORS), shapes.GRID
+        side = int(round(math.sqrt(self.n_visual)))  # tokens per image side
+        per_cell = side // n
+        out = torch.empty(self.n_visual, 5, dtype=torch.long)
+        for k in range(self.n_visual):
+            r, c = (k // side) // per_cell, (k % side) // per_cell
+            o = grid.get((r, c))
+            if o is None:
+                out[k] = torch.tensor([r, c, len(colors), len(shapes.SHAPES), len(shapes.SIZES)])
+            else:
+                out[k] = torch.tensor(
+                    [r, c, colors.index(o.color), shapes.SHAPES.index(o.shape), shapes.SIZES.index(o.size)]
+                )
+        return out
+
     def training_batch(self, recipe: Recipe, step: int, seed: int, stage: int) -> dict[str, torch.Tensor]:
         """Batch ``step`` of the training stream: stage 1 captions only, stage 2 QAs then caption.
 
         ``kind`` marks supervised positions: 1 = answer token, 2 = caption token (incl. its </s>),
         3 = </s> after an answer; 0 = not supervised.
         """
-        seqs, kinds, images = [], [], []
+        seqs, kinds, images, targets = [], [], [], []
         caption_id = self.vocab[shapes.CAPTION_PROMPT]
         for i in range(recipe.batch_size):
             objects, qas = shapes.training_scene(
                 step * recipe.batch_size + i, seed, recipe.n_questions, recipe.family_weights
             )
             images.append(shapes.render(objects))
+            targets.append(self.cell_targets(objects))
             ids, kind = list(self.prefix), [0] * len(self.prefix)
             if stage == 2:
                 for _family, q, a in qas:
@@ -403,6 +430,7 @@ class Encoder:
             kind_t[b, : len(ids)] = torch.tensor(kind)
             mask[b, : len(ids)] = 1
         batch = {"input_ids": input_ids, "attention_mask": mask, "kind": kind_t, **self.pixels(images)}
+        batch["aux"] = torch.stack(targets)
         if self.arch == "qwen":
             batch["mm_token_type_ids"] = (input_ids == self.image_id).long()
         return batch
@@ -543,6 +571,33 @@ def _loss_and_stats(logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> tup
     return loss, stats
 
 
+class AuxProbe(torch.nn.Module):
+    """Linear read-out of row, column, colour, shape and size from visual tokens' hidden states.
+
+    Why: a from-scratch model otherwise sits on a long plateau while it discovers, at the same
+    time, what each visual token shows and where it is.  Supervising both directly at the visual
+    tokens (the probe is discarded; the shipped model is a stock transformers class) makes the
+    decoder's lookups the only thing left to learn.  For Qwen2.5-VL, whose vision tower has no
+    absolute position embedding, the row/column targets make the decoder derive each visual
+    token's position from its M-RoPE position.
+    """
+
+    SIZES = (shapes.GRID, shapes.GRID, len(shapes.COLORS) + 1, len(shapes.SHAPES) + 1, len(shapes.SIZES) + 1)
+
+    def __init__(self, hidden: int):
+        super().__init__()
+        self.head = torch.nn.Linear(hidden, sum(self.SIZES))
+
+    def forward(self, hidden: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, float]:
+        """Mean cross-entropy over the five groups, and the colour accuracy."""
+        logits = self.head(hidden.float()).split(self.SIZES, dim=-1)
+        loss = sum(
+            F.cross_entropy(lg.reshape(-1, lg.shape[-1]), targets[..., g].reshape(-1)) for g, lg in enumerate(logits)
+        )
+        color_acc = float((logits[2].argmax(-1) == targets[..., 2]).float().mean())
+        return loss / len(logits), color_acc
+
+
 def _lr_at(recipe: Recipe, step: int) -> float:
     if step < recipe.warmup:
         return recipe.lr * (step + 1) / recipe.warmup
@@ -617,8 +672,14 @@ def train(
     n_params = sum(p.numel() for p in model.parameters())
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n]
     no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embed" not in n)]
+    text_hidden = model.get_input_embeddings().weight.shape[1]
+    probe = AuxProbe(text_hidden)
     opt = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": recipe.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        [
+            {"params": decay, "weight_decay": recipe.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+            {"params": list(probe.parameters()), "weight_decay": 0.0},
+        ],
         lr=recipe.lr,
         betas=(0.9, 0.98),
     )
@@ -632,10 +693,16 @@ def train(
         batch = encoder.training_batch(recipe, step, seed, stage)
         for group in opt.param_groups:
             group["lr"] = _lr_at(recipe, step)
-        inputs = {k: v for k, v in batch.items() if k != "kind"}
+        inputs = {k: v for k, v in batch.items() if k not in ("kind", "aux")}
+        use_aux = recipe.aux_weight > 0
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=recipe.bf16):
-            logits = model(**inputs).logits
-        loss, stats = _loss_and_stats(logits, batch)
+            out = model(**inputs, output_hidden_states=use_aux)
+        loss, stats = _loss_and_stats(out.logits, batch)
+        if use_aux:
+            hidden = out.hidden_states[min(recipe.aux_layer, len(out.hidden_states) - 1)]
+            visual = hidden[batch["input_ids"] == encoder.image_id].view(-1, encoder.n_visual, hidden.shape[-1])
+            aux_loss, stats["aux_color_acc"] = probe(visual, batch["aux"])
+            loss = loss + recipe.aux_weight * aux_loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

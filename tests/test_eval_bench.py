@@ -1,0 +1,104 @@
+"""eval, viz, bench and profile on a tiny checkpoint: they run, and their outputs have their schema."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+
+import pytest
+import torch
+from PIL import Image
+
+import tokenpress
+from tokenpress import evaluate
+from tokenpress.bench import bench, profile, sweep_stacks, synthetic_inputs
+from tokenpress.testing import tiny_llava
+from tokenpress.testing.models import save_tiny_llava_checkpoint
+
+STACKS = ["stacks/fastv.yaml", "stacks/pool.yaml"]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return save_tiny_llava_checkpoint(tmp_path_factory.mktemp("tiny-llava"))
+
+
+@pytest.fixture(scope="module")
+def eval_rows(checkpoint):
+    return evaluate.evaluate(STACKS, model=str(checkpoint), n=10, batch_size=5, progress=False)
+
+
+def test_eval_compares_every_stack_with_the_baseline(eval_rows):
+    assert [row.stack for row in eval_rows] == ["baseline", "fastv-k2-r50", "pool-2x2"]
+    baseline, fastv, pool = eval_rows
+    assert (baseline.flops_ratio, baseline.tokens_kept, baseline.prefill_time_ratio) == (1.0, 1.0, 1.0)
+    assert fastv.tokens_kept == pytest.approx(0.5) and pool.tokens_kept == pytest.approx(0.25)
+    assert 0 < pool.flops_ratio < fastv.flops_ratio < 1
+    families = set(baseline.per_family)
+    assert families == {"color_at", "shape_at", "size_at", "count_color", "relative_position"}
+
+
+def test_eval_json_and_csv_schema(eval_rows):
+    rows = json.loads(evaluate.rows_to_json(eval_rows))
+    assert [set(row) for row in rows] == [{"stack", "accuracy", "retention", "tokens_kept", "flops_ratio",
+                                           "prefill_time_ratio", "per_family"}] * 3
+    table = list(csv.DictReader(io.StringIO(evaluate.rows_to_csv(eval_rows))))
+    assert [row["stack"] for row in table] == ["baseline", "fastv-k2-r50", "pool-2x2"]
+    assert set(evaluate.CSV_FIELDS) <= set(table[0])
+    assert float(table[2]["tokens_kept"]) == pytest.approx(0.25)
+    markdown = evaluate.format_table(eval_rows)
+    assert markdown.splitlines()[0].startswith("| stack | accuracy | retention |")
+
+
+def test_eval_plot_is_a_png(eval_rows, tmp_path):
+    pytest.importorskip("matplotlib")
+    path = evaluate.plot_rows(eval_rows, tmp_path / "plot.png")
+    with Image.open(path) as image:
+        assert image.format == "PNG" and image.width > 100
+
+
+def test_viz_writes_a_png_with_one_panel_per_step(checkpoint, tmp_path):
+    from tokenpress.viz import PANEL, visualize
+
+    picture = tmp_path / "in.png"
+    Image.new("RGB", (48, 48), "red").save(picture)
+    out = visualize("stacks/pool-then-fastv.yaml", picture, tmp_path / "viz.png", model=str(checkpoint),
+                    prompt="w5 w6")
+    with Image.open(out) as image:
+        assert image.format == "PNG"
+        assert image.width == 3 * PANEL  # encoder, pool, layer 2
+
+
+def test_cli_eval_json_to_stdout(checkpoint, capsys):
+    from tokenpress.cli import main
+
+    assert main(["eval", "stacks/random.yaml", "--model", str(checkpoint), "--n", "5", "--batch-size", "5",
+                 "--quiet", "--json", "-"]) == 0
+    out = capsys.readouterr().out
+    rows = json.loads(out[out.index("["):])
+    assert [row["stack"] for row in rows] == ["baseline", "random-25"]
+
+
+@torch.no_grad()
+def test_bench_reports_every_configuration_against_the_baseline():
+    model = tiny_llava("sdpa")
+    inputs = synthetic_inputs(model, batch_size=2, text_tokens=16)
+    rows = bench(model, inputs, sweep_stacks(["fastv", "pool"], [0.25]), repeats=1, progress=False)
+    assert [row.stack for row in rows] == ["baseline", "fastv(keep_ratio=0.25)", "pool(kernel=2,mode=avg)"]
+    assert rows[0].speedup == 1.0 and rows[0].flops_speedup == 1.0
+    assert rows[1].flops_speedup > 1 and rows[2].flops_speedup > rows[1].flops_speedup
+    assert all(row.peak_memory_mb > 0 and row.prefill_ms > 0 for row in rows)
+
+
+@torch.no_grad()
+def test_profile_times_each_stage_and_writes_a_trace(tmp_path):
+    model = tiny_llava("sdpa")
+    inputs = synthetic_inputs(model, batch_size=2, text_tokens=16)
+    rows, totals, _ = profile(model, inputs, tokenpress.load_stack("stacks/pool-then-fastv.yaml"),
+                              trace_dir=str(tmp_path), max_new_tokens=2)
+    assert [row.stage for row in rows] == ["0:pool(post_encoder)", "1:fastv(decoder_layer@2) layer 2"]
+    assert [(row.tokens_in, row.tokens_out) for row in rows] == [("36", "9"), ("9", "4")]  # round(4.5) = 4: half to even
+    assert rows[1].flops > 0 and totals["prefill_flops"] > 0
+    traces = list(tmp_path.glob("*.pt.trace.json"))
+    assert traces and "traceEvents" in json.loads(traces[0].read_text())
