@@ -98,7 +98,7 @@ def test_profile_times_each_stage_and_writes_a_trace(tmp_path):
     rows, totals, _ = profile(model, inputs, tokenpress.load_stack("stacks/pool-then-fastv.yaml"),
                               trace_dir=str(tmp_path), max_new_tokens=2)
     assert [row.stage for row in rows] == ["0:pool(post_encoder)", "1:fastv(decoder_layer@2) layer 2"]
-    assert [(row.tokens_in, row.tokens_out) for row in rows] == [("36", "9"), ("9", "4")]  # round(4.5) = 4: half to even
+    assert [(row.tokens_in, row.tokens_out) for row in rows] == [("36", "9"), ("9", "4")]  # round(4.5) = 4
     assert rows[1].flops > 0 and totals["prefill_flops"] > 0
     traces = list(tmp_path.glob("*.pt.trace.json"))
     assert traces and "traceEvents" in json.loads(traces[0].read_text())
