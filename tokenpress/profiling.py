@@ -106,17 +106,21 @@ class StageTimer:
 
 
 @contextlib.contextmanager
-def stage_timer() -> Iterator[StageTimer]:
-    """Register a :class:`StageTimer` in the process registry for the duration of the block."""
+def observing(observer: Any) -> Iterator[Any]:
+    """Register an observer plugin (hook wrappers) in the process registry for the duration of the block."""
     from tokenpress.registry import get_registry
 
-    timer = StageTimer()
     manager = get_registry().plugin_manager
-    manager.register(timer, name=f"tokenpress-stage-timer-{id(timer)}")
+    manager.register(observer, name=f"tokenpress-observer-{id(observer)}")
     try:
-        yield timer
+        yield observer
     finally:
-        manager.unregister(timer)
+        manager.unregister(observer)
+
+
+def stage_timer() -> contextlib.AbstractContextManager[StageTimer]:
+    """A :class:`StageTimer` registered for the duration of the block."""
+    return observing(StageTimer())
 
 
 def timed(fn: Any) -> float:
@@ -171,15 +175,6 @@ class StageFlops:
         return result
 
 
-@contextlib.contextmanager
-def stage_flops() -> Iterator[StageFlops]:
-    """Register a :class:`StageFlops` counter in the process registry for the duration of the block."""
-    from tokenpress.registry import get_registry
-
-    counter = StageFlops()
-    manager = get_registry().plugin_manager
-    manager.register(counter, name=f"tokenpress-stage-flops-{id(counter)}")
-    try:
-        yield counter
-    finally:
-        manager.unregister(counter)
+def stage_flops() -> contextlib.AbstractContextManager[StageFlops]:
+    """A :class:`StageFlops` counter registered for the duration of the block."""
+    return observing(StageFlops())
