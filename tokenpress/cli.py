@@ -249,6 +249,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--steps", type=int, default=None)
     t.set_defaults(func=cmd_zoo_train)
 
+    from tokenpress import cli_bench
+
+    cli_bench.register(sub)
+
     for register in EXTRA_COMMANDS:
         register(sub)
     return parser
