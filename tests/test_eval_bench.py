@@ -102,3 +102,20 @@ def test_profile_times_each_stage_and_writes_a_trace(tmp_path):
     assert rows[1].flops > 0 and totals["prefill_flops"] > 0
     traces = list(tmp_path.glob("*.pt.trace.json"))
     assert traces and "traceEvents" in json.loads(traces[0].read_text())
+
+
+def test_cli_bench_and_profile_from_a_config(tmp_path, capsys):
+    from tokenpress.cli import main
+
+    config = tmp_path / "config.json"
+    tiny_llava().config.to_json_file(config)
+    assert main(["bench", "--config", str(config), "--methods", "fastv,random", "--ratios", "0.25", "--repeats", "1",
+                 "--batch-size", "2", "--text-tokens", "16", "--quiet", "--markdown", str(tmp_path / "b.md")]) == 0
+    table = (tmp_path / "b.md").read_text()
+    assert table.startswith("device: CPU") or table.startswith("device: ")
+    assert "| fastv(keep_ratio=0.25) |" in table and "| random(keep_ratio=0.25) |" in table
+    assert main(["profile", "stacks/fastv.yaml", "--config", str(config), "--batch-size", "2", "--text-tokens", "16",
+                 "--max-new-tokens", "2", "--trace", str(tmp_path / "trace")]) == 0
+    out = capsys.readouterr().out
+    assert "0:fastv(decoder_layer@2) layer 2 | 36 | 18 |" in out
+    assert list((tmp_path / "trace").glob("*.json"))
