@@ -174,6 +174,21 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_flops(args: argparse.Namespace) -> int:
+    from tokenpress.flops import format_breakdown, load_config, parse_image_size, simulate
+
+    stack = _check_stack(args.stack, None)
+    if args.text_tokens < 0:
+        raise UserError(f"--text-tokens must be >= 0, got {args.text_tokens}")
+    breakdown = simulate(load_config(args.config), stack, args.text_tokens, parse_image_size(args.image_size))
+    if args.json:
+        print(json.dumps({"config": args.config, **breakdown.as_dict()}, indent=2))
+    else:
+        print(f"config {args.config}")
+        print(format_breakdown(breakdown))
+    return 0
+
+
 def cmd_viz(args: argparse.Namespace) -> int:
     from tokenpress.viz import visualize
 
@@ -231,6 +246,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plot", metavar="PNG", help="plot accuracy retention against tokens kept")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("flops", help="prefill FLOPs of the unmodified and the compressed model, from a config alone")
+    p.add_argument("stack")
+    p.add_argument("--config", required=True, help="a transformers config.json (or a folder holding one)")
+    p.add_argument("--text-tokens", type=int, required=True, help="prompt tokens that are not image placeholders")
+    p.add_argument("--image-size", metavar="HxW", help="image height x width in pixels (LLaVA-NeXT, Qwen2.5-VL)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_flops)
 
     p = sub.add_parser("viz", help="PNG of the patches each stage keeps")
     p.add_argument("stack")

@@ -1,19 +1,66 @@
-"""Analytical prefill FLOPs of a vision-language model from its config and per-layer token counts.
+"""Analytical prefill FLOPs of a vision-language model, with and without a compression stack.
 
-Counted like ``torch.utils.flop_counter``: a multiply-add is 2 FLOPs; only matrix products count
-(norms, activations, softmax and rotary are ignored, as are biases). Attention counts the full
-query x key product (what eager and SDPA kernels compute), i.e. 4 * n * keys * heads * head_dim.
+**What "prefill FLOPs" counts** (per sample, one image per sample unless inputs say otherwise):
+
+* the vision encoder (patch embedding and every encoder block: the model runs all of them even when
+  it reads an earlier layer's features), over every tile the model encodes;
+* the projector (LLaVA's 2-layer MLP, Qwen2.5-VL's patch merger) over the tokens it really sees
+  (after a ``post_encoder`` stage, fewer);
+* every decoder layer over the tokens it processes (text + visual, all of them, causally);
+* the ``lm_head`` on the **last position only** (the logits a prefill needs: call the model with
+  ``logits_to_keep=1`` to compare with a counter);
+* the method's own scoring cost (FastV's scorer: the q projection of the query row(s), the k
+  projection of the N tokens entering the scored layer and the rows x N attention logits).
+
+Counted like :class:`torch.utils.flop_counter.FlopCounterMode`: a multiply-add is 2 FLOPs and
+only matrix products and convolutions count (norms, activations, softmax, rotary embeddings,
+biases and embedding look-ups are free). Attention counts the whole query x key product, as eager
+and SDPA kernels compute it: 4 * n * keys * heads * head_dim per layer. Padding is not counted:
+each sample costs what it would cost alone, and only real tokens count (LLaVA-NeXT's compressed
+forward also runs its projector over the slots that pad its base-tile row to the width of its
+high-resolution row; torch's counter sees that work, this model does not).
+
+Two ways to get the numbers:
+
+* :func:`measured` - from the token counts of a real prefill (``handle.prefill_stats``) and its
+  inputs (what ``tokenpress eval`` does);
+* :func:`simulate` - from a config alone (no weights, no forward pass): the token count entering
+  every layer is derived from each stage's promise (``expected_grid`` for re-gridding methods such
+  as ``pool``, ``promised_count`` for the others, e.g. ``keep_count(n, keep_ratio)``).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
+import json
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from tokenpress.errors import StackError, TokenpressError, UnsupportedModelError
+
+if TYPE_CHECKING:
+    from tokenpress.attach import Handle
+    from tokenpress.engine import PrefillStats, StageRecord
+    from tokenpress.stack import Stack, Stage
+
+PRE_LLM_POINTS = ("post_encoder", "projector", "query_conditioned")
+#: Model types the config-only simulation understands.
+SIMULATED_FAMILIES = {"llava": "LLaVA-1.5", "llava_next": "LLaVA-NeXT", "qwen2_5_vl": "Qwen2.5-VL"}
+
+
+class FlopsError(TokenpressError, ValueError):
+    """The FLOPs of this model/stack cannot be derived (no promise, missing image size...)."""
+
+
+# --- building blocks --------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
 class DecoderShape:
-    """The sizes of a Llama-style decoder layer."""
+    """The sizes of a Llama-style decoder layer (and of the ``lm_head``)."""
 
     hidden: int
     heads: int
@@ -22,13 +69,14 @@ class DecoderShape:
     intermediate: int
     layers: int
     gated_mlp: bool = True
+    vocab: int = 0
 
     @classmethod
     def from_config(cls, config: Any) -> DecoderShape:
         heads = config.num_attention_heads
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
         return cls(config.hidden_size, heads, getattr(config, "num_key_value_heads", None) or heads, head_dim,
-                   config.intermediate_size, config.num_hidden_layers)
+                   config.intermediate_size, config.num_hidden_layers, vocab=getattr(config, "vocab_size", 0) or 0)
 
     def layer_flops(self, tokens: float, keys: float | None = None) -> float:
         """FLOPs of one layer processing ``tokens`` queries against ``keys`` keys (default: the same)."""
@@ -38,6 +86,16 @@ class DecoderShape:
         attention = 2 * 2 * tokens * keys * self.heads * self.head_dim
         mlp = 2 * (3 if self.gated_mlp else 2) * tokens * self.hidden * self.intermediate
         return q_and_o + k_and_v + attention + mlp
+
+    def lm_head_flops(self, positions: int = 1) -> float:
+        """The output projection on ``positions`` positions."""
+        return 2.0 * positions * self.hidden * self.vocab
+
+
+def _vit_block(tokens: int, hidden: int, intermediate: int, gated: bool, attention_keys: float) -> float:
+    """One ViT block: q, k, v, o projections, attention (``attention_keys`` = sum of tokens x keys) and MLP."""
+    return 8.0 * tokens * hidden * hidden + 4.0 * attention_keys * hidden \
+        + 2.0 * (3 if gated else 2) * tokens * hidden * intermediate
 
 
 @dataclass(frozen=True)
@@ -52,13 +110,18 @@ class EncoderShape:
     projector_in: int
     projector_hidden: int
 
+    def encoder_flops(self, patches: int) -> float:
+        """One tile of ``patches`` patches (plus the CLS token) through the patch embedding and every block."""
+        tokens = patches + 1
+        embed = 2.0 * patches * self.patch_dim * self.hidden
+        return embed + self.layers * _vit_block(tokens, self.hidden, self.intermediate, False, tokens * tokens)
+
+    def projector_flops(self, projected: float) -> float:
+        return 2.0 * projected * (self.projector_in * self.projector_hidden + self.projector_hidden ** 2)
+
     def flops(self, patches: float, projected: float) -> float:
-        tokens = patches + 1  # CLS
-        layer = DecoderShape(self.hidden, self.heads, self.heads, self.hidden // self.heads, self.intermediate, 1,
-                             gated_mlp=False).layer_flops(tokens)
-        embed = 2 * patches * self.patch_dim * self.hidden
-        projector = 2 * projected * (self.projector_in * self.projector_hidden + self.projector_hidden ** 2)
-        return embed + self.layers * layer + projector
+        """Encoder over one image of ``patches`` patches, and the projector over ``projected`` tokens."""
+        return self.encoder_flops(int(patches)) + self.projector_flops(projected)
 
 
 def llava_shapes(config: Any) -> tuple[EncoderShape, DecoderShape]:
@@ -66,8 +129,9 @@ def llava_shapes(config: Any) -> tuple[EncoderShape, DecoderShape]:
     vision = config.vision_config
     text = config.text_config
     feature_layers = 1 if isinstance(config.vision_feature_layer, int) else len(config.vision_feature_layer)
+    channels = getattr(vision, "num_channels", 3) or 3
     encoder = EncoderShape(vision.hidden_size, vision.num_attention_heads, vision.intermediate_size,
-                           vision.num_hidden_layers, 3 * vision.patch_size ** 2,
+                           vision.num_hidden_layers, channels * vision.patch_size ** 2,
                            vision.hidden_size * feature_layers, text.hidden_size)
     return encoder, DecoderShape.from_config(text)
 
@@ -76,4 +140,610 @@ def decoder_prefill_flops(shape: DecoderShape, layer_tokens: list[float]) -> flo
     """Decoder FLOPs when layer l processes ``layer_tokens[l]`` tokens (all of them, causally)."""
     if len(layer_tokens) != shape.layers:
         raise ValueError(f"{len(layer_tokens)} token counts for a {shape.layers}-layer decoder")
-    return sum(shape.layer_flops(tokens) for tokens in layer_tokens)
+    return float(sum(shape.layer_flops(tokens) for tokens in layer_tokens))
+
+
+def fastv_paper_flops(shape: DecoderShape, layer_tokens: list[float]) -> float:
+    """FastV's own estimate (its Sec. 4.2): sum over layers of 4nd^2 + 2n^2d + 2ndm (d hidden, m MLP width).
+
+    It counts multiply-adds once, a 2-matrix MLP and full-width k/v: compare its *ratios*, not its totals.
+    """
+    d, m = shape.hidden, shape.intermediate
+    return float(sum(4 * n * d * d + 2 * n * n * d + 2 * n * d * m for n in layer_tokens))
+
+
+# --- the method's own cost ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ScoringInput:
+    """What a scoring-cost rule sees for one decoder-layer application of a stage."""
+
+    stage: Stage
+    layer: int
+    decoder: DecoderShape
+    tokens: int  # tokens entering this layer (before this stage drops any)
+    previous_tokens: int | None  # tokens that entered the layer before (None at layer 0)
+    text_tokens: int  # prompt text tokens (non-visual)
+
+
+ScoringCost = Callable[[ScoringInput], float]
+
+
+def scorer_flops(decoder: DecoderShape, rows: int, keys: int) -> float:
+    """:func:`tokenpress.scorer.attention_rows`: q projection of ``rows`` rows, k projection of ``keys``
+    tokens, and the rows x keys logits over every head (keys repeated for grouped-query attention)."""
+    q = 2.0 * rows * decoder.hidden * decoder.heads * decoder.head_dim
+    k = 2.0 * keys * decoder.hidden * decoder.kv_heads * decoder.head_dim
+    logits = 2.0 * decoder.heads * rows * keys * decoder.head_dim
+    return q + k + logits
+
+
+def _fastv_scoring(item: ScoringInput) -> float:
+    config = item.stage.config
+    use_previous = getattr(config, "score_layer", "previous") == "previous" and item.layer > 0
+    keys = item.previous_tokens if use_previous and item.previous_tokens is not None else item.tokens
+    rows = item.text_tokens if getattr(config, "query", "last") == "text" else 1
+    return scorer_flops(item.decoder, rows, keys)
+
+
+#: Scoring cost of a method at a decoder layer, by method name. A method class may instead define
+#: ``scoring_flops(self, item: ScoringInput) -> float``. Methods in neither place cost nothing extra.
+SCORING_COSTS: dict[str, ScoringCost] = {"fastv": _fastv_scoring}
+
+
+def register_scoring_cost(method: str, cost: ScoringCost) -> None:
+    """Declare the scoring FLOPs of a (third-party) decoder-layer method."""
+    SCORING_COSTS[method] = cost
+
+
+def _scoring(item: ScoringInput) -> float:
+    rule = getattr(item.stage.method_class, "scoring_flops", None)
+    if rule is not None:
+        return float(rule(item.stage.method_class(item.stage.config, item.stage.layers), item))
+    rule = SCORING_COSTS.get(item.stage.method)
+    return float(rule(item)) if rule is not None else 0.0
+
+
+# --- results ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Costs:
+    """Prefill FLOPs by part."""
+
+    encoder: float = 0.0
+    projector: float = 0.0
+    decoder: float = 0.0
+    lm_head: float = 0.0
+    scoring: float = 0.0
+
+    @property
+    def total(self) -> float:
+        return self.encoder + self.projector + self.decoder + self.lm_head + self.scoring
+
+    def __add__(self, other: Costs) -> Costs:
+        return Costs(*(a + b for a, b in zip(asdict(self).values(), asdict(other).values(), strict=True)))
+
+
+@dataclass
+class StageCost:
+    """One application of a stage (a decoder stage applies once per layer it lists)."""
+
+    label: str
+    method: str
+    point: str
+    layer: int | None
+    tokens_in: int  # visual tokens per sample
+    tokens_out: int
+    flops_saved: float  # net: the prefill FLOPs this application removes (negative: it adds)
+    scoring_flops: float  # its own cost, already netted in flops_saved
+
+
+@dataclass
+class Breakdown:
+    """The prefill FLOPs of the unmodified model and of the compressed one, per part, stage and layer."""
+
+    model_type: str
+    stack: str
+    text_tokens: int
+    visual_tokens: int  # visual tokens the unmodified model feeds its decoder
+    baseline: Costs
+    compressed: Costs
+    stages: list[StageCost]
+    layer_tokens: list[int]  # tokens (text + visual) each decoder layer processes, compressed
+    baseline_layer_tokens: list[int]
+    decoder_shape: DecoderShape
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def baseline_flops(self) -> float:
+        return self.baseline.total
+
+    @property
+    def compressed_flops(self) -> float:
+        return self.compressed.total
+
+    @property
+    def ratio(self) -> float:
+        """Compressed / baseline (0.55 means 45% fewer FLOPs)."""
+        return self.compressed_flops / self.baseline_flops
+
+    @property
+    def decoder_only(self) -> dict[str, float]:
+        """Decoder layers alone (no encoder, projector, lm_head or scoring), ours and FastV's formula."""
+        paper_base = fastv_paper_flops(self.decoder_shape, self.baseline_layer_tokens)
+        paper_ours = fastv_paper_flops(self.decoder_shape, self.layer_tokens)
+        return {"baseline_flops": self.baseline.decoder, "compressed_flops": self.compressed.decoder,
+                "ratio": self.compressed.decoder / self.baseline.decoder,
+                "paper_formula_ratio": paper_ours / paper_base}
+
+    def as_dict(self) -> dict[str, Any]:
+        parts = {name: {"baseline": getattr(self.baseline, name), "compressed": getattr(self.compressed, name)}
+                 for name in asdict(self.baseline)}
+        return {
+            "model_type": self.model_type, "stack": self.stack, "text_tokens": self.text_tokens,
+            "visual_tokens": self.visual_tokens, "baseline_flops": self.baseline_flops,
+            "compressed_flops": self.compressed_flops, "ratio": self.ratio, "decoder_only": self.decoder_only,
+            "parts": parts, "stages": [asdict(stage) for stage in self.stages],
+            "layer_tokens": self.layer_tokens, "baseline_layer_tokens": self.baseline_layer_tokens,
+            "notes": self.notes,
+        }
+
+
+# --- families --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Row:
+    """A TokenState row in the simulation: its current grid, token count, and whether it is the full grid."""
+
+    grid: tuple[int, int, int]
+    count: int
+    dense: bool = True
+    high_res: bool = False  # LLaVA-NeXT's high-resolution grid (its rows end with a newline token)
+
+
+class _Family:
+    """Config-derived costs of one model family (one image)."""
+
+    decoder: DecoderShape
+
+    def rows(self) -> list[_Row]:
+        raise NotImplementedError
+
+    def encoder_flops(self) -> float:
+        raise NotImplementedError
+
+    def projector_flops(self, tokens: int) -> float:
+        raise NotImplementedError
+
+    def baseline_projected(self) -> int:
+        return sum(row.count for row in self.rows())
+
+    def decoder_visual(self, rows: list[_Row], stage_label: str | None = None) -> int:
+        return sum(row.count for row in rows)
+
+
+class _Llava(_Family):
+    def __init__(self, config: Any) -> None:
+        if getattr(config, "vision_feature_select_strategy", "default") != "default":
+            raise UnsupportedModelError("tokenpress supports LLaVA configs with vision_feature_select_strategy="
+                                        f"'default', this one has {config.vision_feature_select_strategy!r}")
+        self.shape, self.decoder = llava_shapes(config)
+        vision = config.vision_config
+        self.side = vision.image_size // vision.patch_size
+
+    def rows(self) -> list[_Row]:
+        return [_Row((1, self.side, self.side), self.side ** 2)]
+
+    def encoder_flops(self) -> float:
+        return self.shape.encoder_flops(self.side ** 2)
+
+    def projector_flops(self, tokens: int) -> float:
+        return self.shape.projector_flops(tokens)
+
+
+class _LlavaNext(_Llava):
+    def __init__(self, config: Any, image_size: tuple[int, int] | None) -> None:
+        from transformers.models.llava_next.modeling_llava_next import (
+            get_anyres_image_grid_shape,
+            image_size_to_num_patches,
+            unpad_image,
+        )
+
+        super().__init__(config)
+        if image_size is None:
+            raise FlopsError("LLaVA-NeXT's token count depends on the image: give its size (height x width in "
+                             "pixels, e.g. --image-size 672x672)")
+        tile = config.vision_config.image_size
+        self.tiles = image_size_to_num_patches(list(image_size), config.image_grid_pinpoints, tile)
+        crops_high, crops_wide = get_anyres_image_grid_shape(list(image_size), config.image_grid_pinpoints, tile)
+        grid = torch.zeros(1, crops_high * self.side, crops_wide * self.side)
+        self.height, self.width = unpad_image(grid, list(image_size)).shape[1:]
+
+    def rows(self) -> list[_Row]:
+        return [_Row((1, self.side, self.side), self.side ** 2),
+                _Row((1, self.height, self.width), self.height * self.width, high_res=True)]
+
+    def encoder_flops(self) -> float:
+        return self.tiles * self.shape.encoder_flops(self.side ** 2)
+
+    def baseline_projected(self) -> int:
+        return self.tiles * self.side ** 2  # the model projects every tile before unpadding
+
+    def decoder_visual(self, rows: list[_Row], stage_label: str | None = None) -> int:
+        total = 0
+        for row in rows:
+            total += row.count
+            if row.high_res:
+                if not row.dense:
+                    raise FlopsError(f"stage {stage_label}: after a selection on LLaVA-NeXT's high-resolution grid "
+                                     "the number of image-newline tokens depends on which tokens survive; the "
+                                     "config-only FLOPs cannot predict it (use the measured mode instead)")
+                total += row.grid[0] * row.grid[1]  # one newline per grid row
+        return total
+
+
+class _Qwen2_5_VL(_Family):
+    def __init__(self, config: Any, image_size: tuple[int, int] | None) -> None:
+        vision = config.vision_config
+        self.vision = vision
+        self.decoder = DecoderShape.from_config(config.get_text_config())
+        self.merge = vision.spatial_merge_size
+        factor = vision.patch_size * self.merge
+        if image_size is None:
+            raise FlopsError("Qwen2.5-VL's token count depends on the image: give its size after the processor's "
+                             f"resize (height x width in pixels, multiples of {factor}, e.g. --image-size 448x448)")
+        height, width = image_size
+        if height % factor or width % factor or height <= 0 or width <= 0:
+            raise FlopsError(f"Qwen2.5-VL image sizes are multiples of {factor} pixels (patch {vision.patch_size} x "
+                             f"merge {self.merge}); got {height}x{width}")
+        self.grid_h, self.grid_w = height // vision.patch_size, width // vision.patch_size
+
+    def rows(self) -> list[_Row]:
+        height, width = self.grid_h // self.merge, self.grid_w // self.merge
+        return [_Row((1, height, width), height * width)]
+
+    def encoder_flops(self) -> float:
+        return qwen_vision_flops(self.vision, 1, self.grid_h, self.grid_w)
+
+    def projector_flops(self, tokens: int) -> float:
+        unit = self.vision.hidden_size * self.merge ** 2
+        return 2.0 * tokens * unit * (unit + self.vision.out_hidden_size)
+
+
+def qwen_vision_flops(vision: Any, frames: int, grid_h: int, grid_w: int) -> float:
+    """Qwen2.5-VL's window-attention ViT over one image/video of (frames, grid_h, grid_w) patches (no merger)."""
+    hidden, merge = vision.hidden_size, vision.spatial_merge_size
+    patches = frames * grid_h * grid_w
+    channels = getattr(vision, "in_channels", None) or getattr(vision, "in_chans", None) or 3
+    embed = 2.0 * patches * channels * vision.temporal_patch_size * vision.patch_size ** 2 * hidden
+    window = vision.window_size // merge // vision.patch_size
+    unit_h, unit_w = grid_h // merge, grid_w // merge
+    spans_h = [min(window, unit_h - start) for start in range(0, unit_h, window)]
+    spans_w = [min(window, unit_w - start) for start in range(0, unit_w, window)]
+    windowed = frames * sum((a * b * merge ** 2) ** 2 for a in spans_h for b in spans_w)
+    full = frames * (grid_h * grid_w) ** 2
+    total = embed
+    for block in range(vision.depth):
+        keys = full if block in vision.fullatt_block_indexes else windowed
+        total += _vit_block(patches, hidden, vision.intermediate_size, True, keys)
+    return total
+
+
+def _config_of(model_or_config: Any) -> Any:
+    return model_or_config if not isinstance(model_or_config, torch.nn.Module) else model_or_config.config
+
+
+def _family(config: Any, image_size: tuple[int, int] | None) -> _Family:
+    model_type = getattr(config, "model_type", None)
+    if model_type == "llava":
+        return _Llava(config)
+    if model_type == "llava_next":
+        return _LlavaNext(config, image_size)
+    if model_type == "qwen2_5_vl":
+        return _Qwen2_5_VL(config, image_size)
+    supported = ", ".join(f"{key} ({name})" for key, name in SIMULATED_FAMILIES.items())
+    raise UnsupportedModelError(f"config-only FLOPs support model_type {supported}; this config has "
+                                f"model_type {model_type!r}")
+
+
+# --- config-only simulation ------------------------------------------------------------------------------
+
+
+@dataclass
+class _Path:
+    costs: Costs
+    layer_tokens: list[int]
+    applications: list[tuple[Stage, int | None, int, int, float]]  # stage, layer, in, out, scoring
+
+
+def _promise(stage: Stage, counts: list[int]) -> list[int]:
+    method = stage.method_class(stage.config, stage.layers)
+    promised = method.promised_count(torch.tensor(counts, dtype=torch.long))
+    if promised is None:
+        raise FlopsError(f"stage {stage.label()}: method {stage.method!r} makes no promise about how many tokens "
+                         "it keeps (promised_count() is None and it has no expected_grid), so its FLOPs cannot be "
+                         "derived from the config; measure a real prefill instead")
+    return [min(int(out), count) for out, count in zip(torch.as_tensor(promised).reshape(-1).tolist(), counts,
+                                                       strict=True)]
+
+
+def _apply_pre_llm(stage: Stage, rows: list[_Row]) -> list[_Row]:
+    method = stage.method_class(stage.config, stage.layers)
+    expected_grid = getattr(method, "expected_grid", None)
+    if expected_grid is not None:
+        out = []
+        for row in rows:
+            if not row.dense:
+                raise FlopsError(f"stage {stage.label()}: {stage.method!r} re-grids the full patch grid, but an "
+                                 "earlier stage already selected tokens (the forward pass would fail too)")
+            frames, height, width = row.grid
+            new_h, new_w = expected_grid(height, width)
+            out.append(_Row((frames, new_h, new_w), frames * new_h * new_w, True, row.high_res))
+        return out
+    counts = _promise(stage, [row.count for row in rows])
+    return [_Row(row.grid, count, row.dense and count == row.count, row.high_res)
+            for row, count in zip(rows, counts, strict=True)]
+
+
+def _run(family: _Family, stack: Stack, text_tokens: int, limit: int | None) -> _Path:
+    """The compressed forward with the first ``limit`` stage applications (all when None)."""
+    decoder = family.decoder
+    rows = family.rows()
+    applications: list[tuple[Stage, int | None, int, int, float]] = []
+
+    def allowed() -> bool:
+        return limit is None or len(applications) < limit
+
+    projected: int | None = None
+    last_label: str | None = None
+    for point in PRE_LLM_POINTS:
+        if point == "projector" or (point == "query_conditioned" and projected is None):
+            projected = sum(row.count for row in rows)
+        for stage in (s for s in stack.stages if s.point == point):
+            if not allowed():
+                continue
+            before = sum(row.count for row in rows)
+            rows = _apply_pre_llm(stage, rows)
+            applications.append((stage, None, before, sum(row.count for row in rows), 0.0))
+            last_label = stage.label()
+    assert projected is not None
+    visual = family.decoder_visual(rows, last_label)
+
+    costs = Costs(encoder=family.encoder_flops(), projector=family.projector_flops(projected),
+                  lm_head=decoder.lm_head_flops(1))
+    layer_tokens: list[int] = []
+    for layer in range(decoder.layers):
+        for stage in stack.stages:
+            if stage.point != "decoder_layer" or layer not in stage.layers or not allowed():
+                continue
+            item = ScoringInput(stage, layer, decoder, text_tokens + visual,
+                                layer_tokens[layer - 1] if layer > 0 else None, text_tokens)
+            scoring = _scoring(item)
+            kept = _promise(stage, [visual])[0]
+            applications.append((stage, layer, visual, kept, scoring))
+            costs.scoring += scoring
+            visual = kept
+        layer_tokens.append(text_tokens + visual)
+        costs.decoder += decoder.layer_flops(text_tokens + visual)
+    return _Path(costs, layer_tokens, applications)
+
+
+def _check_layers(stack: Stack, layers: int) -> None:
+    for stage in stack.stages:
+        for layer in stage.layers:
+            if layer >= layers:
+                raise StackError(f"{stack.source}: stages[{stage.index}].layers: layer {layer} is out of range for "
+                                 f"this model, which has {layers} decoder layers (0-{layers - 1})")
+
+
+def simulate(config: Any, stack: Stack | str | Path | dict, text_tokens: int,
+             image_size: tuple[int, int] | None = None) -> Breakdown:
+    """Prefill FLOPs of the unmodified and the compressed model, from a config alone (no weights).
+
+    ``text_tokens`` is the number of prompt tokens that are not image placeholders (system prompt,
+    question, chat markup, Qwen's vision start/end tokens). ``image_size`` (height, width in pixels)
+    is needed by LLaVA-NeXT (the original size: it picks the tiling) and Qwen2.5-VL (the size after
+    its processor's resize); LLaVA-1.5 resizes every image to its encoder's size and ignores it.
+    Raises :class:`FlopsError` when a stage's token count cannot be predicted.
+    """
+    from tokenpress.stack import load_stack
+
+    config = _config_of(config)
+    stack = load_stack(stack)
+    if text_tokens < 0:
+        raise FlopsError(f"text_tokens must be >= 0, got {text_tokens}")
+    family = _family(config, image_size)
+    decoder = family.decoder
+    _check_layers(stack, decoder.layers)
+
+    visual = family.decoder_visual(family.rows())
+    baseline_layers = [text_tokens + visual] * decoder.layers
+    baseline = Costs(encoder=family.encoder_flops(), projector=family.projector_flops(family.baseline_projected()),
+                     decoder=decoder_prefill_flops(decoder, baseline_layers), lm_head=decoder.lm_head_flops(1))
+    notes = []
+    if image_size is not None and config.model_type == "llava":
+        side = config.vision_config.image_size
+        notes.append(f"image size ignored: LLaVA-1.5 resizes every image to {side}x{side}")
+    if not stack.stages:
+        return Breakdown(config.model_type, stack.name, text_tokens, visual, baseline, baseline, [],
+                         baseline_layers, baseline_layers, decoder, notes)
+
+    full = _run(family, stack, text_tokens, None)
+    previous = _run(family, stack, text_tokens, 0).costs.total
+    if previous != baseline.total:
+        notes.append(f"the compressed forward itself saves {format_flops(baseline.total - previous)} before any "
+                     "stage acts (LLaVA-NeXT: it projects the base tile and the unpadded grid, not every tile); "
+                     "the stages' savings do not include it")
+    stages = []
+    for index, (stage, layer, tokens_in, tokens_out, scoring) in enumerate(full.applications):
+        total = _run(family, stack, text_tokens, index + 1).costs.total
+        stages.append(StageCost(stage.label(), stage.method, stage.point, layer, tokens_in, tokens_out,
+                                previous - total, scoring))
+        previous = total
+    return Breakdown(config.model_type, stack.name, text_tokens, visual, baseline, full.costs, stages,
+                     full.layer_tokens, baseline_layers, decoder, notes)
+
+
+# --- measured counts --------------------------------------------------------------------------------------
+
+
+def _encoder_from_inputs(config: Any, inputs: Mapping[str, Any]) -> tuple[float, list[int]]:
+    """Encoder FLOPs of a batch's images, and the tokens the unmodified model projects per image."""
+    model_type = getattr(config, "model_type", None)
+    if model_type == "llava":
+        family = _Llava(config)
+        images = int(inputs["pixel_values"].shape[0])
+        return images * family.encoder_flops(), [family.side ** 2] * images
+    if model_type == "llava_next":
+        if inputs.get("image_sizes") is None:
+            raise FlopsError("LLaVA-NeXT FLOPs need the batch's image_sizes")
+        sizes = [tuple(int(v) for v in size) for size in inputs["image_sizes"]]
+        families = [_LlavaNext(config, size) for size in sizes]
+        return sum(f.encoder_flops() for f in families), [f.baseline_projected() for f in families]
+    if model_type == "qwen2_5_vl":
+        vision, merge = config.vision_config, config.vision_config.spatial_merge_size
+        grids = [inputs[key] for key in ("image_grid_thw", "video_grid_thw") if inputs.get(key) is not None]
+        if not grids:
+            raise FlopsError("Qwen2.5-VL FLOPs need the batch's image_grid_thw (or video_grid_thw)")
+        rows = [[int(v) for v in row] for grid in grids for row in grid]
+        return (sum(qwen_vision_flops(vision, t, h, w) for t, h, w in rows),
+                [t * (h // merge) * (w // merge) for t, h, w in rows])
+    _family(config, None)  # raises the unsupported-model error
+    raise AssertionError("unreachable")
+
+
+def measured(config: Any, inputs: Mapping[str, Any], stats: PrefillStats | None = None,
+             stack: Stack | str | Path | dict | None = None, records: list[StageRecord] | None = None) -> Costs:
+    """Prefill FLOPs of a batch (summed over its samples) from the token counts of a real prefill.
+
+    ``inputs`` are the model's inputs (for the images: pixel_values, image_sizes or image_grid_thw,
+    and attention_mask). ``stats`` is ``handle.prefill_stats`` of a compressed prefill, or None for
+    the unmodified model; ``stack`` adds its decoder stages' scoring cost (``records``, the
+    handle's stage records, give the exact token count a stage at layer 0 scored).
+    """
+    from tokenpress.stack import load_stack
+
+    config = _config_of(config)
+    decoder = DecoderShape.from_config(config.get_text_config())
+    encoder, projected_per_image = _encoder_from_inputs(config, inputs)
+    family_shape = _family_projector(config)
+    if stats is None:
+        mask = inputs.get("attention_mask")
+        ids = inputs["input_ids"]
+        lengths = mask.sum(-1).tolist() if mask is not None else [ids.shape[1]] * ids.shape[0]
+        layer_tokens = [[int(n) for n in lengths]] * decoder.layers
+        layer_visual: list[list[int]] | None = None
+        projected = sum(projected_per_image)
+    else:
+        layer_tokens, layer_visual, projected = stats.layer_tokens, stats.layer_visual, sum(stats.projected)
+    batch = len(layer_tokens[0])
+    costs = Costs(encoder=encoder, projector=family_shape(projected), lm_head=decoder.lm_head_flops(batch))
+    for per_layer in zip(*layer_tokens, strict=True):
+        costs.decoder += decoder_prefill_flops(decoder, list(per_layer))
+    if stack is not None and stats is not None and layer_visual is not None:
+        stack = load_stack(stack)
+        for sample in range(batch):
+            text = layer_tokens[0][sample] - layer_visual[0][sample]
+            for stage in stack.stages:
+                if stage.point != "decoder_layer":
+                    continue
+                for layer in stage.layers:
+                    previous = layer_tokens[layer - 1][sample] if layer > 0 else None
+                    # tokens entering the layer before this stage drops any: what the stage record saw,
+                    # else the previous layer's output (at layer 0: the tokens the layer processed)
+                    record = next((r for r in records or [] if r.stage == stage.label() and r.layer == layer), None)
+                    if record is not None:
+                        entering = text + record.tokens_in[sample]
+                    else:
+                        entering = previous if previous is not None else layer_tokens[0][sample]
+                    costs.scoring += _scoring(ScoringInput(stage, layer, decoder, entering, previous, text))
+    return costs
+
+
+def measured_from_handle(handle: Handle, inputs: Mapping[str, Any]) -> Costs:
+    """:func:`measured` for the last prefill of an attached stack (unmodified model when it had no stage)."""
+    return measured(handle.model.config, inputs, handle.prefill_stats, handle.stack, handle.records)
+
+
+def _family_projector(config: Any) -> Callable[[int], float]:
+    model_type = getattr(config, "model_type", None)
+    if model_type in ("llava", "llava_next"):
+        return llava_shapes(config)[0].projector_flops
+    vision = config.vision_config
+    unit = vision.hidden_size * vision.spatial_merge_size ** 2
+    return lambda tokens: 2.0 * tokens * unit * (unit + vision.out_hidden_size)
+
+
+def load_config(path: str | Path) -> Any:
+    """A transformers config from a ``config.json`` file (or a folder holding one), without weights."""
+    from transformers import AutoConfig
+
+    path = Path(path)
+    file = path / "config.json" if path.is_dir() else path
+    if not file.is_file():
+        raise FlopsError(f"{path}: no such config file")
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise FlopsError(f"{file}: not a readable JSON config ({exc})") from None
+    if not isinstance(data, dict) or "model_type" not in data:
+        raise FlopsError(f"{file}: not a transformers config (no model_type)")
+    try:
+        return AutoConfig.from_pretrained(file)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise UnsupportedModelError(f"{file}: cannot build a config for model_type {data['model_type']!r} "
+                                    f"({str(exc).splitlines()[0]})") from None
+
+
+def parse_image_size(text: str | None) -> tuple[int, int] | None:
+    """``"672x448"`` (height x width in pixels) -> (672, 448); None stays None."""
+    if text is None:
+        return None
+    parts = text.lower().replace("*", "x").split("x")
+    if len(parts) != 2 or not all(part.strip().isdigit() and int(part) > 0 for part in parts):
+        raise FlopsError(f"image size {text!r}: expected HEIGHTxWIDTH in pixels, e.g. 672x672")
+    return int(parts[0]), int(parts[1])
+
+
+def format_flops(value: float) -> str:
+    """``1.23 TFLOPs``-style rendering."""
+    for unit, scale in (("PFLOPs", 1e15), ("TFLOPs", 1e12), ("GFLOPs", 1e9), ("MFLOPs", 1e6), ("kFLOPs", 1e3)):
+        if abs(value) >= scale:
+            return f"{value / scale:.3f} {unit}"
+    return f"{value:.0f} FLOPs"
+
+
+def format_breakdown(breakdown: Breakdown) -> str:
+    """A human-readable table of a :class:`Breakdown`."""
+    b = breakdown
+    lines = [f"stack {b.stack!r} on {SIMULATED_FAMILIES.get(b.model_type, b.model_type)}: {b.text_tokens} text "
+             f"tokens + {b.visual_tokens} visual tokens per prompt", "",
+             f"{'part':<12} {'baseline':>16} {'compressed':>16} {'ratio':>7}"]
+    for name in asdict(b.baseline):
+        base, ours = getattr(b.baseline, name), getattr(b.compressed, name)
+        ratio = f"{ours / base:.3f}" if base else "-"
+        lines.append(f"{name:<12} {format_flops(base):>16} {format_flops(ours):>16} {ratio:>7}")
+    lines.append(f"{'total':<12} {format_flops(b.baseline_flops):>16} {format_flops(b.compressed_flops):>16} "
+                 f"{b.ratio:>7.3f}")
+    decoder = b.decoder_only
+    lines += ["", f"FLOPs ratio {b.ratio:.3f} ({1 - b.ratio:.1%} fewer); decoder layers only {decoder['ratio']:.3f} "
+              f"({1 - decoder['ratio']:.1%} fewer; FastV's formula: {1 - decoder['paper_formula_ratio']:.1%} fewer)"]
+    if b.stages:
+        lines += ["", f"{'stage':<34} {'tokens in':>9} {'tokens out':>10} {'FLOPs saved':>16} {'its own cost':>14}"]
+        for stage in b.stages:
+            where = stage.label + (f" layer {stage.layer}" if stage.layer is not None else "")
+            lines.append(f"{where:<34} {stage.tokens_in:>9} {stage.tokens_out:>10} "
+                         f"{format_flops(stage.flops_saved):>16} {format_flops(stage.scoring_flops):>14}")
+    lines += [f"note: {note}" for note in b.notes]
+    return "\n".join(lines)
+
+
+__all__ = [
+    "SCORING_COSTS", "SIMULATED_FAMILIES", "Breakdown", "Costs", "DecoderShape", "EncoderShape", "FlopsError",
+    "ScoringInput", "StageCost", "decoder_prefill_flops", "fastv_paper_flops", "format_breakdown", "format_flops",
+    "llava_shapes", "load_config", "measured", "measured_from_handle", "parse_image_size", "qwen_vision_flops",
+    "register_scoring_cost", "scorer_flops", "simulate",
+]
