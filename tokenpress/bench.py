@@ -115,7 +115,7 @@ def bench(model: Any, inputs: dict[str, torch.Tensor], stacks: list[Stack], repe
     """Interleaved prefill timings, FLOPs and peak memory of each stack against the baseline."""
     from tqdm.auto import tqdm
 
-    from tokenpress.evaluate import _cost
+    from tokenpress import flops as flops_model
 
     configs: list[tuple[str, Stack | None]] = [("baseline", None)] + [(s.name, s) for s in stacks]
     times: dict[str, list[float]] = {name: [] for name, _ in configs}
@@ -123,9 +123,6 @@ def bench(model: Any, inputs: dict[str, torch.Tensor], stacks: list[Stack], repe
     flops: dict[str, float] = {}
     kept: dict[str, float] = {}
     memory: dict[str, int] = {}
-    layers = model.config.get_text_config().num_hidden_layers
-    placeholders = (inputs["input_ids"] == model.config.image_token_id).sum(-1).tolist()
-    lengths = inputs["attention_mask"].sum(-1).tolist()
     total = (repeats + 1) * len(configs)
     with tqdm(total=total, desc="bench", unit="run", disable=not progress) as bar, stage_timer() as timer:
         for repeat in range(repeats + 1):  # the first round warms up and measures FLOPs and memory
@@ -137,12 +134,10 @@ def bench(model: Any, inputs: dict[str, torch.Tensor], stacks: list[Stack], repe
                     if repeat == 0:
                         memory[name] = peak_memory(lambda: _prefill(model, inputs))
                         stats = handle.prefill_stats if handle is not None else None
-                        if stats is None:
-                            flops[name] = _cost(model, [lengths] * layers, placeholders, placeholders)
-                            kept[name] = 1.0
-                        else:
-                            flops[name] = _cost(model, stats.layer_tokens, stats.visual_in, stats.projected)
-                            kept[name] = sum(stats.layer_visual[-1]) / max(sum(stats.visual_in), 1)
+                        records = handle.report().records if handle is not None else None
+                        flops[name] = flops_model.measured(model, inputs, stats, stack, records).total
+                        kept[name] = 1.0 if stats is None else (
+                            sum(stats.layer_visual[-1]) / max(sum(stats.visual_in), 1))
                     else:
                         times[name].append(seconds)
                         stage_time[name].append(timer.timing.total)

@@ -19,9 +19,9 @@ from typing import Any
 
 import torch
 
+from tokenpress import flops as flops_model
 from tokenpress.attach import compress
 from tokenpress.errors import TokenpressError
-from tokenpress.flops import DecoderShape, decoder_prefill_flops, llava_shapes
 from tokenpress.stack import Stack, load_stack
 
 DEFAULT_MODEL = "zoo:llava-shapes"
@@ -67,44 +67,35 @@ def load_model_and_processor(model: str) -> tuple[Any, Any]:
     return loaded, processor
 
 
-def _cost(model: Any, layer_tokens: list[list[int]], visual_in: list[int], projected: list[int]) -> float:
-    config = model.config
-    if getattr(config, "model_type", None) != "llava":
-        decoder = DecoderShape.from_config(config.get_text_config())
-        return sum(decoder_prefill_flops(decoder, list(per_layer)) for per_layer in zip(*layer_tokens, strict=True))
-    encoder, decoder = llava_shapes(config)
-    total = 0.0
-    for sample, per_layer in enumerate(zip(*layer_tokens, strict=True)):
-        total += encoder.flops(visual_in[sample], projected[sample]) + decoder_prefill_flops(decoder, list(per_layer))
-    return total
-
-
 def _run_batch(model: Any, inputs: dict[str, torch.Tensor], stack: Stack | None, max_new_tokens: int,
                result: RunResult) -> list[str]:
-    layers = model.config.get_text_config().num_hidden_layers
     with torch.no_grad():
         handle = compress(model, stack) if stack is not None and stack.stages else None
         try:
             start = time.perf_counter()
             model(**inputs, use_cache=False, logits_to_keep=1)
             result.prefill_seconds.append(time.perf_counter() - start)
-            output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
             stats = handle.prefill_stats if handle is not None else None
+            records = handle.report().records if handle is not None else None
+            output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
         finally:
             if handle is not None:
                 handle.detach()
-    lengths = inputs["attention_mask"].sum(-1).tolist()
-    placeholders = (inputs["input_ids"] == model.config.image_token_id).sum(-1).tolist()
     if stats is None:
-        layer_tokens = [lengths] * layers
-        visual_in, projected, visual_out = placeholders, placeholders, placeholders
+        placeholders = torch.isin(inputs["input_ids"], torch.tensor(_placeholder_ids(model))).sum().item()
+        result.visual_in += placeholders
+        result.visual_kept += placeholders
     else:
-        layer_tokens, visual_in, projected = stats.layer_tokens, stats.visual_in, stats.projected
-        visual_out = stats.layer_visual[-1]
-    result.visual_in += sum(visual_in)
-    result.visual_kept += sum(visual_out)
-    result.flops += _cost(model, layer_tokens, visual_in, projected)
+        result.visual_in += sum(stats.visual_in)
+        result.visual_kept += sum(stats.layer_visual[-1])
+    result.flops += flops_model.measured(model, inputs, stats, stack, records).total
     return list(output[:, inputs["input_ids"].shape[1]:])
+
+
+def _placeholder_ids(model: Any) -> list[int]:
+    config = model.config
+    return [i for i in (getattr(config, "image_token_id", None), getattr(config, "video_token_id", None))
+            if i is not None]
 
 
 def evaluate(stacks: list[Stack | str | Path], model: str = DEFAULT_MODEL, n: int = 1000, batch_size: int = 50,
