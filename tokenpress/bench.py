@@ -50,6 +50,9 @@ def sweep_stacks(methods: list[str], ratios: list[float], decoder_layer: int = 2
             params = method_class.params_for_keep(ratio)
             if params is None:
                 raise TokenpressError(f"method {name!r} has no keep-ratio setting to sweep")
+            identity = method_class.identity_params
+            if identity is not None and all(params.get(key) == value for key, value in identity.items()):
+                continue  # e.g. pool cannot keep 50% with a square kernel: kernel 1 would change nothing
             stage: dict[str, Any] = {"method": name, "params": params}
             if method_class.default_point() == "decoder_layer":
                 stage["layers"] = [decoder_layer]
