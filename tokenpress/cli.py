@@ -106,9 +106,13 @@ def _resolve_model_path(path: str) -> Path:
         except ImportError:
             raise UserError(f"{path}: the model zoo is not installed") from None
         try:
-            return zoo_path(path)
+            folder = zoo_path(path)
         except ValueError as exc:
             raise UserError(str(exc)) from None
+        if not (folder / "config.json").is_file():
+            raise UserError(f"{path}: this proxy model is not in this installation (train it with "
+                            f"`tokenpress zoo train {path.removeprefix('zoo:')} --out DIR`, then pass --model DIR)")
+        return folder
     folder = Path(path)
     if not folder.is_dir():
         raise UserError(f"{path}: no such model folder")

@@ -11,16 +11,18 @@ cell is empty (white) or holds one object: a ``color`` (six saturated colours), 
 (square, circle, triangle) and a ``size`` (big, small), drawn centred in the cell, so the pixel at
 the centre of a cell always has the object's colour.  Question families (``FAMILIES``):
 
-- ``color_at``: "what color is at row 3 column 5 ?" -> a colour, or ``none`` for an empty cell
-- ``shape_at``: "what shape is at row 3 column 5 ?" -> a shape or ``none``
-- ``size_at``: "what size is at row 3 column 5 ?" -> ``big``, ``small`` or ``none``
+- ``color_at``: "what color is at 3 5 ?" (row 3, column 5) -> a colour, or ``none`` for an empty cell
+- ``shape_at``: "what shape is at 3 5 ?" -> a shape or ``none``
+- ``size_at``: "what size is at 3 5 ?" -> ``big``, ``small`` or ``none``
 - ``count_color``: "how many red objects are there ?" -> a digit
 - ``relative_position``: "is the red square left or right of the blue circle ?" -> ``left`` /
   ``right`` (or "... above or below the ..." -> ``above`` / ``below``); both objects are unique
   by colour and shape in their image.
 
-Rows and columns are numbered from 1 (top, left).  Answers are one lower-case word, scored by
-exact match (``score``).  The vocabulary is closed (``vocabulary``) so a word-level tokenizer covers
+Cells are written "row column", numbered from 1 (top, left): the same compact "3 5 ?" that
+precedes each cell's content in the training caption (``caption``), so that what a model learns
+from captions carries over to questions.  Answers are one lower-case word, scored by exact match
+(``score``).  The vocabulary is closed (``vocabulary``) so a word-level tokenizer covers
 every prompt, caption and answer.
 """
 
@@ -53,6 +55,7 @@ SIZES: tuple[str, ...] = ("big", "small")
 _HALF_EXTENT = {"big": 6, "small": 4}
 
 EMPTY = "none"
+ATTRIBUTES: tuple[str, ...] = ("color", "shape", "size")
 FAMILIES: tuple[str, ...] = ("color_at", "shape_at", "size_at", "count_color", "relative_position")
 SPLITS: dict[str, int] = {"train": 0, "val": 1, "test": 2}
 # Default number of questions per split (train is an endless stream; see ``training_scene``).
@@ -60,10 +63,10 @@ SPLIT_SIZES: dict[str, int] = {"train": 20000, "val": 500, "test": 1000}
 MIN_OBJECTS, MAX_OBJECTS = 10, 18
 
 IMAGE_TOKEN = "<image>"
-# Training-only prompt word: "<image> describe" is answered with ``caption(objects)``.
+# Training-only prompt word: "<image> describe color" is answered with ``caption(objects, "color")``.
 CAPTION_PROMPT = "describe"
 _QUESTION_WORDS = (
-    *("what", "color", "shape", "size", "is", "at", "row", "column", "how", "many", "objects", "are"),
+    *("what", "color", "shape", "size", "is", "at", "how", "many", "objects", "are"),
     *("there", "the", "left", "or", "right", "of", "above", "below", "?"),
 )
 
@@ -162,26 +165,29 @@ def cell_center(row: int, col: int, image_size: int = IMAGE_SIZE) -> tuple[int, 
     return col * cell + cell // 2, row * cell + cell // 2
 
 
-def cell_descriptions(objects: Iterable[Obj]) -> list[tuple[int, int, str]]:
-    """``(row, col, words)`` for all cells in raster order (1-based): "big red square" or "none"."""
+def cell_descriptions(objects: Iterable[Obj], attribute: str) -> list[tuple[int, int, str]]:
+    """``(row, col, word)`` for all cells in raster order (1-based): the cell's ``attribute``
+    (``"color"``, ``"shape"`` or ``"size"``) or ``"none"``."""
+    if attribute not in ATTRIBUTES:
+        raise ValueError(f"unknown attribute {attribute!r}; expected one of {', '.join(ATTRIBUTES)}")
     grid: dict[tuple[int, int], Obj] = {(o.row, o.col): o for o in objects}
     out = []
     for r in range(GRID):
         for c in range(GRID):
             o = grid.get((r, c))
-            out.append((r + 1, c + 1, EMPTY if o is None else f"{o.size} {o.color} {o.shape}"))
+            out.append((r + 1, c + 1, EMPTY if o is None else getattr(o, attribute)))
     return out
 
 
-def caption(objects: Iterable[Obj]) -> str:
-    """Every cell in raster order as "row column content", e.g. "1 1 none 1 2 big red square ...".
+def caption(objects: Iterable[Obj], attribute: str) -> str:
+    """One attribute of every cell in raster order as "row column ? word": "1 1 ? none 1 2 ? red ...".
 
     Why: this is the dense training target that makes from-scratch training converge (questions
-    alone leave a tiny model at chance).  The coordinates are written before each cell's content so
-    the decoder looks a cell up by content (as a question does) instead of having to count how many
-    cells it has already described.
+    alone leave a tiny model at chance).  The training prompt is ``"describe <attribute>"`` and each
+    cell's word follows its coordinates written exactly as ``*_at`` questions end ("what color is
+    at 1 2 ?"), so the look-up a model learns from captions is the one questions need.
     """
-    return " ".join(f"{r} {c} {words}" for r, c, words in cell_descriptions(objects))
+    return " ".join(f"{r} {c} ? {word}" for r, c, word in cell_descriptions(objects, attribute))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -197,7 +203,7 @@ def _at_question(objects: Sequence[Obj], attr: str, rng: np.random.Generator) ->
     r, c = pool[int(rng.integers(len(pool)))]
     o = grid.get((r, c))
     answer = EMPTY if o is None else getattr(o, attr)
-    return f"what {attr} is at row {r + 1} column {c + 1} ?", answer
+    return f"what {attr} is at {r + 1} {c + 1} ?", answer
 
 
 def _count_question(objects: Sequence[Obj], rng: np.random.Generator) -> tuple[str, str]:

@@ -10,11 +10,15 @@ downloaded here and are far too large for a CPU, so the zoo ships two tiny ones 
 ``tokenpress.data.shapes``: a LLaVA (CLIP encoder + Llama decoder, 144 visual tokens) and a
 Qwen2.5-VL (36 visual tokens after its 2x2 patch merger).
 
-Recipe (see /work/shared/FACTS.md): questions alone leave a from-scratch model at chance, so the
-decoder first learns to *caption* -- write the content of every grid cell in raster order -- and
-then trains on sequences that pack several question/answer pairs followed by the caption.  The
-caption and answer losses are averaged separately and added, so the few answer tokens are not
-drowned by the caption tokens.  bf16 autocast on the CPU, AdamW, warm-up + cosine schedule.
+Recipe: questions alone leave a from-scratch model at chance, so the decoder first learns to
+*caption* -- write every grid cell's coordinates and content in raster order -- and then trains on
+sequences that pack several question/answer pairs followed by the caption.  The caption and answer
+losses are averaged separately and added, so the few answer tokens are not drowned by the caption
+tokens.  Two measures remove the long plateau a from-scratch model otherwise sits on while it
+discovers what each visual token shows and where it is: a linear probe (training only, discarded)
+that predicts each visual token's row, column, colour, shape and size from its decoder hidden
+state (``AuxProbe``), and, for LLaVA, a 2-D sine-cosine start for the CLIP position embeddings
+(``init_positions``).  bf16 autocast on the CPU, AdamW, warm-up + cosine schedule.
 
 The final evaluation runs greedy decoding on the test split of the reloaded checkpoint (as
 shipped, float16 weights upcast to float32) with all visual tokens and with a random 50%, 25% and
@@ -81,15 +85,17 @@ class Recipe:
     """Everything that defines a training run besides the seed (defaults: the shipped models)."""
 
     arch: str  # "llava" or "qwen"
-    steps: int = 1500
-    caption_steps: int = 400  # stage 1: captioning only
+    steps: int = 1000
+    caption_steps: int = 300  # stage 1: captioning only
     batch_size: int = 32
     lr: float = 1e-3
     warmup: int = 50
     weight_decay: float = 0.01
-    n_questions: int = 6  # question/answer pairs packed before the caption in stage 2
-    # Sampling weights of the families in training (aligned with shapes.FAMILIES).
-    family_weights: tuple[float, ...] = (0.15, 0.15, 0.15, 0.25, 0.30)
+    n_questions: int = 10  # question/answer pairs packed in one stage-2 sequence
+    caption_every: int = 3  # in stage 2, every caption_every-th batch is a caption batch
+    # Sampling weights of the families in training (aligned with shapes.FAMILIES): the cell
+    # look-ups are also taught by the caption, counting and relations only by questions.
+    family_weights: tuple[float, ...] = (0.1, 0.1, 0.1, 0.3, 0.4)
     eval_every: int = 100
     val_size: int = 250
     test_size: int = shapes.SPLIT_SIZES["test"]
@@ -391,8 +397,8 @@ class Encoder:
                 )
         return out
 
-    def training_batch(self, recipe: Recipe, step: int, seed: int, stage: int) -> dict[str, torch.Tensor]:
-        """Batch ``step`` of the training stream: stage 1 captions only, stage 2 QAs then caption.
+    def training_batch(self, recipe: Recipe, step: int, seed: int, captions: bool) -> dict[str, torch.Tensor]:
+        """Batch ``step`` of the training stream: captions, or packed question/answer pairs.
 
         ``kind`` marks supervised positions: 1 = answer token, 2 = caption token (incl. its </s>),
         3 = </s> after an answer; 0 = not supervised.
@@ -406,19 +412,21 @@ class Encoder:
             images.append(shapes.render(objects))
             targets.append(self.cell_targets(objects))
             ids, kind = list(self.prefix), [0] * len(self.prefix)
-            if stage == 2:
+            if not captions:
                 for _family, q, a in qas:
                     q_ids = self.words(q)
                     ids += q_ids + [self.vocab[a], EOS]
                     kind += [0] * len(q_ids) + [1, 3]
-            ids.append(caption_id)
-            kind.append(0)
-            for r, c, words in shapes.cell_descriptions(objects):  # coordinates are not supervised
-                content = self.words(words)
-                ids += self.words(f"{r} {c}") + content
-                kind += [0, 0] + [2] * len(content)
-            ids.append(EOS)
-            kind.append(2)
+            else:
+                # Attribute cycles with the scene index, so every batch mixes the three captions.
+                attribute = shapes.ATTRIBUTES[(step * recipe.batch_size + i) % len(shapes.ATTRIBUTES)]
+                ids += [caption_id, self.vocab[attribute]]
+                kind += [0, 0]
+                for r, c, word in shapes.cell_descriptions(objects, attribute):  # "r c ?" not supervised
+                    ids += self.words(f"{r} {c} ?") + [self.vocab[word]]
+                    kind += [0, 0, 0, 2]
+                ids.append(EOS)
+                kind.append(2)
             seqs.append(ids)
             kinds.append(kind)
         length = max(map(len, seqs))
@@ -657,7 +665,7 @@ def train(
     if tiny:
         recipe = replace(recipe, **TINY)
     if steps is not None:
-        recipe = replace(recipe, steps=steps, caption_steps=min(recipe.caption_steps, steps * 4 // 15))
+        recipe = replace(recipe, steps=steps, caption_steps=min(recipe.caption_steps, steps * 3 // 10))
     if overrides:
         recipe = replace(recipe, **overrides)
     if threads:
@@ -690,7 +698,8 @@ def train(
     for step in bar:
         model.train()
         stage = 1 if step < recipe.caption_steps else 2
-        batch = encoder.training_batch(recipe, step, seed, stage)
+        captions = stage == 1 or (step - recipe.caption_steps) % recipe.caption_every == recipe.caption_every - 1
+        batch = encoder.training_batch(recipe, step, seed, captions)
         for group in opt.param_groups:
             group["lr"] = _lr_at(recipe, step)
         inputs = {k: v for k, v in batch.items() if k not in ("kind", "aux")}
@@ -793,6 +802,12 @@ def model_card(metrics: dict[str, Any]) -> str:
         )
         prompt = "<|vision_start|><|image_pad|><|vision_end|>\\n{question}"
     size_mb = metrics["checkpoint_bytes"] / 1e6
+    pos_note = (
+        " The CLIP position embeddings start from a 2-D sine-cosine table scaled to the patch"
+        " embeddings' magnitude (the default 0.02 init makes position ~25x weaker than content)."
+        if r["arch"] == "llava"
+        else ""
+    )
     model_class = "LlavaForConditionalGeneration" if r["arch"] == "llava" else "Qwen2_5_VLForConditionalGeneration"
     return f"""# {name}
 
@@ -826,13 +841,17 @@ steps then cosine to 10%), batch {r["batch_size"]} freshly generated images per 
 CPU; {metrics["train_minutes"]:.1f} minutes with {metrics["torch_threads"]} CPU thread(s).
 
 1. Steps 1-{r["caption_steps"]}: captioning only. The sequence is `<s>` + image + `describe` and the
-   target is the content of all 36 cells in raster order (`big red square` or `none`).
+   target is every cell in raster order as `row column content` (`1 2 big red square`, `1 3 none`;
+   the coordinates are given, the contents are supervised).
 2. Remaining steps: {r["n_questions"]} question/answer pairs (`question answer </s>` each, families
    sampled with weights {r["family_weights"]} over {list(families)}) followed by the caption. Caption
    and answer losses are averaged separately and summed.
+3. Throughout, an auxiliary linear probe (not part of the checkpoint) reads the hidden state of
+   every visual token after decoder layer {r["aux_layer"]} and predicts the row, column, colour, shape
+   and size of its cell (loss weight {r["aux_weight"]}).{pos_note}
 
-Questions alone leave a from-scratch model at chance; the dense caption supervision is what makes
-it converge.
+Questions alone leave a from-scratch model at chance for hundreds of steps; the dense caption and
+probe supervision are what make it converge in a few hundred.
 
 ## Accuracy on the test split
 

@@ -1,0 +1,321 @@
+"""The method contract kit (tokenpress.testing.contract): run on every registered method, and tested itself.
+
+* One contract class per registered method, generated from the registry (a new built-in is covered
+  without writing a test), as timm tests every registered model.
+* For each check, a deliberately broken method that the kit must fail - on that check alone - run with
+  ``pytester`` the way a plugin author runs the kit.
+* The pytest plugin (``cuda`` marker, fixtures) and a plugin in its own distribution
+  (``contrib/acme-tokenpress``) running the kit on itself.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import shutil
+import subprocess
+import sys
+import traceback
+from collections.abc import Iterator
+from importlib.metadata import entry_points
+from pathlib import Path
+
+import pytest
+import torch
+
+import tokenpress
+from tokenpress import DecoderContext, Keep, StageContext, TokenState, keep_count
+from tokenpress.select import seeded_uniform, topk_mask
+from tokenpress.testing import MethodContract
+from tokenpress.testing.contract import sync_origin
+from tokenpress.testing.families import FAMILIES
+
+pytest_plugins = ["pytester"]
+
+ROOT = Path(__file__).resolve().parents[1]
+ACME = ROOT / "contrib" / "acme-tokenpress"
+REGISTERED = sorted(tokenpress.get_registry().methods)
+
+
+# --- the kit over every registered method -------------------------------------------------------
+
+
+def _contract_class(name: str) -> type[MethodContract]:
+    words = "".join(word.capitalize() for word in re.split(r"[^0-9A-Za-z]+", name))
+    cls_name = f"TestContract{words}"
+    return type(cls_name, (MethodContract,), {"method": name, "__module__": __name__, "__qualname__": cls_name,
+                                               "__doc__": f"The method contract on {name!r}."})
+
+
+for _name in REGISTERED:
+    _cls = _contract_class(_name)
+    globals()[_cls.__name__] = _cls
+del _name, _cls
+
+
+def test_every_registered_method_has_a_contract_class() -> None:
+    generated = {value.method for value in globals().values()
+                 if isinstance(value, type) and issubclass(value, MethodContract) and value.__name__.startswith("Test")}
+    assert generated == set(tokenpress.get_registry().methods)
+    assert {"fastv", "pool", "random"} <= generated
+
+
+def test_a_contract_class_must_name_its_method() -> None:
+    with pytest.raises(TypeError, match="set `method"):
+        type("TestNothing", (MethodContract,), {})
+
+
+# --- broken methods: each must fail its check, and only that one ---------------------------------
+
+
+def _keep_first(tokens: TokenState, counts: torch.Tensor) -> TokenState:
+    rank = tokens.valid.long().cumsum(-1)
+    return tokens.keep(tokens.valid & (rank <= counts.to(rank.device).unsqueeze(-1)))
+
+
+class _Selecting(tokenpress.Method):
+    """Base of the broken methods: keeps keep_ratio at post_encoder, promises it, identity at 1.0."""
+
+    Config = tokenpress.SelectingConfig
+    points = ("post_encoder",)
+    identity_params = {"keep_ratio": 1.0}
+    example_params = {"keep_ratio": 0.5}
+
+    def promised_count(self, tokens_in: torch.Tensor) -> torch.Tensor:
+        return keep_count(tokens_in, self.config.keep_ratio)
+
+    def counts(self, tokens: TokenState) -> torch.Tensor:
+        return keep_count(tokens.counts(), self.config.keep_ratio)
+
+
+class BrokenPromise(_Selecting):
+    """Promises keep_ratio, keeps half of that (below 1.0)."""
+
+    name = "broken-promise"
+
+    @tokenpress.hookimpl
+    def post_encoder(self, tokens: TokenState, context: StageContext) -> TokenState:
+        ratio = self.config.keep_ratio
+        return _keep_first(tokens, keep_count(tokens.counts(), ratio / 2 if ratio < 1 else 1.0))
+
+
+class BrokenIdentity(_Selecting):
+    """Rescales the embeddings it keeps, even at keep_ratio 1.0."""
+
+    name = "broken-identity"
+
+    @tokenpress.hookimpl
+    def post_encoder(self, tokens: TokenState, context: StageContext) -> TokenState:
+        kept = _keep_first(tokens, self.counts(tokens))
+        return kept.replace(kept.embeddings * 1.5)
+
+
+class BrokenBatch(_Selecting):
+    """Draws one (images, tokens) table from a fixed seed: image i's draw depends on its row in the batch."""
+
+    name = "broken-batch"
+
+    @tokenpress.hookimpl
+    def post_encoder(self, tokens: TokenState, context: StageContext) -> TokenState:
+        generator = torch.Generator().manual_seed(0)
+        scores = torch.rand(tokens.num_images, tokens.num_slots, generator=generator).to(tokens.valid.device)
+        return tokens.keep(topk_mask(scores, tokens.valid, self.counts(tokens).to(scores.device)))
+
+
+class BrokenCache(_Selecting):
+    """Decides from every token so far (generated ones included): the first or the last visual tokens."""
+
+    name = "broken-cache"
+    points = ("decoder_layer",)
+
+    @tokenpress.hookimpl
+    def decoder_layer(self, context: DecoderContext) -> Keep:
+        visual = context.is_visual
+        seen = context.sequence.valid.sum(-1)  # should be the prompt only: this grows at every decoding step
+        total = visual.sum(-1)
+        keep = keep_count(total, self.config.keep_ratio).to(total.device)
+        start = (seen % 2) * (total - keep)
+        rank = visual.long().cumsum(-1) - 1
+        return Keep(visual & (rank >= start.unsqueeze(-1)) & (rank < (start + keep).unsqueeze(-1)))
+
+
+class BrokenQuadratic(_Selecting):
+    """Ranks tokens by their summed similarity to every other token: an N x N matrix per image."""
+
+    name = "broken-nxn"
+
+    @tokenpress.hookimpl
+    def post_encoder(self, tokens: TokenState, context: StageContext) -> TokenState:
+        x = tokens.embeddings
+        similarity = x @ x.transpose(1, 2)
+        scores = similarity.masked_fill(~tokens.valid.unsqueeze(1), 0).sum(-1)
+        return tokens.keep(topk_mask(scores, tokens.valid, self.counts(tokens).to(scores.device)))
+
+
+class BrokenDtype(_Selecting):
+    """Returns float32 embeddings whatever the model's dtype."""
+
+    name = "broken-dtype"
+
+    @tokenpress.hookimpl
+    def post_encoder(self, tokens: TokenState, context: StageContext) -> TokenState:
+        kept = _keep_first(tokens, self.counts(tokens))
+        return kept.replace(kept.embeddings.float())
+
+
+class BrokenSeed(_Selecting):
+    """Seeds its (per-sample, batch-independent) draws from the OS at setup: each attachment differs."""
+
+    name = "broken-seed"
+
+    def setup(self, model_info: object) -> None:
+        self.seed = random.SystemRandom().randrange(2**31)
+
+    @tokenpress.hookimpl
+    def post_encoder(self, tokens: TokenState, context: StageContext) -> TokenState:
+        device = tokens.valid.device
+        scores = torch.stack([seeded_uniform(context.random_key(i, tokens.image_to_sample, self.seed),
+                                             tokens.num_slots, device) for i in range(tokens.num_images)])
+        return tokens.keep(topk_mask(scores, tokens.valid, self.counts(tokens).to(device)))
+
+
+class _Provides:
+    """A plugin object registering one method class."""
+
+    def __init__(self, method_class: type[tokenpress.Method]) -> None:
+        self.method_class = method_class
+
+    @tokenpress.hookimpl
+    def tokenpress_register_methods(self) -> list[type[tokenpress.Method]]:
+        return [self.method_class]
+
+
+CHECKS = ("test_tokens_match_promise", "test_identity_at_ratio_one", "test_batch_invariance",
+          "test_cache_and_no_cache_agree", "test_no_quadratic_allocations", "test_dtype_and_device_kept",
+          "test_deterministic_under_seed", "test_no_host_device_sync")
+
+
+@pytest.fixture
+def restore_registry() -> Iterator[tokenpress.registry.Registry]:
+    """The process registry, rebuilt from the entry points afterwards (drops what a test registered)."""
+    yield tokenpress.get_registry()
+    registry = tokenpress.get_registry(reload=True)
+    assert not any(name.startswith("broken-") for name in registry.methods)
+
+
+def _author_test_file(pytester: pytest.Pytester, method: str) -> None:
+    """What a plugin author writes, restricted to LLaVA to keep the kit's own tests fast."""
+    pytester.makepyfile(test_author=f"""
+        from tokenpress.testing import MethodContract
+
+
+        class TestAuthor(MethodContract):
+            method = {method!r}
+            families = ("llava",)
+        """)
+
+
+@pytest.mark.parametrize(("method_class", "check", "message"), [
+    pytest.param(method_class, check, message, id=method_class.name) for method_class, check, message in [
+        (BrokenPromise, "test_tokens_match_promise", "does not keep what it promises"),
+        (BrokenIdentity, "test_identity_at_ratio_one", "identity_params {'keep_ratio': 1.0} changes the logits"),
+        (BrokenBatch, "test_batch_invariance", "differ from the same sample run alone"),
+        (BrokenCache, "test_cache_and_no_cache_agree", "greedy generate with the KV cache gave"),
+        (BrokenQuadratic, "test_no_quadratic_allocations", "x N attention or similarity matrix"),
+        (BrokenDtype, "test_dtype_and_device_kept", "returned torch.float32 embeddings (received torch.float64)"),
+        (BrokenSeed, "test_deterministic_under_seed", "is not deterministic under seed 0"),
+    ]
+])
+def test_the_kit_fails_a_broken_method_on_its_check_only(pytester: pytest.Pytester, restore_registry,
+                                                         method_class: type[tokenpress.Method], check: str,
+                                                         message: str) -> None:
+    restore_registry.register_plugin(_Provides(method_class), name=f"plugin-{method_class.name}")
+    _author_test_file(pytester, method_class.name)
+    result = pytester.runpytest("-p", "no:cacheprovider", "-rfs")
+    cuda = torch.cuda.is_available()
+    result.assert_outcomes(failed=1, passed=len(CHECKS) - 1 - (not cuda), skipped=int(not cuda))
+    result.stdout.fnmatch_lines([f"FAILED test_author.py::TestAuthor::{check}?llava-{method_class.name}?*"])
+    assert message in result.stdout.str(), result.stdout.str()
+
+
+def test_the_kit_fails_an_unregistered_method_clearly(pytester: pytest.Pytester) -> None:
+    _author_test_file(pytester, "acme-not-installed")
+    result = pytester.runpytest("-p", "no:cacheprovider")
+    result.assert_outcomes(failed=len(CHECKS) - (not torch.cuda.is_available()),
+                           skipped=int(not torch.cuda.is_available()))
+    result.stdout.fnmatch_lines(["*method 'acme-not-installed' is not registered*tokenpress.plugins*"])
+
+
+def test_syncs_are_blamed_on_the_innermost_frame_outside_torch(tmp_path: Path) -> None:
+    torch_file = str(Path(torch.__file__).parent / "functional.py")
+    core_file = str(Path(tokenpress.__file__).parent / "tokens.py")
+    plugin_file = str(tmp_path / "acme_tokenpress.py")
+
+    def frame(filename: str, line: int) -> traceback.FrameSummary:
+        return traceback.FrameSummary(filename, line, "f")
+
+    # outermost first, as traceback.extract_stack() gives them
+    assert sync_origin([frame(plugin_file, 3), frame(core_file, 7), frame(torch_file, 1)]) == ("core", f"{core_file}:7")
+    assert sync_origin([frame(core_file, 7), frame(plugin_file, 3), frame(torch_file, 1)]) == ("method",
+                                                                                               f"{plugin_file}:3")
+
+
+# --- the pytest plugin --------------------------------------------------------------------------
+
+
+def test_the_pytest_plugin_is_an_entry_point() -> None:
+    plugins = {ep.name: ep.value for ep in entry_points(group="pytest11")}
+    assert plugins.get("tokenpress") == "tokenpress.testing.pytest_plugin", (
+        "reinstall tokenpress (pip install -e . --no-deps) to register its pytest11 entry point")
+
+
+def test_plugin_fixtures_and_cuda_marker(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(test_fixtures="""
+        import pytest
+
+
+        def test_family(tokenpress_family, tiny_model_factory):
+            assert tiny_model_factory(tokenpress_family.name) is tokenpress_family.model
+            batch = tokenpress_family.batch(2)
+            assert tokenpress_family.model(**batch).logits.shape[0] == 2
+
+
+        @pytest.mark.cuda
+        def test_on_the_gpu():
+            import torch
+
+            assert torch.cuda.is_available()
+        """)
+    result = pytester.runpytest("-p", "no:cacheprovider", "--strict-markers", "-v")
+    cuda = torch.cuda.is_available()
+    result.assert_outcomes(passed=len(FAMILIES) + cuda, skipped=int(not cuda))
+    result.stdout.fnmatch_lines([f"*test_family?{name}? PASSED*" for name in FAMILIES])
+
+
+# --- a plugin in its own distribution runs the kit on itself ------------------------------------
+
+
+def test_a_separate_distribution_runs_the_kit_on_itself(tmp_path: Path) -> None:
+    """contrib/acme-tokenpress, 'installed' on PYTHONPATH with the entry points its pyproject declares."""
+    tomllib = pytest.importorskip("tomllib" if sys.version_info >= (3, 11) else "tomli")
+    project = shutil.copytree(ACME, tmp_path / "acme-tokenpress", ignore=shutil.ignore_patterns("__pycache__"))
+    metadata = tomllib.loads((project / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+    groups = metadata["entry-points"]
+    assert groups["tokenpress.plugins"] == {"acme": "acme_tokenpress"}
+    info = project / f"{metadata['name'].replace('-', '_')}-{metadata['version']}.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {metadata['name']}\nVersion: {metadata['version']}\n",
+                                   encoding="utf-8")
+    (info / "entry_points.txt").write_text("".join(
+        f"[{group}]\n" + "".join(f"{name} = {value}\n" for name, value in points.items())
+        for group, points in groups.items()), encoding="utf-8")
+    env = {key: value for key, value in os.environ.items()
+           if not key.startswith(("TOKENPRESS_", "PYTEST_ADDOPTS", "PYTEST_DISABLE_PLUGIN_AUTOLOAD"))}
+    env.update(PYTHONPATH=str(project), HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error", OMP_NUM_THREADS="2")
+    completed = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rs", "tests"],
+                               cwd=project, env=env, capture_output=True, text=True, timeout=300)
+    output = completed.stdout + completed.stderr
+    assert completed.returncode == 0, output
+    checks = len(CHECKS) - (not torch.cuda.is_available())
+    assert f"{checks * len(FAMILIES)} passed" in output, output

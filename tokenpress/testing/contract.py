@@ -1,0 +1,674 @@
+"""The profiling contract as a pytest test kit: every method plugin, built-in or third-party, runs it.
+
+A plugin author subclasses :class:`MethodContract` in a test file and names the method::
+
+    from tokenpress.testing import MethodContract
+
+    class TestAcmeKeepFirst(MethodContract):
+        method = "acme-keepfirst"          # a registered method name
+        params = {"keep_ratio": 0.5}       # optional: defaults to the method's example_params
+
+pytest then runs one test per check, for every tiny model family of
+:data:`tokenpress.testing.families.FAMILIES` (and every method, when ``method`` names several):
+
+* ``test_tokens_match_promise`` - tokens out == ``promised_count(tokens in)``, per image and per sample;
+* ``test_identity_at_ratio_one`` - ``identity_params`` give the unmodified model's logits;
+* ``test_batch_invariance`` - each sample of a left-padded batch gives its text logits as run alone;
+* ``test_cache_and_no_cache_agree`` - greedy ``generate`` with and without the KV cache agree;
+* ``test_no_quadratic_allocations`` - what the method's own hook calls allocate grows ~linearly with
+  the visual token count (no N x N attention or similarity matrix);
+* ``test_dtype_and_device_kept`` - under a float64 model the stage returns float64 on the model's device;
+* ``test_deterministic_under_seed`` - two attachments, same seed: identical selections and outputs;
+* ``test_no_host_device_sync`` (``cuda`` marker) - the method's own code never synchronises with the host.
+
+Every measurement goes through :class:`StageObserver`, a ``tokenpress_run_stage`` hook wrapper, so
+only the method's own hook calls are measured. Tiny models are built once per session
+(:func:`tiny_model`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import random
+import traceback
+import warnings
+from collections.abc import Callable, Iterator
+from collections.abc import Sequence as SequenceOf
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import pytest
+import torch
+from torch.utils._pytree import tree_flatten
+
+import tokenpress
+from tokenpress.context import DecoderContext
+from tokenpress.hookspecs import hookimpl
+from tokenpress.method import Method
+from tokenpress.profiling import observing
+from tokenpress.testing.families import FAMILIES, Family, prompts
+from tokenpress.testing.memory import AllocationTracker, growth_exponent
+from tokenpress.testing.models import (
+    llava_batch,
+    llava_next_batch,
+    qwen_batch,
+    sample_prompts,
+    tiny_llava,
+)
+from tokenpress.tokens import TokenState
+
+__all__ = [
+    "SCALED_INPUTS",
+    "FamilyCase",
+    "FloatAllocationTracker",
+    "MethodContract",
+    "StageCall",
+    "StageObserver",
+    "SyncEvent",
+    "SyncRecorder",
+    "observe",
+    "sync_origin",
+    "tiny_model",
+]
+
+# --- tiny models, built once per session --------------------------------------------------------
+
+_MODELS: dict[tuple[Any, ...], Any] = {}
+
+
+def _cached(key: tuple[Any, ...], build: Callable[[], Any]) -> Any:
+    if key not in _MODELS:
+        _MODELS[key] = build()
+    model = _MODELS[key]
+    handle = tokenpress.attached_handle(model)
+    if handle is not None:  # a test that died inside compress() without its with-block: never leak it
+        handle.detach()
+    return model
+
+
+def tiny_model(family: str, attn_implementation: str = "sdpa", dtype: torch.dtype | None = None,
+               device: str | torch.device = "cpu") -> Any:
+    """The session's tiny model of ``family`` (shared: attach stacks with ``with``, never modify it)."""
+
+    def build() -> Any:
+        model = FAMILIES[family].build(attn_implementation)
+        return model.to(device=device, dtype=dtype) if dtype is not None else model.to(device)
+
+    return _cached((family, attn_implementation, str(dtype), str(device)), build)
+
+
+@dataclass(frozen=True)
+class FamilyCase:
+    """A family under test: its :class:`~tokenpress.testing.families.Family` and the session's model."""
+
+    name: str
+    family: Family
+    model: Any
+
+    def batch(self, count: int = 3, padding_side: str = "left", seed: int = 0) -> dict[str, torch.Tensor]:
+        """``count`` prompts of different lengths, one image each, padded on ``padding_side``."""
+        return self.family.batch(self.model, prompts(count, seed), padding_side, seed)
+
+    def select(self, batch: dict[str, torch.Tensor], index: int) -> dict[str, torch.Tensor]:
+        """Sample ``index`` of ``batch``, unpadded, as a batch of one."""
+        return self.family.select(batch, index)
+
+
+# --- inputs with a growing number of visual tokens (for the N x N check) -------------------------
+
+ScaledInputs = Callable[[int], tuple[Any, dict[str, torch.Tensor]]]  # step (0, 1, 2) -> (model, batch of one)
+
+
+def _llava_scaled(step: int) -> tuple[Any, dict[str, torch.Tensor]]:
+    size = (64, 128, 256)[step]  # patch 8: 64, 256, 1024 visual tokens
+    model = _cached(("llava-scaled", size), lambda: tiny_llava("sdpa", image_size=size))
+    return model, llava_batch(model, sample_prompts(1))
+
+
+def _llava_next_scaled(step: int) -> tuple[Any, dict[str, torch.Tensor]]:
+    tile = (32, 64, 128)[step]  # one pinpoint of one tile: base + crop, 2 x (tile / 8)^2 tokens
+
+    def build() -> Any:
+        from transformers import LlavaNextForConditionalGeneration
+
+        base = tiny_model("llava-next")
+        config = copy.deepcopy(base.config)
+        config.vision_config.image_size = tile
+        config.image_grid_pinpoints = [[tile, tile]]
+        torch.manual_seed(0)
+        model = LlavaNextForConditionalGeneration(config).eval()
+        with torch.no_grad():
+            model.model.image_newline.normal_()
+        model.generation_config.pad_token_id = base.generation_config.pad_token_id
+        return model
+
+    model = _cached(("llava-next-scaled", tile), build)
+    return model, llava_next_batch(model, sample_prompts(1), sizes=[(tile, tile)])
+
+
+def _qwen_scaled(step: int) -> tuple[Any, dict[str, torch.Tensor]]:
+    grid = ((8, 8), (16, 16), (32, 32))[step]  # 2x2 merge: 16, 64, 256 visual tokens
+    model = tiny_model("qwen2.5-vl")
+    return model, qwen_batch(model, sample_prompts(1), grids=[grid])
+
+
+#: Family name -> inputs at three growing visual token counts. A third-party family adds its own.
+SCALED_INPUTS: dict[str, ScaledInputs] = {
+    "llava": _llava_scaled,
+    "llava-next": _llava_next_scaled,
+    "qwen2.5-vl": _qwen_scaled,
+}
+
+# --- observing the method's own hook calls ------------------------------------------------------
+
+
+class FloatAllocationTracker(AllocationTracker):
+    """An :class:`~tokenpress.testing.memory.AllocationTracker` that also counts floating-point bytes apart.
+
+    Attention and similarity matrices are floating point; the core's own boolean/integer bookkeeping
+    (for instance ``TokenState.source``, images x tokens x original patches) is not what the N x N
+    check is about, so it compares ``float_bytes``.
+    """
+
+    def __init__(self, keep: int = 5) -> None:
+        super().__init__()
+        self.float_bytes = 0
+        self.keep = keep
+        self.largest: list[tuple[int, str, tuple[int, ...], torch.dtype]] = []  # bytes, op, shape, dtype
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        out = super().__torch_dispatch__(func, types, args, kwargs)
+        inputs = {t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs))[0]
+                  if isinstance(t, torch.Tensor) and t.numel()}
+        for tensor in tree_flatten(out)[0]:
+            if (not isinstance(tensor, torch.Tensor) or not tensor.numel() or not tensor.is_floating_point()
+                    or tensor.untyped_storage().data_ptr() in inputs):
+                continue
+            size = tensor.numel() * tensor.element_size()
+            self.float_bytes += size
+            self.largest.append((size, str(func), tuple(tensor.shape), tensor.dtype))
+            self.largest = sorted(self.largest, key=lambda item: -item[0])[: self.keep]
+        return out
+
+
+@dataclass
+class SyncEvent:
+    """A host-device synchronisation seen inside a stage call, with the line that caused it."""
+
+    message: str
+    origin: str  # "method" (the plugin's own code or what it calls) or "core" (a tokenpress helper)
+    where: str  # file:line of the innermost frame outside torch
+
+
+_TORCH_DIR = Path(torch.__file__).resolve().parent
+_CORE_DIR = Path(tokenpress.__file__).resolve().parent
+_SKIPPED_FILES = {str(Path(warnings.__file__).resolve()), str(Path(__file__).resolve())}
+
+
+def sync_origin(stack: SequenceOf[traceback.FrameSummary]) -> tuple[str, str]:
+    """Classify a synchronisation by the innermost frame of ``stack`` outside torch (and this kit).
+
+    Returns ``("core", where)`` when that frame is in the tokenpress package, else ``("method", where)``.
+    """
+    for frame in reversed(stack):
+        path = Path(frame.filename).resolve()
+        if str(path) in _SKIPPED_FILES or path.is_relative_to(_TORCH_DIR) or frame.filename.startswith("<"):
+            continue
+        origin = "core" if path.is_relative_to(_CORE_DIR) else "method"
+        return origin, f"{frame.filename}:{frame.lineno}"
+    return "core", "<unknown>"
+
+
+class SyncRecorder:
+    """Within the block, record every synchronising CUDA operation (``torch.cuda.set_sync_debug_mode``)."""
+
+    def __init__(self) -> None:
+        self.events: list[SyncEvent] = []
+        self._stack = contextlib.ExitStack()
+        self._previous = 0
+
+    def _show(self, message: Any, category: Any, filename: str, lineno: int, file: Any = None,
+              line: Any = None) -> None:
+        text = str(message)
+        if "synchroniz" in text:
+            origin, where = sync_origin(traceback.extract_stack()[:-1])
+            self.events.append(SyncEvent(text, origin, where))
+        else:
+            self._original(message, category, filename, lineno, file, line)
+
+    def __enter__(self) -> SyncRecorder:
+        self._original = warnings.showwarning
+        self._stack.enter_context(warnings.catch_warnings())
+        warnings.simplefilter("always")
+        warnings.showwarning = self._show
+        self._previous = torch.cuda.get_sync_debug_mode()
+        torch.cuda.set_sync_debug_mode("warn")
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        torch.cuda.set_sync_debug_mode(self._previous)
+        self._stack.close()
+
+
+@dataclass
+class StageCall:
+    """One call of the observed method's hook, as seen from around it."""
+
+    label: str
+    point: str
+    layer: int | None
+    tokens_in: list[int]  # per image row (pre-LLM points) or per sample (decoder_layer)
+    tokens_out: list[int]
+    samples: list[int]  # the batch row each entry of tokens_in belongs to
+    dtype_in: torch.dtype | None  # embeddings the stage received (None at decoder_layer)
+    dtype_out: torch.dtype | None  # embeddings the stage returned
+    devices: set[str] = field(default_factory=set)  # devices of every tensor the stage returned
+    result_type: str = ""
+    float_bytes: int = 0
+    largest: list[tuple[int, str, tuple[int, ...], torch.dtype]] = field(default_factory=list)
+    syncs: list[SyncEvent] = field(default_factory=list)
+
+
+def _describe(stage: Any, point: str, payload: Any, result: Any) -> StageCall:
+    label = stage.label()
+    if isinstance(payload, DecoderContext):
+        visual = payload.is_visual
+        tokens_in = visual.sum(-1).tolist()
+        devices = set()
+        if result is None:
+            tokens_out = list(tokens_in)
+        else:
+            mask = getattr(result, "mask", None)
+            if isinstance(mask, torch.Tensor):
+                tokens_out = (mask.bool() & visual).sum(-1).tolist()
+                devices = {str(mask.device)}
+            else:
+                tokens_out = []
+        return StageCall(label, point, payload.layer_index, tokens_in, tokens_out, list(range(len(tokens_in))),
+                         None, None, devices, type(result).__name__)
+    tokens_in = payload.counts().tolist() if isinstance(payload, TokenState) else []
+    samples = payload.image_to_sample.tolist() if isinstance(payload, TokenState) else []
+    dtype_in = payload.embeddings.dtype if isinstance(payload, TokenState) else None
+    if not isinstance(result, TokenState):
+        return StageCall(label, point, None, tokens_in, [], samples, dtype_in, None, set(), type(result).__name__)
+    devices = {str(value.device) for value in vars(result).values() if isinstance(value, torch.Tensor)}
+    return StageCall(label, point, None, tokens_in, result.counts().tolist(), samples, dtype_in,
+                     result.embeddings.dtype, devices, "TokenState")
+
+
+class StageObserver:
+    """An observer plugin (a ``tokenpress_run_stage`` wrapper) recording every call of one method's hooks.
+
+    ``allocations=True`` measures what each call allocates (:class:`FloatAllocationTracker`);
+    ``sync_debug=True`` records the host-device synchronisations it makes (CUDA). Register it with
+    :func:`tokenpress.profiling.observing` (``with observing(StageObserver("fastv")) as observer: ...``).
+    """
+
+    def __init__(self, method: str | None = None, *, allocations: bool = False, sync_debug: bool = False) -> None:
+        self.method = method
+        self.allocations = allocations
+        self.sync_debug = sync_debug
+        self.calls: list[StageCall] = []
+
+    @hookimpl(wrapper=True)
+    def tokenpress_run_stage(self, stage: Any, method: Method, point: str, payload: Any, call: Any) -> Any:
+        if self.method is not None and stage.method != self.method:
+            return (yield)
+        tracker = FloatAllocationTracker() if self.allocations else None
+        syncs = SyncRecorder() if self.sync_debug else None
+        with syncs or contextlib.nullcontext(), tracker or contextlib.nullcontext():
+            result = yield
+        described = _describe(stage, point, payload, result)
+        if tracker is not None:
+            described.float_bytes = tracker.float_bytes
+            described.largest = tracker.largest
+        if syncs is not None:
+            described.syncs = syncs.events
+        self.calls.append(described)
+        return result
+
+
+# --- helpers ------------------------------------------------------------------------------------
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+    try:
+        import numpy
+    except ImportError:  # pragma: no cover - numpy is a dependency of tokenpress
+        return
+    numpy.random.seed(seed)
+
+
+def _to(batch: dict[str, torch.Tensor], device: str | torch.device = "cpu",
+        dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """``batch`` on ``device``; floating tensors (pixels) in ``dtype`` when given."""
+    return {key: value.to(device=device, dtype=dtype) if dtype is not None and value.is_floating_point()
+            else value.to(device) for key, value in batch.items()}
+
+
+def _counts(calls: list[StageCall]) -> str:
+    """``stage: tokens in -> tokens out`` of each distinct call (``x n`` when repeated)."""
+    seen: dict[str, int] = {}
+    for call in calls:
+        text = (call.label + (f" layer {call.layer}" if call.layer is not None else "")
+                + f": {call.tokens_in} -> {call.tokens_out}")
+        seen[text] = seen.get(text, 0) + 1
+    return "; ".join(text + (f" (x {count})" if count > 1 else "") for text, count in seen.items()) or "(no call)"
+
+
+def _allocations(largest: list[tuple[int, str, tuple[int, ...], torch.dtype]]) -> str:
+    return ", ".join(f"{op.split('.')[1] if op.count('.') else op} {list(shape)} {str(dtype).replace('torch.', '')} "
+                     f"({size} B)" for size, op, shape, dtype in largest)
+
+
+# --- the contract -------------------------------------------------------------------------------
+
+
+class MethodContract:
+    """The profiling contract, as a base class for a pytest test class (peft's common-tester style).
+
+    Set ``method`` (a registered method name, or several) and optionally ``params``; the other class
+    attributes tune the checks. The class itself is not collected (its name does not start with
+    ``Test``); subclasses named ``Test...`` are.
+    """
+
+    #: Registered method name(s) under test.
+    method: ClassVar[str | tuple[str, ...]] = ""
+    #: Stage ``params`` of the compressing checks (``None``: each method's ``example_params``).
+    params: ClassVar[dict[str, Any] | None] = None
+    #: Insertion point (``None``: the method's default point).
+    point: ClassVar[str | None] = None
+    #: Decoder layers of a ``decoder_layer`` stage.
+    layers: ClassVar[tuple[int, ...]] = (1,)
+    #: Families to run on (``None``: every family of FAMILIES that a registered adapter handles).
+    families: ClassVar[tuple[str, ...] | None] = None
+    #: Tolerance of the identity and batch-invariance comparisons.
+    atol: ClassVar[float] = 1e-5
+    #: Largest growth exponent of the method's allocations against the visual token count.
+    max_growth: ClassVar[float] = 1.5
+    #: Seed of the determinism check.
+    seed: ClassVar[int] = 0
+    #: Tolerate synchronisations made inside tokenpress's own helpers (data-dependent shapes, seeds).
+    allow_core_syncs: ClassVar[bool] = True
+    #: New tokens of the generation check.
+    max_new_tokens: ClassVar[int] = 6
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.__name__.startswith("Test") and not cls.method:
+            raise TypeError(f"{cls.__name__}: set `method = \"<registered method name>\"` to run the tokenpress "
+                            "method contract")
+
+    # --- parametrization ------------------------------------------------------------------------
+
+    @classmethod
+    def method_names(cls) -> list[str]:
+        return [cls.method] if isinstance(cls.method, str) else list(cls.method)
+
+    @classmethod
+    def family_names(cls) -> list[str]:
+        if cls.families is not None:
+            return list(cls.families)
+        handled = {adapter.family for adapter in tokenpress.get_registry().adapters}
+        return [name for name in FAMILIES if name in handled]
+
+    def pytest_generate_tests(self, metafunc: pytest.Metafunc) -> None:
+        """Parametrize every check over the families and the method(s) under test."""
+        if "contract_family" in metafunc.fixturenames:
+            metafunc.parametrize("contract_family", self.family_names(), scope="class")
+        if "contract_method" in metafunc.fixturenames:
+            metafunc.parametrize("contract_method", self.method_names(), scope="class")
+
+    # --- building blocks (override to adapt) ----------------------------------------------------
+
+    def method_class(self, name: str) -> type[Method]:
+        registry = tokenpress.get_registry()
+        if name not in registry.methods:
+            pytest.fail(f"method {name!r} is not registered (registered: {', '.join(sorted(registry.methods))}); "
+                        "is its plugin installed, with a 'tokenpress.plugins' entry point?", pytrace=False)
+        return registry.methods[name]
+
+    def stack(self, name: str, params: dict[str, Any] | None = None) -> dict[str, Any]:
+        """A one-stage stack of method ``name`` with ``params`` (default: the class's, else example)."""
+        method_class = self.method_class(name)
+        if params is None:
+            params = self.params if self.params is not None else method_class.example_params
+        point = self.point or method_class.default_point()
+        stage: dict[str, Any] = {"method": name, "at": point, "params": dict(params)}
+        if point == "decoder_layer":
+            stage["layers"] = list(self.layers)
+        return {"name": f"contract-{name}", "stages": [stage]}
+
+    def case(self, family: str, dtype: torch.dtype | None = None, device: str = "cpu") -> FamilyCase:
+        return FamilyCase(family, FAMILIES[family], tiny_model(family, dtype=dtype, device=device))
+
+    @staticmethod
+    def _ran(observer: StageObserver, name: str) -> None:
+        assert observer.calls, f"the {name} stage never ran: the check would prove nothing"
+
+    # --- the checks -----------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def test_tokens_match_promise(self, contract_family: str, contract_method: str) -> None:
+        """Tokens out == ``promised_count(tokens in)`` for every image (every sample at decoder layers)."""
+        case = self.case(contract_family)
+        spec = case.family
+        batch = spec.mixed_batch(case.model, prompts(3)) if spec.mixed_batch else case.batch(3, "left", 0)
+        with observing(StageObserver(contract_method)) as observer, \
+                tokenpress.compress(case.model, self.stack(contract_method)) as handle:
+            case.model(**batch)
+            records = handle.report().records
+            method = handle.entries[0].method
+        self._ran(observer, contract_method)
+        if method.promised_count(torch.tensor(observer.calls[0].tokens_in or [1])) is None:
+            pytest.skip(f"{contract_method} makes no promise on its token count (promised_count returns None)")
+        problems = []
+        for call in observer.calls:
+            where = call.label + (f" layer {call.layer}" if call.layer is not None else "")
+            promised = method.promised_count(torch.tensor(call.tokens_in)).tolist()
+            if promised != call.tokens_out:
+                unit = "sample" if call.layer is not None else "image"
+                problems.append(f"{where}: tokens in per {unit} {call.tokens_in}, promised {promised}, "
+                                f"kept {call.tokens_out}")
+        by_stage = {call.label: call for call in observer.calls if call.layer is None}
+        for record in records:
+            call = by_stage.get(record.stage)
+            if record.layer is not None:
+                expected = method.promised_count(torch.tensor(record.tokens_in)).tolist()
+            elif call is not None:
+                promised = method.promised_count(torch.tensor(call.tokens_in)).tolist()
+                expected = [sum(p for p, s in zip(promised, call.samples, strict=True) if s == sample)
+                            for sample in range(len(record.tokens_in))]
+            else:
+                continue
+            if record.tokens_out != expected:
+                problems.append(f"report {record.stage}" + (f" layer {record.layer}" if record.layer is not None
+                                                            else "")
+                                + f": tokens in per sample {record.tokens_in}, promised {expected}, "
+                                  f"reported {record.tokens_out}")
+        assert not problems, (f"{contract_method} on {contract_family} does not keep what it promises "
+                              f"(params {self.stack(contract_method)['stages'][0]['params']}):\n  "
+                              + "\n  ".join(problems))
+
+    @torch.no_grad()
+    def test_identity_at_ratio_one(self, contract_family: str, contract_method: str) -> None:
+        """``identity_params`` give the unmodified model's logits."""
+        identity = self.method_class(contract_method).identity_params
+        if identity is None:
+            pytest.skip(f"{contract_method} declares no identity setting (identity_params is None)")
+        case = self.case(contract_family)
+        batch = case.family.batch(case.model, [prompts(1)[0]] * 2, "left", 0)
+        expected = case.model(**batch).logits
+        with observing(StageObserver(contract_method)) as observer, \
+                tokenpress.compress(case.model, self.stack(contract_method, identity)):
+            actual = case.model(**batch).logits
+        self._ran(observer, contract_method)
+        difference = float((actual - expected).abs().max())
+        same = torch.allclose(actual, expected, rtol=self.atol, atol=self.atol)
+        assert same, (
+            f"{contract_method} with its identity_params {identity} changes the logits on {contract_family}: "
+            f"max |difference| {difference:.3g} > {self.atol} (tokens {_counts(observer.calls)})")
+
+    @torch.no_grad()
+    def test_batch_invariance(self, contract_family: str, contract_method: str) -> None:
+        """Each sample of a left-padded batch of 3 prompts gives its text logits as when run alone."""
+        case = self.case(contract_family)
+        batch = case.batch(3, "left", 1)
+        placeholders = torch.tensor(tokenpress.find_adapter(case.model).placeholder_ids())
+        problems = []
+        with observing(StageObserver(contract_method)) as observer, \
+                tokenpress.compress(case.model, self.stack(contract_method)) as handle:
+            batched = case.model(**batch).logits
+            kept_batched = [record.tokens_out for record in handle.report().records]
+            for index in range(3):
+                alone_batch = case.select(batch, index)
+                alone = case.model(**alone_batch).logits[0]
+                kept_alone = [record.tokens_out[0] for record in handle.report().records]
+                real = batch["attention_mask"][index].bool()
+                text = real & ~torch.isin(batch["input_ids"][index], placeholders)
+                alone_text = ~torch.isin(alone_batch["input_ids"][0], placeholders)
+                ours, theirs = batched[index][text], alone[alone_text]
+                if not torch.allclose(ours, theirs, rtol=self.atol, atol=self.atol):
+                    problems.append(f"sample {index}: max |difference| {float((ours - theirs).abs().max()):.3g}, "
+                                    f"tokens kept batched {[k[index] for k in kept_batched]}, alone {kept_alone}")
+        self._ran(observer, contract_method)
+        assert not problems, (f"{contract_method} on {contract_family}: text logits in a padded batch differ from "
+                              "the same sample run alone (a selection that depends on the batch?):\n  "
+                              + "\n  ".join(problems))
+
+    @torch.no_grad()
+    def test_cache_and_no_cache_agree(self, contract_family: str, contract_method: str) -> None:
+        """Greedy ``generate(use_cache=True)`` == ``generate(use_cache=False)`` on a padded batch of 3."""
+        case = self.case(contract_family)
+        batch = case.batch(3, "left", 2)
+        options = {"max_new_tokens": self.max_new_tokens, "do_sample": False}
+        with observing(StageObserver(contract_method)) as observer, \
+                tokenpress.compress(case.model, self.stack(contract_method)):
+            cached = case.model.generate(**batch, use_cache=True, **options)
+            prefills = len(observer.calls)
+            uncached = case.model.generate(**batch, use_cache=False, **options)
+        self._ran(observer, contract_method)
+        assert prefills, f"the {contract_method} stage never ran during generate(use_cache=True)"
+        new = batch["input_ids"].shape[1]
+        same = torch.equal(cached, uncached)
+        assert same, (
+            f"{contract_method} on {contract_family}: greedy generate with the KV cache gave {cached[:, new:].tolist()}"
+            f", without it {uncached[:, new:].tolist()}; a stage must decide from the prompt alone, once per prompt "
+            f"(tokens per call: {_counts(observer.calls)})")
+
+    @torch.no_grad()
+    def test_no_quadratic_allocations(self, contract_family: str, contract_method: str) -> None:
+        """What the method's hook calls allocate grows ~linearly with the visual tokens (no N x N matrix)."""
+        scaled = SCALED_INPUTS.get(contract_family)
+        if scaled is None:
+            pytest.skip(f"no inputs of growing size for family {contract_family!r} (tokenpress.testing.contract."
+                        "SCALED_INPUTS)")
+        sizes, allocated, largest = [], [], []
+        for step in range(3):
+            model, batch = scaled(step)
+            with observing(StageObserver(contract_method, allocations=True)) as observer, \
+                    tokenpress.compress(model, self.stack(contract_method)):
+                model(**batch)
+            self._ran(observer, contract_method)
+            sizes.append(max(max(call.tokens_in, default=0) for call in observer.calls))
+            allocated.append(sum(call.float_bytes for call in observer.calls))
+            largest = sorted((item for call in observer.calls for item in call.largest), key=lambda i: -i[0])[:3]
+        if len(set(sizes)) < 3:
+            pytest.fail(f"the scaled inputs of {contract_family} gave visual token counts {sizes}, not three sizes",
+                        pytrace=False)
+        if max(allocated) == 0:
+            return  # allocates nothing: constant
+        exponent = growth_exponent(sizes, [max(value, 1) for value in allocated])
+        assert exponent < self.max_growth, (
+            f"{contract_method} on {contract_family}: the floating-point memory its hook calls allocate grows as "
+            f"N^{exponent:.2f} with the visual token count N (limit N^{self.max_growth}): tokens {sizes} -> bytes "
+            f"{allocated}; largest allocations at N={sizes[-1]}: {_allocations(largest)}. An N x N attention or "
+            "similarity matrix? Score with context.scorer (rows on demand) or chunk it.")
+
+    @torch.no_grad()
+    def test_dtype_and_device_kept(self, contract_family: str, contract_method: str) -> None:
+        """Under a float64 model the stage returns float64 tokens on the model's device; outputs stay float64."""
+        dtype = torch.float64
+        case = self.case(contract_family, dtype=dtype)
+        device = next(case.model.parameters()).device
+        batch = _to(case.batch(3, "left", 3), device, dtype)
+        error: Exception | None = None
+        logits = None
+        with observing(StageObserver(contract_method)) as observer, \
+                tokenpress.compress(case.model, self.stack(contract_method)):
+            try:
+                logits = case.model(**batch).logits
+            except Exception as exc:  # reported below, after what the stage returned
+                error = exc
+        problems = []
+        for call in observer.calls:
+            if call.dtype_out is not None and call.dtype_out != dtype:
+                problems.append(f"{call.label} returned {call.dtype_out} embeddings (received {call.dtype_in})")
+            if call.devices - {str(device)}:
+                problems.append(f"{call.label} returned tensors on {sorted(call.devices)}, the model is on {device}")
+        assert not problems, (f"{contract_method} on {contract_family} with a {dtype} model:\n  "
+                              + "\n  ".join(problems))
+        if error is not None:
+            raise AssertionError(f"{contract_method} on {contract_family}: the compressed forward of a {dtype} model "
+                                 f"failed: {type(error).__name__}: {error}") from error
+        self._ran(observer, contract_method)
+        assert logits is not None and logits.dtype == dtype and logits.device == device, (
+            f"{contract_method} on {contract_family}: logits are {logits.dtype} on {logits.device}, "
+            f"the model is {dtype} on {device}")
+
+    @torch.no_grad()
+    def test_deterministic_under_seed(self, contract_family: str, contract_method: str) -> None:
+        """Two attachments under the same seed select the same tokens and give the same logits."""
+        case = self.case(contract_family)
+        batch = case.batch(3, "left", 4)
+        runs = []
+        for _ in range(2):
+            _seed_everything(self.seed)
+            with observing(StageObserver(contract_method)) as observer, \
+                    tokenpress.compress(case.model, self.stack(contract_method)) as handle:
+                handle.trace = []
+                logits = case.model(**batch).logits
+                runs.append((logits, [(label, mask.clone()) for label, mask in handle.trace],
+                             handle.report().as_dicts()))
+            self._ran(observer, contract_method)
+        (first, first_trace, first_records), (second, second_trace, second_records) = runs
+        assert first_records == second_records, (
+            f"{contract_method} on {contract_family} is not deterministic under seed {self.seed}: token counts "
+            f"{[r['tokens_out'] for r in first_records]} then {[r['tokens_out'] for r in second_records]}")
+        changed = [label for (label, a), (_, b) in zip(first_trace, second_trace, strict=True) if not torch.equal(a, b)]
+        assert not changed, (f"{contract_method} on {contract_family} is not deterministic under seed {self.seed}: "
+                             f"two runs selected different tokens at {changed} (a seed drawn from the clock, the OS, "
+                             "or a counter?)")
+        same = torch.equal(first, second)
+        assert same, (f"{contract_method} on {contract_family} is not deterministic under seed "
+                                            f"{self.seed}: logits differ by {float((first - second).abs().max()):.3g}")
+
+    @pytest.mark.cuda
+    @torch.no_grad()
+    def test_no_host_device_sync(self, contract_family: str, contract_method: str) -> None:
+        """On CUDA, the method's own code makes no host-device synchronisation; its results stay on the GPU."""
+        if not torch.cuda.is_available():
+            pytest.skip("needs CUDA")
+        case = self.case(contract_family, device="cuda")
+        batch = _to(case.batch(3, "left", 5), "cuda")
+        with observing(StageObserver(contract_method, sync_debug=True)) as observer, \
+                tokenpress.compress(case.model, self.stack(contract_method)):
+            case.model(**batch)
+        self._ran(observer, contract_method)
+        events = [event for call in observer.calls for event in call.syncs]
+        blamed = [event for event in events if event.origin == "method" or not self.allow_core_syncs]
+        assert not blamed, (f"{contract_method} on {contract_family} synchronises with the host inside its stage:\n  "
+                            + "\n  ".join(f"{event.where}: {event.message}" for event in blamed))
+        off_device = [call.label for call in observer.calls if call.devices - {str(batch['input_ids'].device)}]
+        assert not off_device, f"{contract_method}: {off_device} returned tensors off the GPU"
+
+
+@contextlib.contextmanager
+def observe(method: str | None = None, **options: Any) -> Iterator[StageObserver]:
+    """``with observe("fastv", allocations=True) as observer: ...`` - a registered :class:`StageObserver`."""
+    with observing(StageObserver(method, **options)) as observer:
+        yield observer
