@@ -57,7 +57,7 @@ def _answer_from_pixels(sample: shapes.Sample) -> str:
     """Answer the question from the image alone, parsing the question text with regexes."""
     cells = _read_image(sample)
     q = sample.question
-    m = re.fullmatch(r"what (color|shape|size) is at row (\d) column (\d) \?", q)
+    m = re.fullmatch(r"what (color|shape|size) is at (\d) (\d) \?", q)
     if m:
         content = cells.get((int(m[2]) - 1, int(m[3]) - 1))
         return "none" if content is None else content[("color", "shape", "size").index(m[1])]
@@ -90,13 +90,13 @@ def test_answers_match_rendered_pixels(test_split: list[shapes.Sample]) -> None:
 def test_caption_matches_rendered_pixels() -> None:
     for s in shapes.generate_split("val", 30):
         cells = _read_image(s)
-        expected = []
-        for r in range(GRID):
-            for c in range(GRID):
-                content = cells.get((r, c))
-                words = "none" if content is None else " ".join((content[2], content[0], content[1]))
-                expected.append(f"{r + 1} {c + 1} {words}")
-        assert shapes.caption(s.objects) == " ".join(expected)
+        for a, attribute in enumerate(("color", "shape", "size")):
+            expected = []
+            for r in range(GRID):
+                for c in range(GRID):
+                    content = cells.get((r, c))
+                    expected.append(f"{r + 1} {c + 1} ? {'none' if content is None else content[a]}")
+            assert shapes.caption(s.objects, attribute) == " ".join(expected)
 
 
 def test_test_split_size_and_family_coverage(test_split: list[shapes.Sample]) -> None:
