@@ -235,11 +235,13 @@ def test_decoding_positions_continue_from_the_full_sequence(llava_eager):
 
 
 @torch.no_grad()
-def test_follow_up_turn_on_the_cache_reuses_the_first_selection(llava_eager):
+@pytest.mark.parametrize("padded", [True, False])
+def test_follow_up_turn_on_the_cache_reuses_the_first_selection(llava, padded):
     """Multi-turn: a follow-up chunk on the returned cache is appended to every layer's cache; the
     visual selection of the first prompt stays. It equals feeding the follow-up one token at a time."""
-    model = llava_eager
-    batch = llava_batch(model, sample_prompts(2))
+    model = llava
+    prompts = sample_prompts(2) if padded else [sample_prompts(1)[0]] * 2
+    batch = llava_batch(model, prompts)
     follow_up = torch.tensor([[40, 41, 42], [43, 44, 45]])
     with tokenpress.compress(model, stack(FASTV)):
         first = model(**batch, use_cache=True)

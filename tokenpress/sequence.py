@@ -97,12 +97,17 @@ def allowed_keys(key_valid: torch.Tensor, num_new: int) -> torch.Tensor:
 
 def attention_mask_for(
     implementation: str, key_valid: torch.Tensor, num_new: int, dtype: torch.dtype
-) -> torch.Tensor:
-    """The mask a decoder layer gets, in the form its attention implementation expects."""
+) -> torch.Tensor | None:
+    """The mask a decoder layer gets, in the form its attention implementation expects (None: causal)."""
     if implementation.startswith("flash"):
         # FlashAttention unpads by a 2-D key mask and aligns causality bottom-right, which is
         # exactly slot order here (new tokens are the last slots).
         return key_valid.long()
+    if implementation == "sdpa" and num_new in (1, key_valid.shape[1]) and bool(key_valid.all()):
+        # No padding, and either a whole prefill or one new token: plain causal attention, left to
+        # SDPA's is_causal so that its flash and memory-efficient kernels stay eligible (they refuse
+        # an explicit mask). A chunk after a cached prefix keeps the mask: is_causal aligns top-left.
+        return None
     allowed = allowed_keys(key_valid, num_new).unsqueeze(1)
     if implementation == "sdpa":
         return allowed
