@@ -179,15 +179,20 @@ def cell_descriptions(objects: Iterable[Obj], attribute: str) -> list[tuple[int,
     return out
 
 
-def caption(objects: Iterable[Obj], attribute: str) -> str:
-    """One attribute of every cell in raster order as "row column ? word": "1 1 ? none 1 2 ? red ...".
+def caption(objects: Iterable[Obj], attribute: str, rng: np.random.Generator | None = None) -> str:
+    """One attribute of every cell as "row column ? word": "1 1 ? none 1 2 ? red ...".
 
     Why: this is the dense training target that makes from-scratch training converge (questions
     alone leave a tiny model at chance).  The training prompt is ``"describe <attribute>"`` and each
     cell's word follows its coordinates written exactly as ``*_at`` questions end ("what color is
-    at 1 2 ?"), so the look-up a model learns from captions is the one questions need.
+    at 1 2 ?"), so the look-up a model learns from captions is the one questions need.  Training
+    passes ``rng`` to list the cells in a random order: in raster order a model can tell the cell
+    from the position in the caption alone and never learns to read the coordinates.
     """
-    return " ".join(f"{r} {c} ? {word}" for r, c, word in cell_descriptions(objects, attribute))
+    cells = cell_descriptions(objects, attribute)
+    if rng is not None:
+        cells = [cells[k] for k in rng.permutation(len(cells))]
+    return " ".join(f"{r} {c} ? {word}" for r, c, word in cells)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -86,7 +86,7 @@ class Recipe:
 
     arch: str  # "llava" or "qwen"
     steps: int = 1000
-    caption_steps: int = 300  # stage 1: captioning only
+    caption_steps: int = 250  # stage 1: captioning only
     batch_size: int = 32
     lr: float = 1e-3
     warmup: int = 50
@@ -365,6 +365,9 @@ class Encoder:
             )
             self.image_start = 2
 
+        self.question_id = self.vocab["?"]
+        self.digit = {self.vocab[str(d)]: d for d in range(1, shapes.GRID + 1)}
+
     def words(self, text: str) -> list[int]:
         """Token ids of a space-separated text of vocabulary words."""
         return [self.vocab[w] for w in text.split()]
@@ -403,7 +406,7 @@ class Encoder:
         ``kind`` marks supervised positions: 1 = answer token, 2 = caption token (incl. its </s>),
         3 = </s> after an answer; 0 = not supervised.
         """
-        seqs, kinds, images, targets = [], [], [], []
+        seqs, kinds, images, targets, queries = [], [], [], [], []
         caption_id = self.vocab[shapes.CAPTION_PROMPT]
         for i in range(recipe.batch_size):
             objects, qas = shapes.training_scene(
@@ -422,13 +425,20 @@ class Encoder:
                 attribute = shapes.ATTRIBUTES[(step * recipe.batch_size + i) % len(shapes.ATTRIBUTES)]
                 ids += [caption_id, self.vocab[attribute]]
                 kind += [0, 0]
-                for r, c, word in shapes.cell_descriptions(objects, attribute):  # "r c ?" not supervised
-                    ids += self.words(f"{r} {c} ?") + [self.vocab[word]]
-                    kind += [0, 0, 0, 2]
+                order = np.random.default_rng([seed, 1, step * recipe.batch_size + i])
+                words = self.words(shapes.caption(objects, attribute, order))
+                ids += words
+                kind += [0, 0, 0, 2] * (len(words) // 4)  # "r c ?" given, the word supervised
                 ids.append(EOS)
                 kind.append(2)
             seqs.append(ids)
             kinds.append(kind)
+            # "?" that ends "r c ?" (captions and *_at questions): its cell, 0-based, else -1.
+            query = [(-1, -1)] * len(ids)
+            for t in range(2, len(ids)):
+                if ids[t] == self.question_id and ids[t - 1] in self.digit and ids[t - 2] in self.digit:
+                    query[t] = (self.digit[ids[t - 2]] - 1, self.digit[ids[t - 1]] - 1)
+            queries.append(query)
         length = max(map(len, seqs))
         input_ids = torch.full((len(seqs), length), PAD, dtype=torch.long)
         kind_t = torch.zeros((len(seqs), length), dtype=torch.long)
@@ -439,6 +449,10 @@ class Encoder:
             mask[b, : len(ids)] = 1
         batch = {"input_ids": input_ids, "attention_mask": mask, "kind": kind_t, **self.pixels(images)}
         batch["aux"] = torch.stack(targets)
+        query_cell = torch.full((len(seqs), length, 2), -1, dtype=torch.long)
+        for b, query in enumerate(queries):
+            query_cell[b, : len(query)] = torch.tensor(query)
+        batch["query_cell"] = query_cell
         if self.arch == "qwen":
             batch["mm_token_type_ids"] = (input_ids == self.image_id).long()
         return batch
@@ -583,11 +597,13 @@ class AuxProbe(torch.nn.Module):
     """Linear read-out of row, column, colour, shape and size from visual tokens' hidden states.
 
     Why: a from-scratch model otherwise sits on a long plateau while it discovers, at the same
-    time, what each visual token shows and where it is.  Supervising both directly at the visual
-    tokens (the probe is discarded; the shipped model is a stock transformers class) makes the
-    decoder's lookups the only thing left to learn.  For Qwen2.5-VL, whose vision tower has no
-    absolute position embedding, the row/column targets make the decoder derive each visual
-    token's position from its M-RoPE position.
+    time, what each visual token shows, where it is, and which cell a question's "r c ?" refers
+    to.  Supervising these directly (the probe is discarded; the shipped model is a stock
+    transformers class) leaves only the attention look-up itself to learn.  The same row/column
+    read-out is applied to the visual tokens (their own cell) and to every "?" that ends a
+    "r c ?" reference (the cell it asks about), so both sides of the look-up encode a cell in
+    one shared subspace.  For Qwen2.5-VL, whose vision tower has no absolute position embedding,
+    the row/column targets make the decoder derive each visual token's position from M-RoPE.
     """
 
     SIZES = (shapes.GRID, shapes.GRID, len(shapes.COLORS) + 1, len(shapes.SHAPES) + 1, len(shapes.SIZES) + 1)
@@ -596,14 +612,21 @@ class AuxProbe(torch.nn.Module):
         super().__init__()
         self.head = torch.nn.Linear(hidden, sum(self.SIZES))
 
-    def forward(self, hidden: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, float]:
-        """Mean cross-entropy over the five groups, and the colour accuracy."""
+    def forward(self, hidden: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        """Mean cross-entropy over the five groups, and the colour and position accuracies."""
         logits = self.head(hidden.float()).split(self.SIZES, dim=-1)
         loss = sum(
             F.cross_entropy(lg.reshape(-1, lg.shape[-1]), targets[..., g].reshape(-1)) for g, lg in enumerate(logits)
         )
-        color_acc = float((logits[2].argmax(-1) == targets[..., 2]).float().mean())
-        return loss / len(logits), color_acc
+        acc = [float((lg.argmax(-1) == targets[..., g]).float().mean()) for g, lg in enumerate(logits)]
+        return loss / len(logits), {"aux_pos_acc": (acc[0] + acc[1]) / 2, "aux_color_acc": acc[2]}
+
+    def query_loss(self, hidden: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, float]:
+        """Row/column cross-entropy at "?" tokens (hidden (N, D), targets (N, 2)) and accuracy."""
+        logits = self.head(hidden.float()).split(self.SIZES, dim=-1)[:2]
+        loss = sum(F.cross_entropy(lg, targets[:, g]) for g, lg in enumerate(logits)) / 2
+        acc = sum(float((lg.argmax(-1) == targets[:, g]).float().mean()) for g, lg in enumerate(logits)) / 2
+        return loss, acc
 
 
 def _lr_at(recipe: Recipe, step: int) -> float:
@@ -702,7 +725,7 @@ def train(
         batch = encoder.training_batch(recipe, step, seed, captions)
         for group in opt.param_groups:
             group["lr"] = _lr_at(recipe, step)
-        inputs = {k: v for k, v in batch.items() if k not in ("kind", "aux")}
+        inputs = {k: v for k, v in batch.items() if k not in ("kind", "aux", "query_cell")}
         use_aux = recipe.aux_weight > 0
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=recipe.bf16):
             out = model(**inputs, output_hidden_states=use_aux)
@@ -710,7 +733,12 @@ def train(
         if use_aux:
             hidden = out.hidden_states[min(recipe.aux_layer, len(out.hidden_states) - 1)]
             visual = hidden[batch["input_ids"] == encoder.image_id].view(-1, encoder.n_visual, hidden.shape[-1])
-            aux_loss, stats["aux_color_acc"] = probe(visual, batch["aux"])
+            aux_loss, aux_stats = probe(visual, batch["aux"])
+            stats.update(aux_stats)
+            qmask = batch["query_cell"][..., 0] >= 0
+            if qmask.any():
+                q_loss, stats["aux_query_acc"] = probe.query_loss(hidden[qmask], batch["query_cell"][qmask])
+                aux_loss = aux_loss + q_loss
             loss = loss + recipe.aux_weight * aux_loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
