@@ -13,6 +13,7 @@ from PIL import Image
 import tokenpress
 from tokenpress import evaluate
 from tokenpress.bench import bench, profile, sweep_stacks, synthetic_inputs
+from tokenpress.data import shapes
 from tokenpress.testing import tiny_llava
 from tokenpress.testing.models import save_tiny_llava_checkpoint
 
@@ -36,7 +37,7 @@ def test_eval_compares_every_stack_with_the_baseline(eval_rows):
     assert fastv.tokens_kept == pytest.approx(0.5) and pool.tokens_kept == pytest.approx(0.25)
     assert 0 < pool.flops_ratio < fastv.flops_ratio < 1
     families = set(baseline.per_family)
-    assert families == {"color_at", "shape_at", "size_at", "count_color", "relative_position"}
+    assert families == set(shapes.FAMILIES)
 
 
 def test_eval_json_and_csv_schema(eval_rows):

@@ -61,9 +61,9 @@ def _answer_from_pixels(sample: shapes.Sample) -> str:
     if m:
         content = cells.get((int(m[2]) - 1, int(m[3]) - 1))
         return "none" if content is None else content[("color", "shape", "size").index(m[1])]
-    m = re.fullmatch(r"how many (\w+) objects are there \?", q)
+    m = re.fullmatch(r"is there a (\w+) (\w+) \?", q)
     if m:
-        return str(sum(color == m[1] for color, _, _ in cells.values()))
+        return "yes" if any((col, sh) == (m[1], m[2]) for col, sh, _ in cells.values()) else "no"
     m = re.fullmatch(r"is the (\w+) (\w+) (left or right of|above or below) the (\w+) (\w+) \?", q)
     assert m, f"unparsed question {q!r}"
     where_a = [rc for rc, (col, sh, _) in cells.items() if (col, sh) == (m[1], m[2])]
@@ -97,6 +97,13 @@ def test_caption_matches_rendered_pixels() -> None:
                     content = cells.get((r, c))
                     expected.append(f"{r + 1} {c + 1} ? {'none' if content is None else content[a]}")
             assert shapes.caption(s.objects, attribute) == " ".join(expected)
+        present = {(col, sh) for col, sh, _ in cells.values()}
+        entries = shapes.caption(s.objects, "exists", np.random.default_rng(0)).split(" ? ")
+        assert len(entries) == len(shapes.COLORS) * len(shapes.SHAPES) + 1
+        words = shapes.caption(s.objects, "exists").split()
+        for k in range(0, len(words), 4):
+            color, shape, mark, answer = words[k : k + 4]
+            assert mark == "?" and answer == ("yes" if (color, shape) in present else "no")
 
 
 def test_test_split_size_and_family_coverage(test_split: list[shapes.Sample]) -> None:

@@ -2,8 +2,8 @@
 
 Why this data set: token-compression methods are judged by how much accuracy they lose when a
 vision-language model sees fewer visual tokens.  Natural-image benchmarks often tolerate dropping
-most tokens; here every question depends on one or a few specific cells of a 6x6 grid (or on all of
-them, for counting), so losing the tokens that cover those cells costs accuracy.  Everything is
+most tokens; here every question depends on one or two specific cells of a 6x6 grid, or on finding
+an object that may be anywhere, so losing the tokens that cover those cells costs accuracy.  Everything is
 generated from a seed, needs no download, and is small enough for tiny models trained on a CPU.
 
 An image is ``IMAGE_SIZE`` pixels square, split into ``GRID`` x ``GRID`` cells of ``CELL`` pixels.  A
@@ -14,7 +14,7 @@ the centre of a cell always has the object's colour.  Question families (``FAMIL
 - ``color_at``: "what color is at 3 5 ?" (row 3, column 5) -> a colour, or ``none`` for an empty cell
 - ``shape_at``: "what shape is at 3 5 ?" -> a shape or ``none``
 - ``size_at``: "what size is at 3 5 ?" -> ``big``, ``small`` or ``none``
-- ``count_color``: "how many red objects are there ?" -> a digit
+- ``exists``: "is there a red square ?" -> ``yes`` / ``no`` (about half of each)
 - ``relative_position``: "is the red square left or right of the blue circle ?" -> ``left`` /
   ``right`` (or "... above or below the ..." -> ``above`` / ``below``); both objects are unique
   by colour and shape in their image.
@@ -56,7 +56,9 @@ _HALF_EXTENT = {"big": 6, "small": 4}
 
 EMPTY = "none"
 ATTRIBUTES: tuple[str, ...] = ("color", "shape", "size")
-FAMILIES: tuple[str, ...] = ("color_at", "shape_at", "size_at", "count_color", "relative_position")
+# What a training caption can describe: one attribute of every cell, or which objects exist.
+CAPTION_KINDS: tuple[str, ...] = (*ATTRIBUTES, "exists")
+FAMILIES: tuple[str, ...] = ("color_at", "shape_at", "size_at", "exists", "relative_position")
 SPLITS: dict[str, int] = {"train": 0, "val": 1, "test": 2}
 # Default number of questions per split (train is an endless stream; see ``training_scene``).
 SPLIT_SIZES: dict[str, int] = {"train": 20000, "val": 500, "test": 1000}
@@ -66,8 +68,8 @@ IMAGE_TOKEN = "<image>"
 # Training-only prompt word: "<image> describe color" is answered with ``caption(objects, "color")``.
 CAPTION_PROMPT = "describe"
 _QUESTION_WORDS = (
-    *("what", "color", "shape", "size", "is", "at", "how", "many", "objects", "are"),
-    *("there", "the", "left", "or", "right", "of", "above", "below", "?"),
+    *("what", "color", "shape", "size", "is", "at", "there", "a", "yes", "no"),
+    *("the", "left", "or", "right", "of", "above", "below", "?"),
 )
 
 
@@ -102,7 +104,8 @@ class Sample:
 def vocabulary() -> list[str]:
     """Every word that can appear in a question, caption or answer (the closed vocabulary)."""
     words: list[str] = []
-    for w in [*_QUESTION_WORDS, *COLORS, *SHAPES, *SIZES, EMPTY, *map(str, range(10)), CAPTION_PROMPT]:
+    digits = [str(d) for d in range(1, GRID + 1)]
+    for w in [*_QUESTION_WORDS, *COLORS, *SHAPES, *SIZES, EMPTY, *digits, *CAPTION_KINDS, CAPTION_PROMPT]:
         if w not in words:
             words.append(w)
     return words
@@ -179,20 +182,28 @@ def cell_descriptions(objects: Iterable[Obj], attribute: str) -> list[tuple[int,
     return out
 
 
-def caption(objects: Iterable[Obj], attribute: str, rng: np.random.Generator | None = None) -> str:
-    """One attribute of every cell as "row column ? word": "1 1 ? none 1 2 ? red ...".
+def caption(objects: Iterable[Obj], kind: str, rng: np.random.Generator | None = None) -> str:
+    """A dense description used as a training target (prompt ``"describe <kind>"``).
 
-    Why: this is the dense training target that makes from-scratch training converge (questions
-    alone leave a tiny model at chance).  The training prompt is ``"describe <attribute>"`` and each
-    cell's word follows its coordinates written exactly as ``*_at`` questions end ("what color is
-    at 1 2 ?"), so the look-up a model learns from captions is the one questions need.  Training
-    passes ``rng`` to list the cells in a random order: in raster order a model can tell the cell
-    from the position in the caption alone and never learns to read the coordinates.
+    ``kind`` is an attribute -- every cell as "row column ? word" ("1 1 ? none 1 2 ? red ...") --
+    or ``"exists"`` -- every colour-shape pair as "colour shape ? yes|no" ("red square ? yes ...").
+
+    Why: dense targets are what make from-scratch training converge (questions alone leave a tiny
+    model at chance), and each entry ends exactly like the matching question ("what color is at
+    1 2 ?", "is there a red square ?"), so what the decoder learns from captions is what the
+    questions need.  Training passes ``rng`` to list the entries in a random order: in raster
+    order a model can tell the cell from the position in the caption alone and never learns to
+    read the coordinates.
     """
-    cells = cell_descriptions(objects, attribute)
+    objects = list(objects)
+    if kind == "exists":
+        present = {o.name for o in objects}
+        entries = [f"{c} {s} ? {'yes' if f'{c} {s}' in present else 'no'}" for c in COLORS for s in SHAPES]
+    else:
+        entries = [f"{r} {c} ? {word}" for r, c, word in cell_descriptions(objects, kind)]
     if rng is not None:
-        cells = [cells[k] for k in rng.permutation(len(cells))]
-    return " ".join(f"{r} {c} ? {word}" for r, c, word in cells)
+        entries = [entries[k] for k in rng.permutation(len(entries))]
+    return " ".join(entries)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -211,11 +222,13 @@ def _at_question(objects: Sequence[Obj], attr: str, rng: np.random.Generator) ->
     return f"what {attr} is at {r + 1} {c + 1} ?", answer
 
 
-def _count_question(objects: Sequence[Obj], rng: np.random.Generator) -> tuple[str, str]:
-    colors = list(COLORS)
-    color = colors[int(rng.integers(len(colors)))]
-    n = sum(o.color == color for o in objects)
-    return f"how many {color} objects are there ?", str(n)
+def _exists_question(objects: Sequence[Obj], rng: np.random.Generator) -> tuple[str, str]:
+    present = sorted({o.name for o in objects})
+    absent = [f"{c} {s}" for c in COLORS for s in SHAPES if f"{c} {s}" not in present]
+    # Half the questions name an object that is there, half one that is not.
+    if absent and (not present or rng.random() < 0.5):
+        return f"is there a {absent[int(rng.integers(len(absent)))]} ?", "no"
+    return f"is there a {present[int(rng.integers(len(present)))]} ?", "yes"
 
 
 def _relative_question(objects: Sequence[Obj], rng: np.random.Generator) -> tuple[str, str] | None:
@@ -243,8 +256,8 @@ def ask(objects: Sequence[Obj], family: str, rng: np.random.Generator) -> tuple[
         return _at_question(objects, "shape", rng)
     if family == "size_at":
         return _at_question(objects, "size", rng)
-    if family == "count_color":
-        return _count_question(objects, rng)
+    if family == "exists":
+        return _exists_question(objects, rng)
     if family == "relative_position":
         return _relative_question(objects, rng)
     raise ValueError(f"unknown family {family!r}; expected one of {', '.join(FAMILIES)}")
@@ -294,7 +307,7 @@ def training_scene(
     while len(qas) < n_questions:
         family = FAMILIES[int(rng.choice(len(FAMILIES), p=p))]
         qa = ask(objects, family, rng)
-        if qa is not None:
+        if qa is not None and all(qa[0] != q for _, q, _ in qas):  # no repeats: no copying answers
             qas.append((family, *qa))
     return objects, qas
 
