@@ -204,10 +204,26 @@ def cmd_viz(args: argparse.Namespace) -> int:
 
 
 def cmd_zoo_train(args: argparse.Namespace) -> int:
+    from tokenpress.zoo import card, zoo_path
     from tokenpress.zoo.train import train
 
-    metrics = train(args.name, Path(args.out), seed=args.seed, steps=args.steps)
-    print(json.dumps(metrics.get("test", metrics), indent=2, default=str))
+    out = Path(args.out) if args.out else zoo_path(args.name)
+    metrics = train(args.name, out, seed=args.seed, steps=args.steps, threads=args.threads)
+    print((out / card.CARD_FILE).read_text(encoding="utf-8"))
+    print(f"wrote {out} ({metrics['train_minutes']:.1f} training minutes)")
+    return 0
+
+
+def cmd_zoo_card(args: argparse.Namespace) -> int:
+    from tokenpress.zoo import card
+
+    folder = _resolve_model_path(args.model)
+    if not (folder / card.TRAINING_FILE).is_file():
+        raise UserError(f"{folder}: no {card.TRAINING_FILE}; model cards are written for checkpoints that "
+                        "`tokenpress zoo train` made")
+    if not args.no_measure:
+        card.measure(folder, n=args.n, batch_size=args.batch_size)
+    print(card.write_model_card(folder).read_text(encoding="utf-8"))
     return 0
 
 
@@ -271,10 +287,17 @@ def build_parser() -> argparse.ArgumentParser:
     zoo = p.add_subparsers(dest="zoo_command", required=True)
     t = zoo.add_parser("train", help="train a proxy model from scratch (reproducible from the seed)")
     t.add_argument("name", choices=("llava-shapes", "qwen2.5-vl-shapes"))
-    t.add_argument("--out", required=True)
+    t.add_argument("--out", help="checkpoint folder (default: the shipped one, tokenpress/zoo/checkpoints/NAME)")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--steps", type=int, default=None)
+    t.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     t.set_defaults(func=cmd_zoo_train)
+    c = zoo.add_parser("card", help="measure a trained checkpoint with `tokenpress eval` and rewrite its MODEL_CARD.md")
+    c.add_argument("model", help="zoo:NAME or a folder written by `tokenpress zoo train`")
+    c.add_argument("--n", type=int, default=1000, help="test questions")
+    c.add_argument("--batch-size", type=int, default=50)
+    c.add_argument("--no-measure", action="store_true", help="re-render from the saved eval.json only")
+    c.set_defaults(func=cmd_zoo_card)
 
     from tokenpress import cli_bench
 
