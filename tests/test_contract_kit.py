@@ -17,10 +17,12 @@ import shutil
 import subprocess
 import sys
 import traceback
+import warnings
 from collections.abc import Iterator
 from importlib.metadata import entry_points
 from pathlib import Path
 
+import pluggy
 import pytest
 import torch
 
@@ -28,7 +30,7 @@ import tokenpress
 from tokenpress import DecoderContext, Keep, StageContext, TokenState, keep_count
 from tokenpress.select import seeded_uniform, topk_mask
 from tokenpress.testing import MethodContract
-from tokenpress.testing.contract import sync_origin
+from tokenpress.testing.contract import SyncRecorder, sync_origin
 from tokenpress.testing.families import FAMILIES
 
 pytest_plugins = ["pytester"]
@@ -259,6 +261,23 @@ def test_syncs_are_blamed_on_the_innermost_frame_outside_torch(tmp_path: Path) -
     assert sync_origin([frame(plugin_file, 3), frame(core_file, 7), frame(torch_file, 1)]) == ("core", f"{core_file}:7")
     assert sync_origin([frame(core_file, 7), frame(plugin_file, 3), frame(torch_file, 1)]) == ("method",
                                                                                                f"{plugin_file}:3")
+    # pluggy's caller sits between the core and the method's hook: it is neither
+    pluggy_file = str(Path(pluggy.__file__).parent / "_callers.py")
+    assert sync_origin([frame(core_file, 7), frame(pluggy_file, 116), frame(torch_file, 1)]) == ("core",
+                                                                                                f"{core_file}:7")
+
+
+def test_the_sync_debug_notice_is_not_a_synchronisation() -> None:
+    """torch's one-time "prototype feature" warning was blamed on the first method to run (seen on an H100)."""
+    recorder = SyncRecorder()
+    notice = ("Synchronization debug mode is a prototype feature and does not yet detect all synchronizing "
+              "operations (Triggered internally at /pytorch/torch/csrc/cuda/Module.cpp:1003.)")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        recorder._original = warnings.showwarning
+        recorder._show(UserWarning(notice), UserWarning, "x.py", 1)
+        recorder._show(UserWarning("called a synchronizing CUDA operation"), UserWarning, "x.py", 1)
+    assert [event.message for event in recorder.events] == ["called a synchronizing CUDA operation"]
 
 
 # --- the pytest plugin --------------------------------------------------------------------------

@@ -15,6 +15,7 @@ Methods never edit these fields by hand: they call :meth:`TokenState.select`, :m
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from dataclasses import replace as dc_replace
 from typing import Literal
@@ -103,6 +104,11 @@ class TokenState:
                 return False
         return True
 
+    def grid_sizes(self) -> list[tuple[int, int, int]]:
+        """Every image's current ``(t, h, w)`` as Python ints: one read of ``grid`` (a host sync on
+        CUDA, made here in the core), for methods whose output shapes depend on the grids."""
+        return [(t, h, w) for t, h, w in self.grid.tolist()]
+
     def dense_grid(self, image: int) -> torch.Tensor:
         """Image ``image``'s embeddings as (t, h, w, D); it must hold its whole grid (no selection yet)."""
         if not self.is_dense(image):
@@ -143,7 +149,7 @@ class TokenState:
         self,
         assign: torch.Tensor,
         num_out: int,
-        grid: torch.Tensor | tuple[int, int, int] | None = None,
+        grid: torch.Tensor | Sequence[int] | Sequence[Sequence[int]] | None = None,
     ) -> TokenState:
         """Merge tokens: token j of image i goes to output slot ``assign[i, j]`` (-1 drops it).
 
@@ -195,7 +201,7 @@ class TokenState:
         embeddings: torch.Tensor,
         *,
         space: Space | None = None,
-        grid: torch.Tensor | tuple[int, int, int] | None = None,
+        grid: torch.Tensor | Sequence[int] | Sequence[Sequence[int]] | None = None,
         assign: torch.Tensor | None = None,
     ) -> TokenState:
         """Swap in new embeddings.
@@ -233,7 +239,9 @@ def pack_index(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.where(valid, order, 0), valid
 
 
-def _as_grid(grid: torch.Tensor | tuple[int, int, int], num_images: int, device: torch.device) -> torch.Tensor:
+def _as_grid(grid: torch.Tensor | Sequence[int] | Sequence[Sequence[int]], num_images: int,
+             device: torch.device) -> torch.Tensor:
+    """One (t, h, w) for every image, or one per image (a tensor or nested sequence), as an (I, 3) tensor."""
     grid = torch.as_tensor(grid, dtype=torch.long, device=device)
     if grid.dim() == 1:
         grid = grid.expand(num_images, 3).clone()

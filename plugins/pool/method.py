@@ -35,10 +35,11 @@ class Pool(Method):
         kernel, device = self.config.kernel, tokens.embeddings.device
         # Images may have different grids (Qwen2.5-VL sizes, LLaVA-NeXT tiles): pool each group of
         # equal grids in one call.
+        sizes = tokens.grid_sizes()
         groups: dict[tuple[int, int, int], list[int]] = {}
-        for image in range(tokens.num_images):
-            groups.setdefault(tuple(int(v) for v in tokens.grid[image]), []).append(image)
-        out_grids = torch.zeros_like(tokens.grid)
+        for image, size in enumerate(sizes):
+            groups.setdefault(size, []).append(image)
+        out_grids = list(sizes)
         pooled_rows: dict[int, torch.Tensor] = {}
         assign = torch.full(tokens.valid.shape, -1, dtype=torch.long, device=device)
         for (frames, height, width), images in groups.items():
@@ -53,7 +54,7 @@ class Pool(Method):
             for row, image in enumerate(images):
                 pooled_rows[image] = pooled[row]
                 assign[image, : cells.numel()] = cells
-                out_grids[image] = torch.tensor([frames, out_height, out_width], device=device)
+                out_grids[image] = (frames, out_height, out_width)
         width = max(row.shape[0] for row in pooled_rows.values())
         embeddings = torch.stack([
             torch.nn.functional.pad(pooled_rows[i], (0, 0, 0, width - pooled_rows[i].shape[0]))

@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
+import pluggy
 import pytest
 import torch
 from torch.utils._pytree import tree_flatten
@@ -203,6 +204,8 @@ class SyncEvent:
 
 
 _TORCH_DIR = Path(torch.__file__).resolve().parent
+# Frames of the hook machinery call the method but are not its code.
+_PLUGGY_DIR = Path(pluggy.__file__).resolve().parent
 _CORE_DIR = Path(tokenpress.__file__).resolve().parent
 _SKIPPED_FILES = {str(Path(warnings.__file__).resolve()), str(Path(__file__).resolve())}
 
@@ -214,7 +217,8 @@ def sync_origin(stack: SequenceOf[traceback.FrameSummary]) -> tuple[str, str]:
     """
     for frame in reversed(stack):
         path = Path(frame.filename).resolve()
-        if str(path) in _SKIPPED_FILES or path.is_relative_to(_TORCH_DIR) or frame.filename.startswith("<"):
+        if (str(path) in _SKIPPED_FILES or path.is_relative_to(_TORCH_DIR) or path.is_relative_to(_PLUGGY_DIR)
+                or frame.filename.startswith("<")):
             continue
         origin = "core" if path.is_relative_to(_CORE_DIR) else "method"
         return origin, f"{frame.filename}:{frame.lineno}"
@@ -224,6 +228,9 @@ def sync_origin(stack: SequenceOf[traceback.FrameSummary]) -> tuple[str, str]:
 class SyncRecorder:
     """Within the block, record every synchronising CUDA operation (``torch.cuda.set_sync_debug_mode``)."""
 
+    # torch warns once per process that the debug mode is a prototype; that notice is no synchronisation.
+    NOTICE = "Synchronization debug mode is a prototype feature"
+
     def __init__(self) -> None:
         self.events: list[SyncEvent] = []
         self._stack = contextlib.ExitStack()
@@ -232,7 +239,7 @@ class SyncRecorder:
     def _show(self, message: Any, category: Any, filename: str, lineno: int, file: Any = None,
               line: Any = None) -> None:
         text = str(message)
-        if "synchroniz" in text:
+        if "synchroniz" in text and not text.startswith(self.NOTICE):
             origin, where = sync_origin(traceback.extract_stack()[:-1])
             self.events.append(SyncEvent(text, origin, where))
         else:
