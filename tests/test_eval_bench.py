@@ -6,6 +6,7 @@ import csv
 import io
 import json
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -60,7 +61,7 @@ def test_eval_plot_is_a_png(eval_rows, tmp_path):
 
 
 def test_viz_writes_a_png_with_one_panel_per_step(checkpoint, tmp_path):
-    from tokenpress.viz import PANEL, visualize
+    from tokenpress.viz import MERGE_COLOUR, PANEL, visualize
 
     picture = tmp_path / "in.png"
     Image.new("RGB", (48, 48), "red").save(picture)
@@ -69,6 +70,28 @@ def test_viz_writes_a_png_with_one_panel_per_step(checkpoint, tmp_path):
     with Image.open(out) as image:
         assert image.format == "PNG"
         assert image.width == 3 * PANEL  # encoder, pool, layer 2
+        pixels = np.asarray(image.convert("RGB"))
+    outlined = (pixels == MERGE_COLOUR).all(-1)
+    # the encoder's patches are single tokens; pool merges them, so its panel outlines groups
+    assert not outlined[:, :PANEL].any() and outlined[:, PANEL:2 * PANEL].any()
+
+
+def test_patch_owner_and_merge_outlines():
+    """Which token stands for each patch (-1: dropped), and the edges drawn around merged tokens."""
+    from tokenpress.tokens import patch_owner
+    from tokenpress.viz import merge_edges
+
+    # one image, 3 tokens over 4 patches: token 0 = patches {0, 1}, token 2 = {3}, patch 2 dropped
+    source = torch.tensor([[[1, 1, 0, 0], [0, 0, 0, 0], [0, 0, 0, 1]]], dtype=torch.bool)
+    assert patch_owner(source).tolist() == [[0, 0, -1, 2]]
+    assert patch_owner(source, torch.tensor([[False, True, True]])).tolist() == [[-1, -1, -1, 2]]
+
+    assert merge_edges(torch.arange(16), (4, 4)) == []  # one token per patch: nothing outlined
+    blocks = torch.tensor([0, 0, 1, 1, 0, 0, 1, 1, 2, 2, 3, 3, 2, 2, 3, 3])  # 2x2 pooling of a 4x4 grid
+    assert sorted(merge_edges(blocks, (4, 4))) == sorted(
+        [(r, 1, "right") for r in range(4)] + [(1, c, "down") for c in range(4)])
+    # a merged token next to a dropped patch is outlined on that side too
+    assert merge_edges(torch.tensor([0, 0, -1, 3]), (2, 2)) == [(0, 0, "down"), (0, 1, "down")]
 
 
 def test_cli_eval_json_to_stdout(checkpoint, capsys):

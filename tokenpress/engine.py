@@ -27,7 +27,7 @@ from tokenpress.decisions import Keep, Route
 from tokenpress.errors import CompressionError, PluginError
 from tokenpress.scorer import Scorer
 from tokenpress.sequence import Sequence, attention_mask_for, next_positions
-from tokenpress.tokens import TokenState
+from tokenpress.tokens import TokenState, patch_owner
 
 if TYPE_CHECKING:
     from tokenpress.adapters.base import ModelAdapter
@@ -215,7 +215,7 @@ class CompressedForward:
         visual_in = _per_sample(tokens.counts(), image_to_sample, batch)
         projected = list(visual_in)
         if self.handle.trace is not None:
-            self.handle.trace.append(("encoder", tokens.source.any(1)))
+            self.handle.trace.append(("encoder", patch_owner(tokens.source)))
             self.handle.trace_grids = tokens.original_grid
 
         def project(state: TokenState) -> TokenState:
@@ -245,7 +245,7 @@ class CompressedForward:
                 records.append(StageRecord(entry.stage.label(), entry.stage.method, point, None, before,
                                            _per_sample(tokens.counts(), tokens.image_to_sample, batch)))
                 if self.handle.trace is not None:
-                    self.handle.trace.append((entry.stage.label(), tokens.source.any(1)))
+                    self.handle.trace.append((entry.stage.label(), patch_owner(tokens.source)))
 
         sequence = adapter.build_sequence(input_ids, attention_mask, tokens, prompt_length, self.compact)
         cache = CompressedCache() if use_cache else None
@@ -319,7 +319,7 @@ class CompressedForward:
             processed_seq, index, picked = (sequence, None, None) if route is None else sequence.pack(route)
             if self.handle.trace is not None and any(
                     layer in e.stage.layers for e in self.entries if e.stage.point == "decoder_layer"):
-                self.handle.trace.append((f"layer {layer}", self._coverage(processed_seq)))
+                self.handle.trace.append((f"layer {layer}", self._owners(processed_seq)))
             mask = attention_mask_for(implementation, processed_seq.valid, processed_seq.length,
                                       processed_seq.hidden.dtype)
             embeddings = adapter.position_embeddings(processed_seq.hidden, processed_seq.positions)
@@ -332,14 +332,13 @@ class CompressedForward:
         result.sequence = sequence
         return result
 
-    def _coverage(self, sequence: Sequence) -> torch.Tensor:
-        """(I, P) bool: original patches represented by the visual tokens of ``sequence``."""
+    def _owners(self, sequence: Sequence) -> torch.Tensor:
+        """``patch_owner`` of the visual tokens that ``sequence`` still holds."""
         tokens = self._final_tokens
         alive = (sequence.visual_id >= 0) & sequence.valid
-        flat = tokens.source.reshape(tokens.num_images * tokens.num_slots, -1)
-        covered = torch.zeros(flat.shape[0], dtype=torch.bool, device=flat.device)
-        covered[sequence.visual_id[alive]] = True
-        return (flat & covered.unsqueeze(-1)).reshape(tokens.num_images, tokens.num_slots, -1).any(1)
+        present = torch.zeros(tokens.num_images * tokens.num_slots, dtype=torch.bool, device=tokens.source.device)
+        present[sequence.visual_id[alive]] = True
+        return patch_owner(tokens.source, present.view(tokens.num_images, tokens.num_slots))
 
     # --- decode ---------------------------------------------------------------------------------
 

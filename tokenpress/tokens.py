@@ -227,6 +227,19 @@ class TokenState:
         return dc_replace(self, embeddings=embeddings, space=space)
 
 
+def patch_owner(source: torch.Tensor, present: torch.Tensor | None = None) -> torch.Tensor:
+    """(I, P) long: for each original patch, the slot of the token that stands for it, or -1.
+
+    ``source`` is a :class:`TokenState`'s (I, N, P) provenance; ``present`` (I, N) limits the
+    owners to the tokens still present (a decoder layer's). Patches with one owner are a merged
+    token's members; -1 means dropped. Used for traces and ``tokenpress viz``.
+    """
+    if present is not None:
+        source = source & present.unsqueeze(-1)
+    owner = source.to(torch.float32).argmax(1)
+    return torch.where(source.any(1), owner, torch.full_like(owner, -1))
+
+
 def pack_index(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Indices of the true entries of each row of ``mask`` (R, N), packed to the left, in order.
 

@@ -1,5 +1,6 @@
 """``tokenpress viz``: a PNG showing, over the image, which patches each stage (and each decoder
-layer with a stage) still represents. Dropped patches are dimmed; the panel title gives the count."""
+layer with a stage) still represents. Dropped patches are dimmed, the patches of one merged token
+are outlined together, and each panel's title gives its tokens and the patches they cover."""
 
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ from tokenpress.attach import compress
 from tokenpress.stack import Stack, load_stack
 
 PANEL = 192
-TITLE = 18
+TITLE = 30  # two lines: the step, then its tokens and patches
+MERGE_COLOUR = (255, 120, 0)
 
 
 def model_view(pixel_values: torch.Tensor, image_processor: Any) -> Image.Image:
@@ -26,25 +28,58 @@ def model_view(pixel_values: torch.Tensor, image_processor: Any) -> Image.Image:
     return Image.fromarray(array)
 
 
-def overlay(image: Image.Image, kept: torch.Tensor, grid: tuple[int, int]) -> Image.Image:
-    """``image`` with the patches not in ``kept`` (h * w bool, raster order) dimmed to 25%."""
+def overlay(image: Image.Image, owner: torch.Tensor, grid: tuple[int, int]) -> Image.Image:
+    """``image`` with the patches whose ``owner`` is -1 (h * w, raster order) dimmed to 25%."""
     rows, cols = grid
-    mask = kept.reshape(rows, cols).float().cpu().numpy()
+    mask = (owner >= 0).reshape(rows, cols).float().cpu().numpy()
     mask = np.kron(mask, np.ones((image.height // rows + 1, image.width // cols + 1)))[: image.height, : image.width]
     array = np.asarray(image).astype(np.float32)
     shade = 0.25 + 0.75 * mask[..., None]
     return Image.fromarray((array * shade).astype(np.uint8))
 
 
+def merge_edges(owner: torch.Tensor, grid: tuple[int, int]) -> list[tuple[int, int, str]]:
+    """Edges ``(row, col, side)`` ("right" or "down" of a patch) that separate a merged token's
+    patches from other patches, so a token standing for several patches is drawn as one outlined region."""
+    rows, cols = grid
+    cells = owner.reshape(rows, cols).cpu()
+    ids, counts = torch.unique(cells[cells >= 0], return_counts=True)
+    merged = set(ids[counts > 1].tolist())
+    edges = []
+    for r in range(rows):
+        for c in range(cols):
+            here = int(cells[r, c])
+            for side, (rr, cc) in (("right", (r, c + 1)), ("down", (r + 1, c))):
+                if rr < rows and cc < cols:
+                    there = int(cells[rr, cc])
+                    if here != there and (here in merged or there in merged):
+                        edges.append((r, c, side))
+    return edges
+
+
 def render_panels(view: Image.Image, trace: list[tuple[str, torch.Tensor]], grid: tuple[int, int]) -> Image.Image:
-    """One panel per traced step, side by side, each titled with its label and patch count."""
-    total = grid[0] * grid[1]
+    """One panel per traced step, side by side, titled with its label, tokens and patches covered.
+
+    Dropped patches are dimmed; the patches a merged token stands for are outlined together.
+    """
+    rows, cols = grid
+    total = rows * cols
     canvas = Image.new("RGB", (PANEL * len(trace), PANEL + TITLE), "white")
     draw = ImageDraw.Draw(canvas)
-    for column, (label, kept) in enumerate(trace):
-        panel = overlay(view, kept, grid).resize((PANEL, PANEL), Image.NEAREST)
-        canvas.paste(panel, (column * PANEL, TITLE))
-        draw.text((column * PANEL + 3, 3), f"{label}: {int(kept.sum())}/{total}", fill="black")
+    for column, (label, owner) in enumerate(trace):
+        left = column * PANEL
+        panel = overlay(view, owner, grid).resize((PANEL, PANEL), Image.NEAREST)
+        canvas.paste(panel, (left, TITLE))
+        for r, c, side in merge_edges(owner, grid):
+            if side == "right":
+                x = left + (c + 1) * PANEL // cols
+                draw.line([(x, TITLE + r * PANEL // rows), (x, TITLE + (r + 1) * PANEL // rows)], fill=MERGE_COLOUR)
+            else:
+                y = TITLE + (r + 1) * PANEL // rows
+                draw.line([(left + c * PANEL // cols, y), (left + (c + 1) * PANEL // cols, y)], fill=MERGE_COLOUR)
+        tokens = len(torch.unique(owner[owner >= 0]))
+        draw.text((left + 3, 2), label, fill="black")
+        draw.text((left + 3, 15), f"{tokens} tokens, {int((owner >= 0).sum())}/{total} patches", fill="black")
     return canvas
 
 
@@ -64,9 +99,9 @@ def visualize(stack: Stack | str | Path, image: str | Path, output: str | Path, 
         handle.trace = trace
         model_obj(**inputs)
         grid = handle.trace_grids
-    if not trace:  # an empty stack: the encoder's full grid
+    if not trace:  # an empty stack: the encoder's full grid, one token per patch
         side = int(round((inputs["input_ids"] == model_obj.config.image_token_id).sum().item() ** 0.5))
-        trace, grid = [("encoder", torch.ones(1, side * side, dtype=torch.bool))], torch.tensor([[1, side, side]])
+        trace, grid = [("encoder", torch.arange(side * side).unsqueeze(0))], torch.tensor([[1, side, side]])
     t, h, w = (int(v) for v in grid[0])
     view = model_view(inputs["pixel_values"][0], processor.image_processor)
     canvas = render_panels(view, [(label, kept[0][: t * h * w][: h * w]) for label, kept in trace], (h, w))
