@@ -208,9 +208,11 @@ def cmd_zoo_train(args: argparse.Namespace) -> int:
     from tokenpress.zoo.train import train
 
     out = Path(args.out) if args.out else zoo_path(args.name)
-    metrics = train(args.name, out, seed=args.seed, steps=args.steps, threads=args.threads)
-    print((out / card.CARD_FILE).read_text(encoding="utf-8"))
-    print(f"wrote {out} ({metrics['train_minutes']:.1f} training minutes)")
+    metrics = train(args.name, out, seed=args.seed, steps=args.steps, threads=args.threads, device=args.device,
+                    workers=args.workers, measure=not args.no_card)
+    if not args.no_card:
+        print((out / card.CARD_FILE).read_text(encoding="utf-8"))
+    print(f"wrote {out} ({metrics['train_minutes']:.1f} training minutes on {metrics['device']})")
     return 0
 
 
@@ -291,6 +293,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--steps", type=int, default=None)
     t.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    t.add_argument("--device", default="auto", help="cuda, cpu, or auto: CUDA when available")
+    t.add_argument("--workers", type=int, default=0, help="background processes that build training batches")
+    t.add_argument("--no-card", action="store_true",
+                   help="save the checkpoint only; measure it later with `tokenpress zoo card`")
     t.set_defaults(func=cmd_zoo_train)
     c = zoo.add_parser("card", help="measure a trained checkpoint with `tokenpress eval` and rewrite its MODEL_CARD.md")
     c.add_argument("model", help="zoo:NAME or a folder written by `tokenpress zoo train`")

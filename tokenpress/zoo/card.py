@@ -55,17 +55,21 @@ def load_rows(folder: str | Path) -> list[Row]:
     return [Row(**row) for row in data["rows"]]
 
 
+def markdown_table(header: list[str], rows: list[list[str]], right_from: int = 1) -> str:
+    """A Markdown table; the columns from index ``right_from`` on are right-aligned (numbers)."""
+    aligns = ["---" if i < right_from else "---:" for i in range(len(header))]
+    lines = ["| " + " | ".join(header) + " |", "| " + " | ".join(aligns) + " |"]
+    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
+
+
 def accuracy_table(rows: list[Row]) -> str:
     """Markdown: accuracy overall and per family (in %), tokens kept, for each measured stack."""
     families = list(rows[0].per_family)
-    lines = [
-        "| stack | visual tokens kept | accuracy | " + " | ".join(families) + " |",
-        "| --- | ---: | ---: | " + " | ".join("---:" for _ in families) + " |",
-    ]
-    for row in rows:
-        cells = " | ".join(f"{100 * row.per_family[f]:.1f}" for f in families)
-        lines.append(f"| {row.stack} | {100 * row.tokens_kept:.0f}% | {100 * row.accuracy:.1f} | {cells} |")
-    return "\n".join(lines)
+    return markdown_table(
+        ["stack", "visual tokens kept", "accuracy", *families],
+        [[row.stack, f"{100 * row.tokens_kept:.0f}%", f"{100 * row.accuracy:.1f}",
+          *(f"{100 * row.per_family[f]:.1f}" for f in families)] for row in rows],
+    )
 
 
 def sensitivity_line(rows: list[Row]) -> str:

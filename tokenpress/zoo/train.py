@@ -20,7 +20,8 @@ tokens.  Two measures remove the long plateau a from-scratch model otherwise sit
 discovers what each visual token shows and where it is: a linear probe (training only, discarded)
 that predicts each visual token's row, column, colour, shape and size from its decoder hidden
 state (``AuxProbe``), and, for LLaVA, a 2-D sine-cosine start for the CLIP position embeddings
-(``init_positions``).  bf16 autocast on the CPU, AdamW, warm-up + cosine schedule.
+(``init_positions``).  AdamW, warm-up + cosine schedule; bf16 autocast on a GPU, float32 on a CPU
+(bf16 autocast on a CPU without bf16 instructions is about 15x slower than float32).
 
 The final evaluation runs greedy decoding on the test split of the reloaded checkpoint (as
 shipped, float16 weights upcast to float32) with all visual tokens and with a random 50%, 25% and
@@ -43,6 +44,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+import torch.utils.data
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from tqdm import tqdm
 from transformers import (
@@ -88,9 +90,9 @@ class Recipe:
     """Everything that defines a training run besides the seed (defaults: the shipped models)."""
 
     arch: str  # "llava" or "qwen"
-    steps: int = 1000
-    caption_steps: int = 250  # stage 1: captioning only
-    batch_size: int = 32
+    steps: int = 3000
+    caption_steps: int = 300  # stage 1: captioning only
+    batch_size: int = 64
     lr: float = 1e-3
     warmup: int = 50
     weight_decay: float = 0.01
@@ -99,10 +101,10 @@ class Recipe:
     # Sampling weights of the families in training (aligned with shapes.FAMILIES): the cell
     # look-ups are also taught by the caption, counting and relations only by questions.
     family_weights: tuple[float, ...] = (0.1, 0.1, 0.1, 0.3, 0.4)
-    eval_every: int = 100
+    eval_every: int = 250
     val_size: int = 250
     test_size: int = shapes.SPLIT_SIZES["test"]
-    bf16: bool = True
+    bf16: bool = True  # autocast to bf16 on CUDA (a CPU always trains in float32)
     # Auxiliary probes (training only, not saved): a linear classifier reads each visual token's
     # decoder hidden state after layer ``aux_layer`` and predicts its cell's row, column, colour,
     # shape and size.  See ``AuxProbe``.
@@ -121,7 +123,9 @@ class Recipe:
 
 RECIPES: dict[str, Recipe] = {
     "llava-shapes": Recipe(arch="llava"),
-    "qwen2.5-vl-shapes": Recipe(arch="qwen"),
+    # Four decoder layers left the Qwen model on a plateau (about 79% on validation: "exists" and
+    # "relative_position" near chance) through 1200-2250 steps; with six it leaves it by step 1000.
+    "qwen2.5-vl-shapes": Recipe(arch="qwen", steps=1500, text_layers=6),
 }
 # Sizes for smoke tests: a few seconds end to end.
 TINY = {
@@ -183,8 +187,9 @@ def _chat_template(image_text: str) -> str:
 def build_processor(arch: str) -> Any:
     """The checkpoint's processor (image processor + tokenizer + chat template), torchvision-free.
 
-    llava: ``LlavaProcessor`` with ``CLIPImageProcessorPil`` (no resize or crop; rescale and CLIP
-    normalisation, i.e. ``shapes.to_pixel_array``), 1 + 144 vision positions with CLS dropped.
+    llava: ``LlavaProcessor`` with ``CLIPImageProcessorPil`` (resize to 96x96, a no-op on benchmark
+    images, no crop; rescale and CLIP normalisation, i.e. ``shapes.to_pixel_array``), 1 + 144 vision
+    positions with CLS dropped.
     qwen: ``PaddleOCRVLProcessor`` with ``Qwen2VLImageProcessorPil`` (patch 8, merge 2, 96x96 kept).
     ``Qwen2_5_VLProcessor`` also needs a video processor, which transformers only provides with
     torchvision; ``PaddleOCRVLProcessor`` expands ``<|image_pad|>`` into grid_t*grid_h*grid_w/merge^2
@@ -195,7 +200,7 @@ def build_processor(arch: str) -> Any:
         image_processor = CLIPImageProcessorPil(
             size={"height": shapes.IMAGE_SIZE, "width": shapes.IMAGE_SIZE},
             crop_size={"height": shapes.IMAGE_SIZE, "width": shapes.IMAGE_SIZE},
-            do_resize=False,
+            do_resize=True,  # any picture becomes 96x96; the benchmark's own images pass unchanged
             do_center_crop=False,
             image_mean=list(CLIP_MEAN),
             image_std=list(CLIP_STD),
@@ -391,21 +396,17 @@ class Encoder:
 
         Empty cells get the extra "none" class (index len(...)) for colour, shape and size.
         """
-        grid = {(o.row, o.col): o for o in objects}
-        colors, n = list(shapes.COLORS), shapes.GRID
+        n = shapes.GRID
+        colors = list(shapes.COLORS)
+        cells = np.empty((n, n, 5), dtype=np.int64)
+        cells[..., 0] = np.arange(n)[:, None]
+        cells[..., 1] = np.arange(n)[None, :]
+        cells[..., 2:] = (len(colors), len(shapes.SHAPES), len(shapes.SIZES))
+        for o in objects:
+            cells[o.row, o.col, 2:] = (colors.index(o.color), shapes.SHAPES.index(o.shape), shapes.SIZES.index(o.size))
         side = int(round(math.sqrt(self.n_visual)))  # tokens per image side
-        per_cell = side // n
-        out = torch.empty(self.n_visual, 5, dtype=torch.long)
-        for k in range(self.n_visual):
-            r, c = (k // side) // per_cell, (k % side) // per_cell
-            o = grid.get((r, c))
-            if o is None:
-                out[k] = torch.tensor([r, c, len(colors), len(shapes.SHAPES), len(shapes.SIZES)])
-            else:
-                out[k] = torch.tensor(
-                    [r, c, colors.index(o.color), shapes.SHAPES.index(o.shape), shapes.SIZES.index(o.size)]
-                )
-        return out
+        cell_of = np.arange(side) // (side // n)
+        return torch.from_numpy(cells[cell_of[:, None], cell_of[None, :]].reshape(self.n_visual, 5))
 
     def _object_class(self, color_id: int, shape_id: int) -> tuple[int, int]:
         """Probe class ids (as in ``cell_targets``) of the object named by a colour and a shape word."""
@@ -518,7 +519,8 @@ def greedy_answers(
         inputs = {"input_ids": input_ids, "attention_mask": mask, **encoder.pixels([s.image for s in chunk])}
         if encoder.arch == "qwen":
             inputs["mm_token_type_ids"] = (input_ids == encoder.image_id).long()
-        out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+        inputs = {k: v.to(model.device) for k, v in inputs.items()}
+        out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False).cpu()
         answers += tokenizer.batch_decode(out[:, length:], skip_special_tokens=True)
     return answers
 
@@ -533,7 +535,11 @@ def validation_accuracy(model: torch.nn.Module, encoder: Encoder, samples: list[
 # training
 
 
-def _loss_and_stats(logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+def _loss_and_stats(
+    logits: torch.Tensor, batch: dict[str, torch.Tensor]
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Caption and answer cross-entropy (averaged separately, summed) and accuracies (as tensors:
+    reading them every step would stall a GPU)."""
     logits = logits[:, :-1].float()
     target = batch["input_ids"][:, 1:]
     kind = batch["kind"][:, 1:]
@@ -545,12 +551,12 @@ def _loss_and_stats(logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> tup
     ans = (kind == 1) | (kind == 3)
     if cap.any():
         loss = loss + ce[cap].mean()
-        stats["cap_acc"] = float((pred[cap] == target[cap]).float().mean())
+        stats["cap_acc"] = (pred[cap] == target[cap]).float().mean()
     if ans.any():
         loss = loss + ce[ans].mean()
         a = kind == 1
-        stats["ans_acc"] = float((pred[a] == target[a]).float().mean())
-    stats["loss"] = float(loss.detach())
+        stats["ans_acc"] = (pred[a] == target[a]).float().mean()
+    stats["loss"] = loss.detach()
     return loss, stats
 
 
@@ -575,18 +581,18 @@ class AuxProbe(torch.nn.Module):
         super().__init__()
         self.head = torch.nn.Linear(hidden, sum(self.SIZES))
 
-    def forward(self, hidden: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+    def forward(self, hidden: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Mean cross-entropy over the five groups, and the colour and position accuracies."""
         logits = self.head(hidden.float()).split(self.SIZES, dim=-1)
         loss = sum(
             F.cross_entropy(lg.reshape(-1, lg.shape[-1]), targets[..., g].reshape(-1)) for g, lg in enumerate(logits)
         )
-        acc = [float((lg.argmax(-1) == targets[..., g]).float().mean()) for g, lg in enumerate(logits)]
+        acc = [(lg.argmax(-1) == targets[..., g]).float().mean() for g, lg in enumerate(logits)]
         return loss / len(logits), {"aux_pos_acc": (acc[0] + acc[1]) / 2, "aux_color_acc": acc[2]}
 
     def query_loss(
         self, hidden: torch.Tensor, targets: torch.Tensor, groups: tuple[int, int] = (0, 1)
-    ) -> tuple[torch.Tensor, float]:
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Cross-entropy of two read-outs (row/column, or colour/shape) at query tokens, and accuracy.
 
         ``hidden`` (N, D), ``targets`` (N, 2): class ids for the read-outs ``groups``.
@@ -594,7 +600,7 @@ class AuxProbe(torch.nn.Module):
         all_logits = self.head(hidden.float()).split(self.SIZES, dim=-1)
         logits = [all_logits[g] for g in groups]
         loss = sum(F.cross_entropy(lg, targets[:, g]) for g, lg in enumerate(logits)) / 2
-        acc = sum(float((lg.argmax(-1) == targets[:, g]).float().mean()) for g, lg in enumerate(logits)) / 2
+        acc = sum((lg.argmax(-1) == targets[:, g]).float().mean() for g, lg in enumerate(logits)) / 2
         return loss, acc
 
 
@@ -615,7 +621,7 @@ def save_checkpoint(model: torch.nn.Module, processor: Any, out_dir: Path) -> No
     model.generation_config = GenerationConfig(
         bos_token_id=BOS, eos_token_id=EOS, pad_token_id=PAD, do_sample=False, max_new_tokens=3
     )
-    state = {k: v.to(torch.float16) for k, v in model.state_dict().items()}
+    state = {k: v.to("cpu", torch.float16) for k, v in model.state_dict().items()}
     model.save_pretrained(out_dir, state_dict=state)
     processor.save_pretrained(out_dir)
     # float16 in the file but float32 when loaded: rewrite every dtype the config recorded.
@@ -633,6 +639,30 @@ def save_checkpoint(model: torch.nn.Module, processor: Any, out_dir: Path) -> No
     cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
 
 
+class _TrainingBatches(torch.utils.data.Dataset):
+    """Batch ``step`` of the training stream, built in DataLoader workers (it depends on the step alone)."""
+
+    def __init__(self, encoder: Encoder, recipe: Recipe, seed: int):
+        self.encoder, self.recipe, self.seed = encoder, recipe, seed
+
+    def __len__(self) -> int:
+        return self.recipe.steps
+
+    def is_caption_step(self, step: int) -> bool:
+        r = self.recipe
+        return step < r.caption_steps or (step - r.caption_steps) % r.caption_every == r.caption_every - 1
+
+    def __getitem__(self, step: int) -> dict[str, torch.Tensor]:
+        return self.encoder.training_batch(self.recipe, step, self.seed, self.is_caption_step(step))
+
+
+def resolve_device(device: str | None) -> torch.device:
+    """``"auto"``/None: CUDA when available, else the CPU."""
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
 def train(
     name: str,
     out_dir: Path,
@@ -643,12 +673,18 @@ def train(
     threads: int | None = None,
     overrides: dict[str, Any] | None = None,
     tiny: bool = False,
+    device: str | None = "auto",
+    workers: int = 0,
+    measure: bool = True,
 ) -> dict[str, Any]:
-    """Train zoo model ``name`` from scratch into ``out_dir`` and return its test metrics.
+    """Train zoo model ``name`` from scratch into ``out_dir`` and return its training metrics.
 
-    Reproducible from ``seed`` (weights init and the data stream).  ``steps`` overrides the
-    recipe's step count (the caption stage is shortened in proportion); ``tiny`` shrinks the
-    model and evaluation for smoke tests; ``overrides`` sets any ``Recipe`` field.
+    Reproducible from ``seed`` (weights init and the data stream) on a given device.  ``steps``
+    overrides the recipe's step count (the caption stage is shortened in proportion); ``tiny``
+    shrinks the model and evaluation for smoke tests; ``overrides`` sets any ``Recipe`` field;
+    ``workers`` builds batches in that many background processes.  With ``measure`` the saved
+    checkpoint is then measured with ``tokenpress eval`` on the CPU and its model card written
+    (``tokenpress zoo card`` does that step alone).
     """
     if name.removeprefix("zoo:") not in RECIPES:
         raise ValueError(f"Unknown zoo model {name!r}; available: {', '.join(RECIPES)}.")
@@ -662,6 +698,7 @@ def train(
         recipe = replace(recipe, **overrides)
     if threads:
         torch.set_num_threads(threads)
+    dev = resolve_device(device)
     out_dir = Path(out_dir)
     t0 = time.time()
     torch.manual_seed(seed)
@@ -670,10 +707,12 @@ def train(
     init_positions(model, recipe.arch)
     encoder = Encoder(recipe.arch, processor, model.config)
     n_params = sum(p.numel() for p in model.parameters())
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n]
-    no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embed" not in n)]
     text_hidden = model.get_input_embeddings().weight.shape[1]
     probe = AuxProbe(text_hidden)
+    model.to(dev)
+    probe.to(dev)
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n]
+    no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embed" not in n)]
     opt = torch.optim.AdamW(
         [
             {"params": decay, "weight_decay": recipe.weight_decay},
@@ -684,19 +723,24 @@ def train(
         betas=(0.9, 0.98),
     )
     val = shapes.generate_split("val", recipe.val_size, seed)
+    stream = _TrainingBatches(encoder, recipe, seed)
+    loader = torch.utils.data.DataLoader(
+        stream, batch_size=None, num_workers=workers, prefetch_factor=4 if workers else None,
+        pin_memory=dev.type == "cuda",
+    )
     history: list[dict[str, Any]] = []
-    bar = tqdm(range(recipe.steps), desc=name, disable=not progress, mininterval=5.0, file=sys.stdout)
+    bar = tqdm(loader, desc=name, disable=not progress, mininterval=5.0, file=sys.stdout)
     running: dict[str, float] = {}
-    for step in bar:
+    bf16 = recipe.bf16 and dev.type == "cuda"
+    for step, batch in enumerate(bar):
         model.train()
         stage = 1 if step < recipe.caption_steps else 2
-        captions = stage == 1 or (step - recipe.caption_steps) % recipe.caption_every == recipe.caption_every - 1
-        batch = encoder.training_batch(recipe, step, seed, captions)
+        batch = {k: v.to(dev, non_blocking=True) for k, v in batch.items()}
         for group in opt.param_groups:
             group["lr"] = _lr_at(recipe, step)
         inputs = {k: v for k, v in batch.items() if k not in ("kind", "aux", "query_cell", "name_cell", "wanted")}
         use_aux = recipe.aux_weight > 0
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=recipe.bf16):
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
             out = model(**inputs, output_hidden_states=use_aux)
         loss, stats = _loss_and_stats(out.logits, batch)
         if use_aux:
@@ -723,18 +767,24 @@ def train(
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         for k, v in stats.items():
-            running[k] = v if k not in running else 0.9 * running[k] + 0.1 * v
-        bar.set_postfix({k: f"{v:.3f}" for k, v in running.items()}, refresh=False)
+            running[k] = v.detach() if k not in running else 0.9 * running[k] + 0.1 * v.detach()
+        if step % 20 == 0:
+            bar.set_postfix({k: f"{float(v):.3f}" for k, v in running.items()}, refresh=False)
         last = step == recipe.steps - 1
         if (step + 1) % recipe.eval_every == 0 or last:
             res = validation_accuracy(model, encoder, val)
-            entry = {"step": step + 1, "stage": stage, "minutes": (time.time() - t0) / 60, **running}
+            entry = {"step": step + 1, "stage": stage, "minutes": (time.time() - t0) / 60}
+            entry.update({k: round(float(v), 4) for k, v in running.items()})
             entry["val_accuracy"] = res["accuracy"]
             entry["val_per_family"] = res["per_family"]
             history.append(entry)
             msg = " ".join(f"{f}={a:.2f}" for f, a in res["per_family"].items())
-            tqdm.write(f"[{name}] step {step + 1} val acc {res['accuracy']:.3f} ({msg}) {running}", file=sys.stdout)
+            losses = " ".join(f"{k}={entry[k]:.3f}" for k in running)
+            tqdm.write(f"[{name}] step {step + 1} val acc {res['accuracy']:.3f} ({msg}) {losses}", file=sys.stdout)
+            if not last:  # an interrupted run still leaves its latest weights
+                save_checkpoint(model, processor, out_dir)
     train_minutes = (time.time() - t0) / 60
+    model.cpu()
     save_checkpoint(model, processor, out_dir)
 
     metrics = {
@@ -744,15 +794,18 @@ def train(
         "parameters": n_params,
         "visual_tokens": encoder.n_visual,
         "train_minutes": round(train_minutes, 2),
+        "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
         "torch_threads": torch.get_num_threads(),
+        "data_workers": workers,
         "history": history,
         "checkpoint_bytes": sum(p.stat().st_size for p in out_dir.iterdir() if p.is_file()),
     }
     (out_dir / card.TRAINING_FILE).write_text(json.dumps(metrics, indent=2) + "\n")
-    # The card's accuracies: `tokenpress eval` on the checkpoint as shipped (float16 weights loaded
-    # as float32), uncompressed and with the random plugin at 50/25/11%.
-    card.measure(out_dir, n=recipe.test_size, progress=progress)
-    card.write_model_card(out_dir)
+    if measure:
+        # The card's accuracies: `tokenpress eval` on the checkpoint as shipped (float16 weights loaded
+        # as float32, on the CPU), uncompressed and with the random plugin at 50/25/11%.
+        card.measure(out_dir, n=recipe.test_size, progress=progress)
+        card.write_model_card(out_dir)
     return metrics
 
 
@@ -773,8 +826,9 @@ def model_card(metrics: dict[str, Any]) -> str:
             f"(hidden {r['text_hidden']}, {r['text_layers']} layers, {r['text_heads']} heads)."
         )
         proc = (
-            "`LlavaProcessor` + `CLIPImageProcessorPil` (no resize or crop; `pixel / 255`, CLIP mean/std "
-            "normalisation; identical to `tokenpress.data.shapes.to_pixel_array`)."
+            "`LlavaProcessor` + `CLIPImageProcessorPil` (other pictures are resized to 96x96, benchmark images "
+            "pass unchanged; no crop; `pixel / 255`, CLIP mean/std normalisation; identical to "
+            "`tokenpress.data.shapes.to_pixel_array`)."
         )
         prompt = "<image>\\n{question}"
     else:
@@ -801,6 +855,15 @@ def model_card(metrics: dict[str, Any]) -> str:
         else ""
     )
     model_class = "LlavaForConditionalGeneration" if r["arch"] == "llava" else "Qwen2_5_VLForConditionalGeneration"
+    device = metrics.get("device", "cpu")
+    workers = metrics.get("data_workers", 0)
+    if device == "cpu":
+        device_flags = f" --device cpu --threads {metrics['torch_threads']}"
+        where = f"float32, {metrics['train_minutes']:.1f} minutes with {metrics['torch_threads']} CPU thread(s)"
+    else:
+        device_flags = f" --device cuda --workers {workers}"
+        minutes = metrics["train_minutes"]
+        where = f"bf16 autocast, {minutes:.1f} minutes on one {device} ({workers} processes building batches)"
     return f"""# {name}
 
 A tiny vision-language model trained from scratch on the procedurally generated
@@ -825,12 +888,11 @@ processor = AutoProcessor.from_pretrained(path)
 ## Training
 
 ```
-python -m tokenpress.zoo.train {name} --out DIR --seed {metrics["seed"]} --threads {metrics["torch_threads"]}
+tokenpress zoo train {name} --out DIR --seed {metrics["seed"]}{device_flags}
 ```
 
 {r["steps"]} AdamW steps (lr {r["lr"]}, betas 0.9/0.98, weight decay {r["weight_decay"]}, {r["warmup"]} warm-up
-steps then cosine to 10%), batch {r["batch_size"]} freshly generated images per step, bf16 autocast on the
-CPU; {metrics["train_minutes"]:.1f} minutes with {metrics["torch_threads"]} CPU thread(s).
+steps then cosine to 10%), batch {r["batch_size"]} freshly generated images per step; {where}.
 
 1. Steps 1-{r["caption_steps"]}: captions only. The sequence is `<s>` + image + `describe <kind>` +
    the caption, `<kind>` cycling over color / shape / size / exists: every cell as `row column ? word`
@@ -849,11 +911,25 @@ CPU; {metrics["train_minutes"]:.1f} minutes with {metrics["torch_threads"]} CPU 
    {r["name_layer"]} at the shape word of `the|a <colour> <shape>` when that names a unique object.{pos_note}
 
 Without the dense captions and the probe, a from-scratch model sits at chance for many hundreds of
-steps; with them the cell look-ups are learnt in about 300. Listing caption entries in random order
-matters: in raster order the model reads the cell off its position in the caption and the skill does
-not carry over to questions.
+steps. Listing caption entries in random order matters: in raster order the model reads the cell off
+its position in the caption and the skill does not carry over to questions.
+
+Greedy accuracy on {r["val_size"]} validation questions during training, in %:
+
+{validation_table(metrics["history"])}
 
 """
+
+
+def validation_table(history: list[dict[str, Any]]) -> str:
+    """Markdown: validation accuracy overall and per family at each evaluation step of training."""
+    families = list(history[0]["val_per_family"]) if history else list(shapes.FAMILIES)
+    return card.markdown_table(
+        ["step", "all", *families],
+        [[str(entry["step"]), f"{100 * entry['val_accuracy']:.1f}",
+          *(f"{100 * entry['val_per_family'].get(f, float('nan')):.0f}" for f in families)] for entry in history],
+        right_from=0,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -864,12 +940,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--steps", type=int, default=None, help="override the number of steps")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--device", default="auto", help="cuda, cpu or auto (CUDA when available)")
+    parser.add_argument("--workers", type=int, default=0, help="processes that build training batches")
+    parser.add_argument("--no-card", action="store_true", help="skip the measurement and model card")
+    parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                        help="override a Recipe field for an experiment, e.g. --set text_layers=6")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
+    overrides = {}
+    for item in args.set:
+        key, _, value = item.partition("=")
+        if key not in Recipe.__dataclass_fields__:
+            parser.error(f"--set {item}: Recipe has no field {key!r}")
+        overrides[key] = json.loads(value)
     out = args.out if args.out is not None else zoo_path(args.name)
     metrics = train(
-        args.name, out, seed=args.seed, steps=args.steps, progress=not args.no_progress, threads=args.threads
+        args.name, out, seed=args.seed, steps=args.steps, progress=not args.no_progress, threads=args.threads,
+        device=args.device, workers=args.workers, measure=not args.no_card, overrides=overrides or None,
     )
+    if args.no_card:
+        print(f"train minutes: {metrics['train_minutes']}")
+        return 0
     print((out / card.CARD_FILE).read_text())
     print(f"train minutes: {metrics['train_minutes']}")
     return 0

@@ -1,0 +1,188 @@
+"""The shipped zoo checkpoints: plain offline loading, their processors, and model cards that
+``tokenpress eval`` reproduces."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import json  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from transformers import (  # noqa: E402
+    AutoProcessor,
+    LlavaForConditionalGeneration,
+    Qwen2_5_VLForConditionalGeneration,
+)
+
+from tokenpress.data import shapes  # noqa: E402
+from tokenpress.zoo import ZOO_DIR, ZOO_NAMES, card, zoo_path  # noqa: E402
+from tokenpress.zoo.train import Encoder, greedy_answers, train  # noqa: E402
+
+MODELS = {
+    "llava-shapes": (LlavaForConditionalGeneration, 144),
+    "qwen2.5-vl-shapes": (Qwen2_5_VLForConditionalGeneration, 36),
+}
+N_QUESTIONS = 50
+
+
+@pytest.fixture(scope="module", params=sorted(MODELS))
+def loaded(request: pytest.FixtureRequest) -> tuple[str, torch.nn.Module, object]:
+    name = request.param
+    cls, _ = MODELS[name]
+    path = zoo_path(name)
+    model = cls.from_pretrained(path).eval()
+    processor = AutoProcessor.from_pretrained(path)
+    return name, model, processor
+
+
+def _texts(processor: object, samples: list[shapes.Sample]) -> list[str]:
+    return [
+        processor.apply_chat_template(
+            [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": s.question}]}],
+            add_generation_prompt=True,
+            tokenize=False,
+        )
+        for s in samples
+    ]
+
+
+def test_zoo_path_resolves_names() -> None:
+    assert set(ZOO_NAMES) == set(MODELS)
+    assert zoo_path("zoo:llava-shapes") == zoo_path("llava-shapes") == ZOO_DIR / "llava-shapes"
+    with pytest.raises(ValueError, match="llava-shapes"):
+        zoo_path("zoo:nonexistent")
+
+
+def test_checkpoint_files_and_size() -> None:
+    total = 0
+    for name in MODELS:
+        folder = zoo_path(name)
+        for f in (
+            "config.json",
+            "model.safetensors",
+            "tokenizer.json",
+            "processor_config.json",
+            "generation_config.json",
+            card.CARD_FILE,
+            card.EVAL_FILE,
+            card.TRAINING_FILE,
+        ):
+            assert (folder / f).is_file(), f"{name}: missing {f}"
+        total += sum(p.stat().st_size for p in folder.iterdir() if p.is_file())
+        text = (folder / card.CARD_FILE).read_text()
+        assert f"Visual tokens per image: **{MODELS[name][1]}**" in text
+        assert f"tokenpress zoo train {name} --out DIR --seed 0" in text
+    assert total <= 30 * 1024 * 1024, f"checkpoints take {total / 1e6:.1f} MB"
+
+
+def test_processor_builds_model_inputs(loaded: tuple[str, torch.nn.Module, object]) -> None:
+    name, model, processor = loaded
+    n_visual = MODELS[name][1]
+    assert model.dtype == torch.float32
+    samples = shapes.generate_split("test", 3)
+    texts = _texts(processor, samples)
+    image_token = processor.image_token
+    image_text = "<image>" if name == "llava-shapes" else "<|vision_start|><|image_pad|><|vision_end|>"
+    assert texts == [shapes.build_prompt(s.question, image_text) for s in samples]
+    assert image_token in image_text
+    inputs = processor(images=[s.image for s in samples], text=texts, return_tensors="pt", padding=True)
+    image_id = processor.tokenizer.convert_tokens_to_ids(image_token)
+    assert image_id == (model.config.image_token_index if name == "llava-shapes" else model.config.image_token_id)
+    assert ((inputs["input_ids"] == image_id).sum(1) == n_visual).all()
+    # The training code builds the same token sequences and pixels as the processor.
+    encoder = Encoder("llava" if name == "llava-shapes" else "qwen", processor, model.config)
+    for row, mask, s in zip(inputs["input_ids"], inputs["attention_mask"], samples, strict=True):
+        assert row[mask.bool()].tolist() == encoder.prefix + encoder.words(s.question)
+    assert torch.allclose(inputs["pixel_values"], encoder.pixels([s.image for s in samples])["pixel_values"])
+
+
+def test_plain_generate_answers_test_questions(loaded: tuple[str, torch.nn.Module, object]) -> None:
+    """Plain transformers (processor + generate, no tokenpress) answers the benchmark."""
+    name, model, processor = loaded
+    samples = shapes.generate_split("test", N_QUESTIONS)
+    inputs = processor(
+        images=[s.image for s in samples], text=_texts(processor, samples), return_tensors="pt", padding=True
+    )
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=3, do_sample=False)
+    answers = processor.batch_decode(out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+    result = shapes.score(answers, samples)
+    assert result["accuracy"] >= 0.8, result
+    # The validation used during training gives the same answers.
+    encoder = Encoder("llava" if name == "llava-shapes" else "qwen", processor, model.config)
+    ours = greedy_answers(model, encoder, samples, max_new_tokens=3)
+    assert [shapes.normalize_answer(a) for a in ours] == [shapes.normalize_answer(a) for a in answers]
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_model_card_meets_the_quality_bars(name: str) -> None:
+    """What the card reports: >= 90% uncompressed on >= 1000 questions; a random 11% costs >= 20 points."""
+    rows = {row.stack: row for row in card.load_rows(zoo_path(name))}
+    measured = json.loads((zoo_path(name) / card.EVAL_FILE).read_text())
+    assert measured["n"] >= 1000 and measured["split"] == "test"
+    assert list(rows) == ["baseline", "random-50", "random-25", "random-11"]
+    assert rows["baseline"].accuracy >= 0.90
+    assert rows["baseline"].accuracy - rows["random-11"].accuracy >= 0.20
+    assert rows["random-11"].tokens_kept == pytest.approx(0.11, abs=0.01)
+    text = (zoo_path(name) / card.CARD_FILE).read_text()
+    assert card.accuracy_table(list(rows.values())) in text
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_tokenpress_eval_on_an_empty_stack_reproduces_the_card(name: str, tmp_path: Path) -> None:
+    from tokenpress.cli import main
+
+    n = json.loads((zoo_path(name) / card.EVAL_FILE).read_text())["n"]
+    out = tmp_path / "rows.json"
+    argv = ["eval", "stacks/empty.yaml", "--model", f"zoo:{name}", "--n", str(n), "--quiet", "--json", str(out)]
+    assert main(argv) == 0
+    baseline, empty = json.loads(out.read_text())
+    shipped = card.load_rows(zoo_path(name))[0]
+    for row in (baseline, empty):
+        assert (row["accuracy"], row["per_family"]) == (shipped.accuracy, shipped.per_family)
+
+
+def test_viz_on_the_default_model_takes_any_picture(tmp_path: Path) -> None:
+    """`tokenpress viz` defaults to zoo:llava-shapes; a photo of another size is resized to 96x96."""
+    from PIL import Image
+
+    from tokenpress.cli import main
+
+    picture = tmp_path / "photo.png"
+    Image.new("RGB", (300, 200), "blue").save(picture)
+    out = tmp_path / "viz.png"
+    assert main(["viz", "stacks/pool-then-fastv.yaml", "--image", str(picture), "-o", str(out)]) == 0
+    with Image.open(out) as image:
+        assert image.format == "PNG" and image.width > image.height
+
+
+def test_train_smoke(tmp_path: Path) -> None:
+    metrics = train("zoo:qwen2.5-vl-shapes", tmp_path / "q", steps=2, progress=False, tiny=True)
+    assert metrics["visual_tokens"] == 36
+    assert json.loads((tmp_path / "q" / card.TRAINING_FILE).read_text())["recipe"]["steps"] == 2
+    assert [row.stack for row in card.load_rows(tmp_path / "q")] == ["baseline", "random-50", "random-25", "random-11"]
+    assert "| random-11 | 11% |" in (tmp_path / "q" / card.CARD_FILE).read_text()
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(tmp_path / "q")
+    assert model.dtype == torch.float32
+    with pytest.raises(ValueError, match="available"):
+        train("nope", tmp_path / "x", steps=1)
+
+
+def test_training_on_the_cpu_is_repeatable_from_the_seed(tmp_path: Path) -> None:
+    """Same seed, same weights bit for bit; another seed, other weights (the data stream too)."""
+    from safetensors.torch import load_file
+
+    def weights(seed: int, folder: str) -> dict[str, torch.Tensor]:
+        train("llava-shapes", tmp_path / folder, seed=seed, steps=3, progress=False, tiny=True, device="cpu",
+              measure=False)
+        return load_file(tmp_path / folder / "model.safetensors")
+
+    first, again, other = weights(0, "a"), weights(0, "b"), weights(1, "c")
+    assert first.keys() == again.keys() == other.keys()
+    assert all(torch.equal(first[k], again[k]) for k in first)
+    assert not all(torch.equal(first[k], other[k]) for k in first)
+    assert shapes.training_scene(0, seed=0) != shapes.training_scene(0, seed=1)
