@@ -186,3 +186,12 @@ def test_training_on_the_cpu_is_repeatable_from_the_seed(tmp_path: Path) -> None
     assert all(torch.equal(first[k], again[k]) for k in first)
     assert not all(torch.equal(first[k], other[k]) for k in first)
     assert shapes.training_scene(0, seed=0) != shapes.training_scene(0, seed=1)
+
+
+def test_zoo_train_refuses_an_unknown_recipe_field(capsys: pytest.CaptureFixture[str]) -> None:
+    """`--set` names a Recipe field; a typo is one line and exit 2, before any training."""
+    from tokenpress.cli import main
+
+    assert main(["zoo", "train", "llava-shapes", "--set", "text_layer=6"]) == 2
+    expected = "tokenpress: error: --set text_layer=6: the recipe has no field 'text_layer'"
+    assert capsys.readouterr().err.strip() == expected

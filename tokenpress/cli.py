@@ -204,16 +204,13 @@ def cmd_viz(args: argparse.Namespace) -> int:
 
 
 def cmd_zoo_train(args: argparse.Namespace) -> int:
-    from tokenpress.zoo import card, zoo_path
-    from tokenpress.zoo.train import train
+    from tokenpress.zoo.train import parse_overrides, run_from_args
 
-    out = Path(args.out) if args.out else zoo_path(args.name)
-    metrics = train(args.name, out, seed=args.seed, steps=args.steps, threads=args.threads, device=args.device,
-                    workers=args.workers, measure=not args.no_card)
-    if not args.no_card:
-        print((out / card.CARD_FILE).read_text(encoding="utf-8"))
-    print(f"wrote {out} ({metrics['train_minutes']:.1f} training minutes on {metrics['device']})")
-    return 0
+    try:
+        overrides = parse_overrides(args.set)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    return run_from_args(args, overrides)
 
 
 def cmd_zoo_card(args: argparse.Namespace) -> int:
@@ -285,18 +282,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", "-o", default="tokenpress-viz.png")
     p.set_defaults(func=cmd_viz)
 
+    from tokenpress.zoo import add_train_arguments
+
     p = sub.add_parser("zoo", help="the shipped proxy models")
     zoo = p.add_subparsers(dest="zoo_command", required=True)
     t = zoo.add_parser("train", help="train a proxy model from scratch (reproducible from the seed)")
-    t.add_argument("name", choices=("llava-shapes", "qwen2.5-vl-shapes"))
-    t.add_argument("--out", help="checkpoint folder (default: the shipped one, tokenpress/zoo/checkpoints/NAME)")
-    t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--steps", type=int, default=None)
-    t.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    t.add_argument("--device", default="auto", help="cuda, cpu, or auto: CUDA when available")
-    t.add_argument("--workers", type=int, default=0, help="background processes that build training batches")
-    t.add_argument("--no-card", action="store_true",
-                   help="save the checkpoint only; measure it later with `tokenpress zoo card`")
+    add_train_arguments(t)
     t.set_defaults(func=cmd_zoo_train)
     c = zoo.add_parser("card", help="measure a trained checkpoint with `tokenpress eval` and rewrite its MODEL_CARD.md")
     c.add_argument("model", help="zoo:NAME or a folder written by `tokenpress zoo train`")

@@ -4,6 +4,7 @@ are outlined together, and each panel's title gives its tokens and the patches t
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -42,16 +43,16 @@ def merge_edges(owner: torch.Tensor, grid: tuple[int, int]) -> list[tuple[int, i
     """Edges ``(row, col, side)`` ("right" or "down" of a patch) that separate a merged token's
     patches from other patches, so a token standing for several patches is drawn as one outlined region."""
     rows, cols = grid
-    cells = owner.reshape(rows, cols).cpu()
-    ids, counts = torch.unique(cells[cells >= 0], return_counts=True)
-    merged = set(ids[counts > 1].tolist())
+    cells = owner.reshape(rows, cols).tolist()
+    members = Counter(v for row in cells for v in row if v >= 0)
+    merged = {token for token, count in members.items() if count > 1}
     edges = []
     for r in range(rows):
         for c in range(cols):
-            here = int(cells[r, c])
+            here = cells[r][c]
             for side, (rr, cc) in (("right", (r, c + 1)), ("down", (r + 1, c))):
                 if rr < rows and cc < cols:
-                    there = int(cells[rr, cc])
+                    there = cells[rr][cc]
                     if here != there and (here in merged or there in merged):
                         edges.append((r, c, side))
     return edges
@@ -104,7 +105,7 @@ def visualize(stack: Stack | str | Path, image: str | Path, output: str | Path, 
         trace, grid = [("encoder", torch.arange(side * side).unsqueeze(0))], torch.tensor([[1, side, side]])
     t, h, w = (int(v) for v in grid[0])
     view = model_view(inputs["pixel_values"][0], processor.image_processor)
-    canvas = render_panels(view, [(label, kept[0][: t * h * w][: h * w]) for label, kept in trace], (h, w))
+    canvas = render_panels(view, [(label, owner[0][: t * h * w][: h * w]) for label, owner in trace], (h, w))
     output = Path(output)
     canvas.save(output, format="PNG")
     return output

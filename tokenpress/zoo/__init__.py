@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import argparse
 import pathlib
 
 ZOO_DIR = pathlib.Path(__file__).parent / "checkpoints"
@@ -19,3 +20,21 @@ def zoo_path(name: str) -> pathlib.Path:
     if key not in ZOO_NAMES:
         raise ValueError(f"Unknown zoo model {name!r}; available: {', '.join(ZOO_NAMES)}.")
     return ZOO_DIR / key
+
+
+def add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of ``tokenpress zoo train`` and ``python -m tokenpress.zoo.train`` (kept light:
+    building the ``tokenpress`` parser must not import torch)."""
+    parser.add_argument("name", choices=ZOO_NAMES)
+    parser.add_argument("--out", type=pathlib.Path, default=None,
+                        help="checkpoint folder (default: the shipped one, tokenpress/zoo/checkpoints/NAME)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--steps", type=int, default=None, help="override the recipe's number of steps")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--device", default="auto", help="cuda, cpu, or auto: CUDA when available")
+    parser.add_argument("--workers", type=int, default=0, help="background processes that build training batches")
+    parser.add_argument("--no-card", action="store_true",
+                        help="save the checkpoint only; measure it later with `tokenpress zoo card`")
+    parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                        help="override a field of the recipe for an experiment, e.g. --set text_layers=6")
+    parser.add_argument("--no-progress", action="store_true")

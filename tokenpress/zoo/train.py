@@ -2,7 +2,8 @@
 
 Usage::
 
-    python -m tokenpress.zoo.train llava-shapes [--out DIR] [--seed 0] [--steps N] [--threads 1]
+    tokenpress zoo train llava-shapes [--out DIR] [--seed 0] [--device cuda --workers 7] [--set FIELD=VALUE]
+    python -m tokenpress.zoo.train ...   (the same command)
 
 (``--out`` defaults to the shipped checkpoint folder, ``tokenpress/zoo/checkpoints/<name>``.)
 
@@ -64,7 +65,7 @@ from transformers.models.clip.image_processing_pil_clip import CLIPImageProcesso
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
 from tokenpress.data import shapes
-from tokenpress.zoo import card, zoo_path
+from tokenpress.zoo import add_train_arguments, card, zoo_path
 
 SPECIAL_TOKENS = [
     "<pad>",
@@ -784,7 +785,6 @@ def train(
             if not last:  # an interrupted run still leaves its latest weights
                 save_checkpoint(model, processor, out_dir)
     train_minutes = (time.time() - t0) / 60
-    model.cpu()
     save_checkpoint(model, processor, out_dir)
 
     metrics = {
@@ -932,38 +932,45 @@ def validation_table(history: list[dict[str, Any]]) -> str:
     )
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Command line: ``python -m tokenpress.zoo.train NAME --out DIR [--seed S] [--steps N]``."""
-    parser = argparse.ArgumentParser(description="Train a tokenpress zoo model from scratch.")
-    parser.add_argument("name", choices=sorted(RECIPES))
-    parser.add_argument("--out", type=Path, default=None, help="checkpoint folder (default: the zoo's own)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--steps", type=int, default=None, help="override the number of steps")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    parser.add_argument("--device", default="auto", help="cuda, cpu or auto (CUDA when available)")
-    parser.add_argument("--workers", type=int, default=0, help="processes that build training batches")
-    parser.add_argument("--no-card", action="store_true", help="skip the measurement and model card")
-    parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
-                        help="override a Recipe field for an experiment, e.g. --set text_layers=6")
-    parser.add_argument("--no-progress", action="store_true")
-    args = parser.parse_args(argv)
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """``["text_layers=6", ...]`` -> Recipe field overrides (values parsed as JSON)."""
     overrides = {}
-    for item in args.set:
+    for item in items:
         key, _, value = item.partition("=")
         if key not in Recipe.__dataclass_fields__:
-            parser.error(f"--set {item}: Recipe has no field {key!r}")
-        overrides[key] = json.loads(value)
+            raise ValueError(f"--set {item}: the recipe has no field {key!r}")
+        try:
+            overrides[key] = json.loads(value)
+        except json.JSONDecodeError:
+            raise ValueError(f"--set {item}: {value!r} is not a JSON value") from None
+    return overrides
+
+
+def run_from_args(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
+    """Train as the command line asked (``add_train_arguments``; ``overrides`` from ``parse_overrides``),
+    then print the card or a summary."""
     out = args.out if args.out is not None else zoo_path(args.name)
     metrics = train(
         args.name, out, seed=args.seed, steps=args.steps, progress=not args.no_progress, threads=args.threads,
-        device=args.device, workers=args.workers, measure=not args.no_card, overrides=overrides or None,
+        device=args.device, workers=args.workers, measure=not args.no_card,
+        overrides=overrides or None,
     )
-    if args.no_card:
-        print(f"train minutes: {metrics['train_minutes']}")
-        return 0
-    print((out / card.CARD_FILE).read_text())
-    print(f"train minutes: {metrics['train_minutes']}")
+    if not args.no_card:
+        print((out / card.CARD_FILE).read_text(encoding="utf-8"))
+    print(f"wrote {out} ({metrics['train_minutes']:.1f} training minutes on {metrics['device']})")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command line: ``python -m tokenpress.zoo.train NAME`` (the same as ``tokenpress zoo train``)."""
+    parser = argparse.ArgumentParser(description="Train a tokenpress zoo model from scratch.")
+    add_train_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        overrides = parse_overrides(args.set)
+    except ValueError as exc:
+        parser.error(str(exc))
+    return run_from_args(args, overrides)
 
 
 if __name__ == "__main__":
