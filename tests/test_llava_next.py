@@ -5,12 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape, unpad_image
 
 import tokenpress
 from tokenpress.adapters.base import ImageSpan
-from tokenpress.testing import Prompt
+from tokenpress.testing import Prompt, image_features_fed
 from tokenpress.testing.models import llava_next_batch, llava_next_token_count, tiny_llava_next
 
 
@@ -65,8 +64,9 @@ def test_pool_at_the_projector_equals_the_model_fed_pooled_features(next_model):
     rows = torch.cat([pooled, newline], dim=-1).flatten(1).transpose(0, 1)
     features = torch.cat([base, rows])
     input_ids = torch.tensor([prompt.before + [config.image_token_id] * features.shape[0] + prompt.after])
-    expected = next_model(input_ids=input_ids, image_sizes=batch["image_sizes"],
-                          mm_encoder_outputs={"image": BaseModelOutputWithPooling(pooler_output=[features])}).logits
+    with image_features_fed(next_model, [features]):
+        expected = next_model(input_ids=input_ids, pixel_values=batch["pixel_values"],
+                              image_sizes=batch["image_sizes"]).logits
     torch.testing.assert_close(actual[:, -4:], expected[:, -4:], rtol=1e-5, atol=1e-5)
 
 

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 import tokenpress
 from reference import llava_patch_features, manual_decoder, merged_embeddings
+from tokenpress import compat
 from tokenpress.testing import Prompt, llava_batch, sample_prompts, select_rows
 
 
@@ -209,7 +210,7 @@ def test_route_matches_the_reference_and_caches_only_processed_tokens(llava_eage
     hidden, _ = manual_decoder(model.model.language_model, embeds, torch.arange(length).unsqueeze(0),
                                route={1: routed, 2: routed})
     torch.testing.assert_close(out.logits[0, -4:], model.lm_head(hidden)[0, -4:], rtol=1e-5, atol=1e-5)
-    cache = out.past_key_values
+    cache = compat.output_cache(out)
     assert isinstance(cache, tokenpress.CompressedCache)
     assert cache.real_lengths()[:, 0].tolist() == [length, len(routed), len(routed), length]
     assert cache.get_seq_length() == length  # what generate() counts: the uncompressed input
@@ -223,13 +224,13 @@ def test_decoding_positions_continue_from_the_full_sequence(llava_eager):
     batch = llava_batch(model, sample_prompts(2))
     with tokenpress.compress(model, stack(FASTV)):
         out = model(**batch, use_cache=True)
-    state = out.past_key_values.tokenpress_state
+    state = compat.output_cache(out).tokenpress_state
     lengths = batch["attention_mask"].sum(-1)
     for layer_next in state.next_position:
         assert torch.equal(layer_next, lengths)
     with tokenpress.compress(model, stack(FASTV, positions="compact")):
         out = model(**batch, use_cache=True)
-    state = out.past_key_values.tokenpress_state
+    state = compat.output_cache(out).tokenpress_state
     assert torch.equal(state.next_position[1], lengths)
     assert torch.equal(state.next_position[2], lengths - 18)
 
@@ -245,10 +246,12 @@ def test_follow_up_turn_on_the_cache_reuses_the_first_selection(llava, padded):
     follow_up = torch.tensor([[40, 41, 42], [43, 44, 45]])
     with tokenpress.compress(model, stack(FASTV)):
         first = model(**batch, use_cache=True)
-        chunk = model(input_ids=follow_up, past_key_values=first.past_key_values, use_cache=True)
+        chunk = model(input_ids=follow_up, use_cache=True,
+                      **{compat.cache_argument(model): compat.output_cache(first)})
         again = model(**batch, use_cache=True)
-        cache = again.past_key_values
-        steps = [model(input_ids=follow_up[:, i:i + 1], past_key_values=cache, use_cache=True).logits
+        cache = compat.output_cache(again)
+        steps = [model(input_ids=follow_up[:, i:i + 1], use_cache=True,
+                       **{compat.cache_argument(model): cache}).logits
                  for i in range(3)]
     torch.testing.assert_close(chunk.logits, torch.cat(steps, dim=1), rtol=1e-5, atol=1e-5)
-    assert first.past_key_values.get_seq_length() == batch["input_ids"].shape[1] + 3
+    assert compat.output_cache(first).get_seq_length() == batch["input_ids"].shape[1] + 3

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 import tokenpress
-from tokenpress.testing import Prompt, qwen_batch, sample_prompts, select_qwen_rows, tiny_qwen2_5_vl
+from tokenpress import compat
+from tokenpress.testing import Prompt, image_features_fed, qwen_batch, sample_prompts, select_qwen_rows, tiny_qwen2_5_vl
 from tokenpress.testing.models import QWEN_IMAGE_TOKEN_ID, QWEN_VISION_END, QWEN_VISION_START
 
 
@@ -79,7 +79,7 @@ def test_fastv_survivors_keep_their_get_rope_index_positions_and_decoding_contin
             assert torch.equal(sequence.positions[:, sample][:, text], expected_text)
     assert recorder[0].visual_counts().tolist() == [12, 8]
     lengths = batch["attention_mask"].sum(-1)
-    for next_position in out.past_key_values.tokenpress_state.next_position:
+    for next_position in compat.output_cache(out).tokenpress_state.next_position:
         assert torch.equal(next_position, lengths + rope_deltas[:, 0])
 
 
@@ -96,9 +96,10 @@ def test_pool_at_the_projector_equals_the_model_fed_pooled_features(qwen):
     pooled = F.avg_pool2d(grid, 2).permute(0, 2, 3, 1).reshape(6, -1)
     input_ids = torch.tensor([prompt.before + [QWEN_VISION_START] + [QWEN_IMAGE_TOKEN_ID] * 6 + [QWEN_VISION_END]
                               + prompt.after])
-    expected = qwen(input_ids=input_ids, image_grid_thw=torch.tensor([[1, 4, 6]]),
-                    mm_token_type_ids=(input_ids == QWEN_IMAGE_TOKEN_ID).int(),
-                    mm_encoder_outputs={"image": BaseModelOutputWithPooling(pooler_output=[pooled])}).logits
+    with image_features_fed(qwen, [pooled]):
+        expected = qwen(input_ids=input_ids, pixel_values=batch["pixel_values"],
+                        image_grid_thw=torch.tensor([[1, 4, 6]]),
+                        mm_token_type_ids=(input_ids == QWEN_IMAGE_TOKEN_ID).int()).logits
     torch.testing.assert_close(actual[:, -len(prompt.after):], expected[:, -len(prompt.after):], rtol=1e-5,
                                atol=1e-5)
 

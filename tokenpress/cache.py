@@ -20,6 +20,7 @@ class DecodeState:
     key_valid: list[torch.Tensor]
     next_position: list[torch.Tensor]
     logical_length: int
+    position_offset: torch.Tensor  # (B,): next text position at layer 0 minus the real prompt tokens
 
 
 class CompressedCache(DynamicCache):
@@ -27,7 +28,8 @@ class CompressedCache(DynamicCache):
 
     ``get_seq_length()`` reports the length of the *uncompressed* input seen so far (what
     ``generate`` counts in input ids), while each layer's tensors are shorter. Pass the returned
-    cache back as ``past_key_values`` for the next step, as ``generate`` does.
+    cache back for the next step (``cache=``, or ``past_key_values=`` before transformers 5.24), as
+    ``generate`` does.
     """
 
     def __init__(self, state: DecodeState | None = None) -> None:

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from tokenpress import compat
 from tokenpress.cache import CompressedCache, DecodeState
 from tokenpress.context import DecoderContext, StageContext
 from tokenpress.decisions import Keep, Route
@@ -137,6 +138,9 @@ class CompressedForward:
     def __call__(self, input_ids: torch.Tensor | None = None, pixel_values: torch.Tensor | None = None,
                  attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
                  past_key_values: Any = None, inputs_embeds: torch.Tensor | None = None, **kwargs: Any) -> Any:
+        # The cache arrives as `cache` (transformers 5.24+) or `past_key_values`: take either.
+        cached = compat.pop_cache(kwargs)
+        past_key_values = past_key_values if past_key_values is not None else cached
         media = {key: kwargs[key] for key in MEDIA_KEYS if kwargs.get(key) is not None}
         if pixel_values is not None:
             media["pixel_values"] = pixel_values
@@ -159,9 +163,9 @@ class CompressedForward:
             if deferred:  # let the model encode as usual
                 kwargs["mm_encoder_outputs"] = {key: value.materialize() if isinstance(value, DeferredEncoding)
                                                 else value for key, value in encoded.items()}
+            kwargs[compat.cache_argument(self.adapter.inner_module())] = past_key_values
             return self.original_forward(input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask,
-                                         position_ids=position_ids, past_key_values=past_key_values,
-                                         inputs_embeds=inputs_embeds, **kwargs)
+                                         position_ids=position_ids, inputs_embeds=inputs_embeds, **kwargs)
         if encoded and not deferred:
             raise CompressionError("pass pixel_values rather than pre-computed mm_encoder_outputs while a "
                                    "compression stack is attached (the stages need the raw encoder)")
@@ -254,19 +258,20 @@ class CompressedForward:
         final = result.sequence
         hidden = adapter.final_norm(final.hidden)
 
+        position_offset = result.next_position[0] - valid_in.sum(-1)
         output = hidden.new_zeros(batch, columns, hidden.shape[-1])
         columns_out = torch.where(final.valid, final.column, columns)  # padding slots go to a dump column
         output = torch.cat([output, output.new_zeros(batch, 1, hidden.shape[-1])], dim=1)
         output.scatter_(1, columns_out.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]), hidden)
         output = output[:, :columns]
         if cache is not None:
-            cache.tokenpress_state = DecodeState(result.key_valid, result.next_position, columns)
+            cache.tokenpress_state = DecodeState(result.key_valid, result.next_position, columns, position_offset)
         self.handle.records = records
         self.handle.prefill_stats = PrefillStats(
             visual_in, projected, [valid.sum(-1).tolist() for valid in result.key_valid],
             [count.tolist() for count in result.visual_per_layer])
-        image_hidden = tokens.embeddings[tokens.valid]
-        return adapter.make_output(output, cache, image_hidden)
+        image_features = list(torch.split(tokens.embeddings[tokens.valid], tokens.counts().tolist()))
+        return adapter.make_output(output, cache, image_features, position_offset)
 
     def _prompt_embeddings(self, input_ids: torch.Tensor, valid: torch.Tensor, prompt_length: int,
                            tokens: TokenState) -> Callable[[int], torch.Tensor]:
@@ -368,7 +373,7 @@ class CompressedForward:
             state.key_valid[layer] = key_valid
             state.next_position[layer] = state.next_position[layer] + new_valid.sum(-1)
         state.logical_length += count
-        return adapter.make_output(adapter.final_norm(hidden), cache, None)
+        return adapter.make_output(adapter.final_norm(hidden), cache, None, state.position_offset)
 
 
 def _per_sample(counts: torch.Tensor, image_to_sample: torch.Tensor, batch: int) -> list[int]:

@@ -20,6 +20,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+from tokenpress import compat
 from tokenpress.hookspecs import hookimpl
 
 
@@ -162,7 +163,7 @@ class StageFlops:
         label = stage_label(stage, point, payload)
         with FlopCounterMode(display=False) as counter:
             result = yield
-        self.flops[label] += counter.get_total_flops()
+        self.flops[label] += compat.counted_flops(counter)
         return result
 
     @hookimpl(wrapper=True)
@@ -171,7 +172,7 @@ class StageFlops:
 
         with FlopCounterMode(display=False) as counter:
             result = yield
-        self.total_prefill += counter.get_total_flops()
+        self.total_prefill += compat.counted_flops(counter)
         return result
 
 

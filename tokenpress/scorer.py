@@ -45,7 +45,7 @@ def attention_rows(
         key = parts.k_norm(key)
     query, key = query.transpose(1, 2), key.transpose(1, 2)
 
-    cos, sin = adapter.position_embeddings(normed, sequence.positions)
+    cos, sin = adapter.rotary_tables(normed, sequence.positions)
     query_cos = torch.gather(cos, 1, query_index.unsqueeze(-1).expand(-1, -1, cos.shape[-1]))
     query_sin = torch.gather(sin, 1, query_index.unsqueeze(-1).expand(-1, -1, sin.shape[-1]))
     query = adapter.rotate(query, query_cos, query_sin)

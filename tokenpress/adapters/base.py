@@ -18,6 +18,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from tokenpress import compat
 from tokenpress.errors import CompressionError
 from tokenpress.sequence import Sequence
 from tokenpress.tokens import TokenState
@@ -70,7 +71,7 @@ class ModelAdapter:
     """Base class of model-family adapters.
 
     Subclasses set ``family`` and implement :meth:`supports`, :meth:`encode_images`,
-    :meth:`project`, :meth:`inner_module` and :meth:`make_output`; they override the sequence and
+    :meth:`project` and :meth:`inner_module`; they override the sequence and
     decoder helpers where their model differs from a Llama-style decoder.
     """
 
@@ -319,6 +320,11 @@ class ModelAdapter:
         """(cos, sin) of the decoder's rotary embedding for ``positions`` (R, B, N)."""
         return self.language_model.rotary_emb(hidden, positions[0])
 
+    def rotary_tables(self, hidden: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cos, sin) of shape (B, N, d) for :meth:`rotate` (the scorer's form; a family whose layers take
+        another form converts here)."""
+        return self.position_embeddings(hidden, positions)
+
     def rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """Apply rotary embedding (cos, sin of shape B, N, d) to x of shape (B, H, N, d)."""
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
@@ -352,19 +358,28 @@ class ModelAdapter:
         cache: Any,
     ) -> torch.Tensor:
         """Run one decoder layer on packed hidden states; the layer appends its K/V to ``cache``."""
-        output = self.layers[layer_index](
-            hidden,
-            attention_mask=attention_mask,
-            position_ids=positions[0],
-            past_key_values=cache,
-            use_cache=cache is not None,
-            position_embeddings=position_embeddings,
-        )
+        return self._run_layer(layer_index, hidden, attention_mask, positions[0], position_embeddings, cache)
+
+    def _run_layer(self, layer_index: int, hidden: torch.Tensor, attention_mask: torch.Tensor | None,
+                   position_ids: torch.Tensor | None, position_embeddings: tuple[torch.Tensor, torch.Tensor],
+                   cache: Any) -> torch.Tensor:
+        layer = self.layers[layer_index]
+        output = layer(hidden, attention_mask=attention_mask, position_ids=position_ids,
+                       use_cache=cache is not None, position_embeddings=position_embeddings,
+                       **{compat.cache_argument(layer): cache})
         return output[0] if isinstance(output, tuple) else output
 
     def final_norm(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.language_model.norm(hidden)
 
-    def make_output(self, last_hidden_state: torch.Tensor, cache: Any, image_hidden_states: Any) -> Any:
-        """The output object the inner module's own forward would return."""
-        raise NotImplementedError
+    def make_output(self, last_hidden_state: torch.Tensor, cache: Any, image_features: list[torch.Tensor] | None,
+                    position_offset: torch.Tensor) -> Any:
+        """The output object the inner module's own forward would return (its declared class, with the
+        fields this transformers release gives it).
+
+        ``image_features`` are the kept visual tokens of each image (None when decoding);
+        ``position_offset`` (B,) is how far each sample's next text position is ahead of its number of
+        real input tokens (what Qwen2.5-VL calls ``rope_deltas``).
+        """
+        return compat.build_output(compat.output_class(self.inner_module()), last_hidden_state, cache,
+                                   image_features)

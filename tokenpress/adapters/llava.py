@@ -97,12 +97,3 @@ class LlavaAdapter(ModelAdapter):
     def project(self, tokens: TokenState) -> TokenState:
         projector = self.model.model.multi_modal_projector
         return tokens.to_space(projector(tokens.embeddings), "llm")
-
-    def make_output(self, last_hidden_state: torch.Tensor, cache: Any, image_hidden_states: Any) -> Any:
-        from transformers.models.llava.modeling_llava import LlavaModelOutputWithPast
-
-        return LlavaModelOutputWithPast(
-            last_hidden_state=last_hidden_state,
-            past_key_values=cache,
-            image_hidden_states=image_hidden_states,
-        )

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from tokenpress import compat
 from tokenpress.adapters.base import ImageSpan, ModelAdapter
 from tokenpress.errors import CompressionError
 from tokenpress.tokens import TokenState
@@ -140,15 +141,16 @@ class Qwen2_5_VLAdapter(ModelAdapter):
         return [temporal.tolist(), (row + start).tolist(), (col + start).tolist()], start + max(h, w)
 
     def call_layer(self, layer_index, hidden, attention_mask, positions, position_embeddings, cache):
-        output = self.layers[layer_index](hidden, attention_mask=attention_mask, position_ids=None,
-                                          past_key_values=cache, use_cache=cache is not None,
-                                          position_embeddings=position_embeddings)
-        return output[0] if isinstance(output, tuple) else output
+        return self._run_layer(layer_index, hidden, attention_mask, None, position_embeddings, cache)
 
     def position_embeddings(self, hidden: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.language_model.rotary_emb(hidden, positions)
 
-    def make_output(self, last_hidden_state: torch.Tensor, cache: Any, image_hidden_states: Any) -> Any:
-        from transformers.modeling_outputs import BaseModelOutputWithPast
+    def rotary_tables(self, hidden: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        cos, sin = self.position_embeddings(hidden, positions)
+        return compat.interleave_mrope(cos, sin, self.text_config.rope_parameters["mrope_section"])
 
-        return BaseModelOutputWithPast(last_hidden_state=last_hidden_state, past_key_values=cache)
+    def make_output(self, last_hidden_state: torch.Tensor, cache: Any, image_features: list[torch.Tensor] | None,
+                    position_offset: torch.Tensor) -> Any:
+        return compat.build_output(compat.output_class(self.inner_module()), last_hidden_state, cache,
+                                   image_features, rope_deltas=position_offset.unsqueeze(1))

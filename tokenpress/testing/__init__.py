@@ -8,8 +8,8 @@ from typing import Any
 
 _LAZY = {
     **{name: "tokenpress.testing.models" for name in (
-        "Prompt", "llava_batch", "qwen_batch", "sample_prompts", "select_qwen_rows", "select_rows", "tiny_llava",
-        "tiny_llava_next", "tiny_qwen2_5_vl")},
+        "Prompt", "image_features_fed", "llava_batch", "qwen_batch", "sample_prompts", "select_qwen_rows",
+        "select_rows", "tiny_llava", "tiny_llava_next", "tiny_qwen2_5_vl")},
     **{name: "tokenpress.testing.contract" for name in (
         "FamilyCase", "MethodContract", "StageCall", "StageObserver", "observe", "tiny_model")},
 }
@@ -20,6 +20,7 @@ __all__ = [
     "Prompt",
     "StageCall",
     "StageObserver",
+    "image_features_fed",
     "llava_batch",
     "observe",
     "qwen_batch",

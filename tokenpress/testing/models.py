@@ -5,6 +5,8 @@ Used by the project's tests and by plugin authors' tests through the ``tokenpres
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -264,3 +266,22 @@ def select_llava_next_rows(batch: dict[str, torch.Tensor], index: int) -> dict[s
         "pixel_values": batch["pixel_values"][index:index + 1],
         "image_sizes": batch["image_sizes"][index:index + 1],
     }
+
+
+@contextmanager
+def image_features_fed(model: Any, features: Sequence[torch.Tensor]) -> Iterator[None]:
+    """While active, the model's own forward takes ``features`` (one tensor per image, already
+    projected) as its image encoder's output: the reference "the model fed these features directly",
+    on every supported transformers release (``mm_encoder_outputs`` exists only from 5.19).
+
+    The forward still needs ``pixel_values`` (any tensor) to take its image path. Only this instance
+    is touched, and only inside the block.
+    """
+    from tokenpress import compat
+
+    inner = model.model
+    inner.get_image_features = lambda *args, **kwargs: compat.encoder_output(features)
+    try:
+        yield
+    finally:
+        del inner.__dict__["get_image_features"]
