@@ -29,3 +29,14 @@ def llava_sdpa():
 @pytest.fixture(params=["eager", "sdpa"])
 def llava(request, llava_eager, llava_sdpa):
     return llava_eager if request.param == "eager" else llava_sdpa
+
+
+@pytest.fixture(scope="session")
+def checkpoint(tmp_path_factory):
+    """The tiny LLaVA saved as a checkpoint folder with its processor, once per session."""
+    from tokenpress.testing.models import save_tiny_llava_checkpoint
+
+    folder = tmp_path_factory.getbasetemp() / "tiny-llava-checkpoint"
+    if not (folder / "config.json").exists():
+        save_tiny_llava_checkpoint(folder)
+    return folder

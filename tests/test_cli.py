@@ -14,7 +14,6 @@ from PIL import Image
 
 import tokenpress
 from tokenpress.cli import main
-from tokenpress.testing.models import save_tiny_llava_checkpoint
 
 BUILT_INS = {"fastv": "decoder_layer", "pool": "post_encoder, projector",
              "random": "post_encoder, projector, query_conditioned, decoder_layer"}
@@ -39,15 +38,6 @@ stages:
   - method: fastv
     layers: [1, 3]
 """
-
-
-@pytest.fixture(scope="session")
-def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The tiny LLaVA checkpoint, saved once per session (shared with test_stack_errors.py when both run)."""
-    folder = tmp_path_factory.getbasetemp() / "tiny-llava-checkpoint"
-    if not (folder / "config.json").exists():
-        save_tiny_llava_checkpoint(folder)
-    return folder
 
 
 @pytest.fixture(scope="session")

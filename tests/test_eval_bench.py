@@ -16,14 +16,8 @@ from tokenpress import evaluate
 from tokenpress.bench import bench, profile, sweep_stacks, synthetic_inputs
 from tokenpress.data import shapes
 from tokenpress.testing import tiny_llava
-from tokenpress.testing.models import save_tiny_llava_checkpoint
 
 STACKS = ["stacks/fastv.yaml", "stacks/pool.yaml"]
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    return save_tiny_llava_checkpoint(tmp_path_factory.mktemp("tiny-llava"))
 
 
 @pytest.fixture(scope="module")

@@ -14,10 +14,20 @@ import torch
 
 import tokenpress
 from tokenpress.cli import main
-from tokenpress.testing.models import llava_batch, sample_prompts, save_tiny_llava_checkpoint, tiny_llava
+from tokenpress.testing.models import llava_batch, sample_prompts, tiny_llava
 
 # A valid first stage, so that the broken stage is stages[1] and the index in the message means something.
 HEAD = "name: bad\nstages:\n  - method: pool\n    params: {kernel: 2}\n"
+
+
+#: The "billion laughs": nine levels of nine aliases each, about 10**9 values once expanded.
+ALIAS_BOMB = "".join(
+    ["a0: &a0 ['lol', 'lol', 'lol', 'lol', 'lol', 'lol', 'lol', 'lol', 'lol']\n"]
+    + [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]\n" for i in range(1, 9)]
+    + ["name: bomb\nstages:\n  - method: pool\n    params: {kernel: *a8}\n"]
+)
+#: No error line is longer than this (values are quoted in part).
+MAX_LINE = 300
 
 
 @dataclass(frozen=True)
@@ -88,16 +98,19 @@ CASES = [
         ("positions", "'original' or 'compact'", "'compacted'")),
     Bad("stages_not_a_list", "name: bad\nstages:\n  method: pool\n", ("stages:", "valid list")),
     Bad("missing_name", "stages:\n  - method: pool\n", ("name:", "required field is missing")),
+    Bad("no_stages_key", "name: bad\npositions: original\n",
+        ("stages:", "required field is missing", "`stages: []`")),
+    Bad("alias_bomb", ALIAS_BOMB, ("more than 10000 values", "anchors and aliases")),
+    Bad("huge_unknown_method", HEAD + f"  - method: {'x' * 20000}\n",
+        ("stages[1].method", "unknown method 'xxxx", "...")),
+    Bad("huge_number", HEAD + f"  - method: fastv\n    layers: [1]\n    params:\n      keep_ratio: {'9' * 5000}\n",
+        ("cannot read a value", "4300 digits")),
+    Bad("huge_bad_value", HEAD + f"  - method: fastv\n    layers: [1]\n    params:\n      keep_ratio: '{'9' * 5000}'\n",
+        ("stages[1]", "params.keep_ratio", "...")),
+    Bad("huge_unknown_param", HEAD + f"  - method: fastv\n    layers: [1]\n    params:\n      {'k' * 1000}: 1\n",
+        ("stages[1]", "params.kkkk", "...", "unknown field", "keep_ratio")),
 ]
 
-
-@pytest.fixture(scope="session")
-def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The tiny LLaVA checkpoint, saved once per session (shared with test_cli.py when both run)."""
-    folder = tmp_path_factory.getbasetemp() / "tiny-llava-checkpoint"
-    if not (folder / "config.json").exists():
-        save_tiny_llava_checkpoint(folder)
-    return folder
 
 
 @pytest.fixture(scope="module")
@@ -125,7 +138,7 @@ def test_api_error_names_file_stage_and_field(case: Bad, tmp_path: Path, model: 
             tokenpress.load_stack(path)
     message = str(info.value)
     assert message.startswith(f"{path}: "), message
-    assert "\n" not in message
+    assert "\n" not in message and len(message) <= MAX_LINE, message
     for fragment in case.fragments:
         assert fragment in message, f"{fragment!r} not in {message!r}"
     assert tokenpress.attached_handle(model) is None
@@ -141,6 +154,7 @@ def test_cli_validate_prints_one_line_and_exits_2(case: Bad, tmp_path: Path, che
     assert out == ""
     lines = err.splitlines()
     assert len(lines) == 1, err
+    assert len(lines[0]) <= MAX_LINE, lines[0]
     assert lines[0].startswith(f"tokenpress: error: {path}: ")
     assert "Traceback" not in err
     for fragment in case.fragments:

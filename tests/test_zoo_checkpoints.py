@@ -18,6 +18,7 @@ from transformers import (  # noqa: E402
     Qwen2_5_VLForConditionalGeneration,
 )
 
+from tokenpress import compat  # noqa: E402
 from tokenpress.data import shapes  # noqa: E402
 from tokenpress.zoo import ZOO_DIR, ZOO_NAMES, card, zoo_path  # noqa: E402
 from tokenpress.zoo.train import Encoder, greedy_answers, train  # noqa: E402
@@ -34,7 +35,7 @@ def loaded(request: pytest.FixtureRequest) -> tuple[str, torch.nn.Module, object
     name = request.param
     cls, _ = MODELS[name]
     path = zoo_path(name)
-    model = cls.from_pretrained(path).eval()
+    model = cls.from_pretrained(path, **compat.PRETRAINED_OPTIONS).eval()
     processor = AutoProcessor.from_pretrained(path)
     return name, model, processor
 
@@ -166,7 +167,7 @@ def test_train_smoke(tmp_path: Path) -> None:
     assert json.loads((tmp_path / "q" / card.TRAINING_FILE).read_text())["recipe"]["steps"] == 2
     assert [row.stack for row in card.load_rows(tmp_path / "q")] == ["baseline", "random-50", "random-25", "random-11"]
     assert "| random-11 | 11% |" in (tmp_path / "q" / card.CARD_FILE).read_text()
-    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(tmp_path / "q")
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(tmp_path / "q", **compat.PRETRAINED_OPTIONS)
     assert model.dtype == torch.float32
     with pytest.raises(ValueError, match="available"):
         train("nope", tmp_path / "x", steps=1)
@@ -195,3 +196,36 @@ def test_zoo_train_refuses_an_unknown_recipe_field(capsys: pytest.CaptureFixture
     assert main(["zoo", "train", "llava-shapes", "--set", "text_layer=6"]) == 2
     expected = "tokenpress: error: --set text_layer=6: the recipe has no field 'text_layer'"
     assert capsys.readouterr().err.strip() == expected
+
+
+@pytest.mark.parametrize("name", ZOO_NAMES)
+@pytest.mark.parametrize("size", [(96, 96), (160, 90)])
+def test_viz_draws_the_input_image_under_the_patches(name: str, size: tuple[int, int], tmp_path: Path) -> None:
+    """The panel's background is the input picture resized as the processor resizes it (on Qwen2.5-VL
+    it is rebuilt from the flattened patches, not one patch drawn as if it were the image)."""
+    import numpy as np
+    from PIL import Image
+
+    from tokenpress.viz import PANEL, TITLE, visualize
+
+    width, height = size
+    picture = Image.new("RGB", size, (30, 30, 30))
+    picture.paste((230, 40, 40), (0, 0, width // 2, height // 2))
+    picture.paste((40, 210, 60), (width // 2, height // 2, width, height))
+    picture.paste((60, 80, 220), (0, height // 2, width // 2, height))
+    source = tmp_path / "in.png"
+    picture.save(source)
+    out = visualize("stacks/empty.yaml", source, tmp_path / "viz.png", model=f"zoo:{name}")
+    with Image.open(out) as image:
+        panel = np.asarray(image.convert("RGB"))[TITLE:TITLE + PANEL, :PANEL].astype(int)
+    processor = AutoProcessor.from_pretrained(zoo_path(name))
+    seen = processor.image_processor(images=[picture], return_tensors="np")
+    grid = seen.get("image_grid_thw")
+    if grid is not None:  # Qwen2.5-VL: the resized size is the patch grid times the patch size
+        patch = processor.image_processor.patch_size
+        resized = (int(grid[0][2]) * patch, int(grid[0][1]) * patch)
+    else:
+        resized = tuple(seen["pixel_values"].shape[-1:-3:-1])
+    expected = np.asarray(picture.resize(resized, Image.BICUBIC).resize((PANEL, PANEL), Image.NEAREST)).astype(int)
+    difference = np.abs(panel - expected)
+    assert difference.mean() < 3 and np.quantile(difference, 0.95) < 8, (difference.mean(), difference.max())

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from tokenpress.errors import (
     CompressionError,
+    InputError,
     PluginError,
     StackError,
     TokenpressError,
@@ -54,6 +55,7 @@ __all__ = [
     "CompressionError",
     "DecoderContext",
     "Handle",
+    "InputError",
     "Keep",
     "LayerDecision",
     "Method",

@@ -23,10 +23,11 @@ from typing import Any
 import pluggy
 from torch import nn
 
-from tokenpress import hookspecs
+from tokenpress import compat, hookspecs
 from tokenpress.adapters.base import ModelAdapter
 from tokenpress.engine import CompressedForward, DeferredEncoding, PrefillStats, StageEntry, StageRecord
 from tokenpress.errors import CompressionError, PluginError, StackError, UnsupportedModelError
+from tokenpress.method import Method
 from tokenpress.registry import Registry, get_registry
 from tokenpress.stack import Stack, load_stack
 
@@ -180,6 +181,34 @@ def _deferring(encoder: Any) -> Any:
     return record
 
 
+def check_stack(stack: Stack, adapter: ModelAdapter) -> list[Method]:
+    """Everything :func:`compress` checks before it touches the model, without touching it.
+
+    The attention implementation, the stages' layers against the decoder's depth, the transformers
+    features the adapter relies on, each stage's hook signatures and the encoder signals it asks
+    for. Returns the stages' method instances (not set up). ``tokenpress validate --model`` runs this.
+    """
+    _validate(stack, adapter)
+    adapter.check_transformers_features()
+    # Each stage object is registered in a plugin manager of its own so that pluggy checks its hook
+    # signatures against the specs; the core then calls the stages itself, in stack order.
+    checker = pluggy.PluginManager(hookspecs.PROJECT)
+    checker.add_hookspecs(hookspecs)
+    methods = []
+    for stage in stack.stages:
+        method = stage.method_class(stage.config, stage.layers)
+        try:
+            checker.register(method, name=f"stage-{stage.index}")
+        except pluggy.PluginValidationError as exc:
+            raise PluginError(f"method {stage.method!r}: {exc}") from None
+        for signal, value in method.required_signals().items():
+            problem = adapter.check_signal(signal, value)
+            if problem:
+                raise UnsupportedModelError(f"{stack.source}: stages[{stage.index}] ({stage.method}): {problem}")
+        methods.append(method)
+    return methods
+
+
 def _validate(stack: Stack, adapter: ModelAdapter) -> None:
     implementation = adapter.attention_implementation
     if stack.stages and implementation not in SUPPORTED_ATTENTION:
@@ -194,31 +223,19 @@ def _validate(stack: Stack, adapter: ModelAdapter) -> None:
 
 
 def _make_entries(stack: Stack, adapter: ModelAdapter) -> list[StageEntry]:
-    # Each stage object is registered in a plugin manager of its own so that pluggy checks its hook
-    # signatures against the specs; the core then calls the stages itself, in stack order.
-    checker = pluggy.PluginManager(hookspecs.PROJECT)
-    checker.add_hookspecs(hookspecs)
-    entries = []
-    for stage in stack.stages:
-        method = stage.method_class(stage.config, stage.layers)
-        try:
-            checker.register(method, name=f"stage-{stage.index}")
-        except pluggy.PluginValidationError as exc:
-            raise PluginError(f"method {stage.method!r}: {exc}") from None
-        for signal, value in method.required_signals().items():
-            problem = adapter.check_signal(signal, value)
-            if problem:
-                raise UnsupportedModelError(f"{stack.source}: stages[{stage.index}] ({stage.method}): {problem}")
+    methods = check_stack(stack, adapter)
+    for method in methods:
         method.setup(adapter)
-        entries.append(StageEntry(stage, method))
-    return entries
+    return [StageEntry(stage, method) for stage, method in zip(stack.stages, methods, strict=True)]
 
 
 def compress(model: nn.Module, stack: Stack | str | Path | dict, registry: Registry | None = None) -> Handle:
     """Attach ``stack`` to ``model`` (this instance only) and return the :class:`Handle`.
 
     Raises a :class:`~tokenpress.errors.TokenpressError` - with the model untouched - when the
-    stack is invalid, names layers the model does not have, or no adapter supports the model.
+    stack is invalid, names layers the model does not have, no adapter supports the model, or the
+    installed transformers lacks a feature the adapter needs. Outside the transformers range
+    tokenpress was tested on, warns (:class:`~tokenpress.compat.UntestedTransformersWarning`).
     """
     registry = registry or get_registry()
     stack = load_stack(stack, registry)
@@ -226,7 +243,7 @@ def compress(model: nn.Module, stack: Stack | str | Path | dict, registry: Regis
         raise PluginError(f"a stack ({_ATTACHED[model].stack.name!r}) is already attached to this model; "
                           "detach it first")
     adapter = find_adapter(model, registry)
-    _validate(stack, adapter)
+    compat.check_transformers()
     entries = _make_entries(stack, adapter)
     handle = Handle(model, stack, adapter, entries, registry)
     handle._attach()

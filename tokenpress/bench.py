@@ -72,7 +72,7 @@ def model_from_config(path: str | Path, dtype: str = "float32", attn: str = "sdp
             getattr(config, sub)._attn_implementation = attn
     device = "cuda" if torch.cuda.is_available() else "cpu"
     with torch.device(device):
-        model = AutoModelForImageTextToText.from_config(config, torch_dtype=getattr(torch, dtype))
+        model = AutoModelForImageTextToText.from_config(config, dtype=getattr(torch, dtype))
     return model.eval()
 
 

@@ -12,15 +12,25 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
-from tokenpress.errors import TokenpressError, UnsupportedModelError
+from tokenpress.errors import InputError, TokenpressError
 
 EXIT_USAGE = 2
 
+#: A mistake on the command line (missing file, bad option value).
+UserError = InputError
 
-class UserError(TokenpressError):
-    """A mistake on the command line (missing file, bad option value)."""
+
+def _positive(value: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {value!r}") from None
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {number}")
+    return number
 
 
 def _registry() -> Any:
@@ -52,10 +62,11 @@ def _check_stack(path: str, model_path: str | None) -> Any:
 
     stack = load_stack(path)
     if model_path:
-        from tokenpress.attach import _validate, find_adapter
+        from tokenpress.attach import check_stack, find_adapter
+        from tokenpress.loading import load_model
 
-        model = _load_model(model_path, meta=True)
-        _validate(stack, find_adapter(model))
+        model = load_model(model_path, meta=True)
+        check_stack(stack, find_adapter(model))
     return stack
 
 
@@ -78,47 +89,6 @@ def cmd_schema(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load_model(path: str, meta: bool = False) -> Any:
-    """Load a checkpoint folder (``zoo:NAME`` for a shipped proxy model) with plain from_pretrained."""
-    folder = _resolve_model_path(path)
-    from transformers import AutoConfig, AutoModelForImageTextToText
-
-    try:
-        config = AutoConfig.from_pretrained(folder)
-    except (OSError, ValueError) as exc:
-        raise UserError(f"{path}: not a loadable model folder ({str(exc).splitlines()[0]})") from None
-    try:
-        if meta:
-            import torch
-
-            with torch.device("meta"):
-                return AutoModelForImageTextToText.from_config(config)
-        return AutoModelForImageTextToText.from_pretrained(folder).eval()
-    except ValueError as exc:  # e.g. a text-only model: no image-text-to-text class for its config
-        raise UnsupportedModelError(f"{path}: cannot load model_type {getattr(config, 'model_type', None)!r} as an "
-                                    f"image-text-to-text model ({str(exc).splitlines()[0]})") from None
-
-
-def _resolve_model_path(path: str) -> Path:
-    if path.startswith("zoo:"):
-        try:
-            from tokenpress.zoo import zoo_path
-        except ImportError:
-            raise UserError(f"{path}: the model zoo is not installed") from None
-        try:
-            folder = zoo_path(path)
-        except ValueError as exc:
-            raise UserError(str(exc)) from None
-        if not (folder / "config.json").is_file():
-            raise UserError(f"{path}: this proxy model is not in this installation (train it with "
-                            f"`tokenpress zoo train {path.removeprefix('zoo:')} --out DIR`, then pass --model DIR)")
-        return folder
-    folder = Path(path)
-    if not folder.is_dir():
-        raise UserError(f"{path}: no such model folder")
-    return folder
-
-
 def build_prompt(processor: Any, text: str) -> str:
     """The model's chat format when it has one, else ``<image>\\n{text}``."""
     image_token = getattr(processor, "image_token", "<image>")
@@ -130,22 +100,15 @@ def build_prompt(processor: Any, text: str) -> str:
 
 def cmd_run(args: argparse.Namespace) -> int:
     import torch
-    from PIL import Image
-    from transformers import AutoProcessor
 
     import tokenpress
+    from tokenpress.loading import load_model, load_processor, open_image, process
 
     stack = tokenpress.load_stack(args.stack)
-    image_path = Path(args.image)
-    if not image_path.is_file():
-        raise UserError(f"{args.image}: no such image file")
-    try:
-        image = Image.open(image_path).convert("RGB")
-    except OSError as exc:
-        raise UserError(f"{args.image}: not a readable image ({exc})") from None
-    model = _load_model(args.model)
-    processor = AutoProcessor.from_pretrained(_resolve_model_path(args.model))
-    inputs = processor(images=image, text=build_prompt(processor, args.prompt), return_tensors="pt")
+    image = open_image(args.image)
+    processor = load_processor(args.model)  # inputs first: a refused image is said before the model loads
+    inputs = process(processor, [image], [build_prompt(processor, args.prompt)], what=args.image)
+    model = load_model(args.model)
     with torch.no_grad(), tokenpress.compress(model, stack) as handle:
         output = model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False)
         report = handle.report()
@@ -197,8 +160,6 @@ def cmd_viz(args: argparse.Namespace) -> int:
     from tokenpress.viz import visualize
 
     _check_stack(args.stack, None)
-    if not Path(args.image).is_file():
-        raise UserError(f"{args.image}: no such image file")
     print(f"wrote {visualize(args.stack, args.image, args.output, model=args.model, prompt=args.prompt)}")
     return 0
 
@@ -214,9 +175,10 @@ def cmd_zoo_train(args: argparse.Namespace) -> int:
 
 
 def cmd_zoo_card(args: argparse.Namespace) -> int:
+    from tokenpress.loading import resolve_model_path
     from tokenpress.zoo import card
 
-    folder = _resolve_model_path(args.model)
+    folder = resolve_model_path(args.model)
     if not (folder / card.TRAINING_FILE).is_file():
         raise UserError(f"{folder}: no {card.TRAINING_FILE}; model cards are written for checkpoints that "
                         "`tokenpress zoo train` made")
@@ -226,9 +188,16 @@ def cmd_zoo_card(args: argparse.Namespace) -> int:
     return 0
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, with a usage mistake said in one line (and exit code 2), like every other mistake."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="tokenpress", description="Stackable visual-token compression.")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = OneLineParser(prog="tokenpress", description="Stackable visual-token compression.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
 
     p = sub.add_parser("plugins", help="list registered methods, their points and where they came from")
     p.add_argument("--json", action="store_true")
@@ -248,18 +217,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="model folder (from_pretrained) or zoo:NAME")
     p.add_argument("--image", required=True)
     p.add_argument("--prompt", required=True)
-    p.add_argument("--max-new-tokens", type=int, default=16)
+    p.add_argument("--max-new-tokens", type=_positive, default=16)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("eval", help="accuracy, tokens, FLOPs and time of stacks vs the uncompressed model")
     p.add_argument("stacks", nargs="+", metavar="STACK")
     p.add_argument("--model", default="zoo:llava-shapes", help="zoo:NAME or a checkpoint folder")
-    p.add_argument("--n", type=int, default=1000, help="number of questions")
-    p.add_argument("--batch-size", type=int, default=50)
+    p.add_argument("--n", type=_positive, default=1000,
+                   help="number of questions (at most the split's size: train 20000, val 500, test 1000)")
+    p.add_argument("--batch-size", type=_positive, default=50)
     p.add_argument("--split", default="test", choices=("train", "val", "test"))
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--max-new-tokens", type=int, default=2)
+    p.add_argument("--max-new-tokens", type=_positive, default=2)
     p.add_argument("--json", metavar="FILE", help="write the rows as JSON ('-' for stdout)")
     p.add_argument("--csv", metavar="FILE", help="write the rows as CSV ('-' for stdout)")
     p.add_argument("--plot", metavar="PNG", help="plot accuracy retention against tokens kept")
@@ -274,12 +244,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_flops)
 
-    p = sub.add_parser("viz", help="PNG of the patches each stage keeps")
-    p.add_argument("stack")
-    p.add_argument("--image", required=True)
-    p.add_argument("--model", default="zoo:llava-shapes")
-    p.add_argument("--prompt", default="describe")
-    p.add_argument("--output", "-o", default="tokenpress-viz.png")
+    p = sub.add_parser("viz", help="PNG of the patches each stage keeps",
+                       description="One prefill of STACK on the image; writes a PNG with one panel per stage (and per "
+                                   "decoder layer with a stage): dropped patches dimmed, the patches of a merged token "
+                                   "outlined together, each panel titled with its tokens and the patches they cover.")
+    p.add_argument("stack", help="the stack file")
+    p.add_argument("--image", required=True, help="the picture (any format PIL reads)")
+    p.add_argument("--model", default="zoo:llava-shapes", help="zoo:NAME or a checkpoint folder (default: %(default)s)")
+    p.add_argument("--prompt", default="describe", help="the question asked about the image, which "
+                   "query-conditioned and decoder stages score against (default: %(default)s)")
+    p.add_argument("--output", "-o", default="tokenpress-viz.png", help="the PNG to write (default: %(default)s)")
     p.set_defaults(func=cmd_viz)
 
     from tokenpress.zoo import add_train_arguments
@@ -313,7 +287,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, or a usage mistake (already said in one line)
+        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
     try:
         return args.func(args)
     except TokenpressError as exc:

@@ -29,7 +29,7 @@ def _model_and_inputs(args: argparse.Namespace) -> tuple[Any, dict[str, torch.Te
             raise TokenpressError(f"{args.config}: no such config file")
         model = bench.model_from_config(args.config, dtype=args.dtype, attn=args.attn)
         return model, bench.synthetic_inputs(model, args.batch_size, args.text_tokens), None
-    from tokenpress.evaluate import load_model_and_processor
+    from tokenpress.loading import load_model_and_processor
 
     model, processor = load_model_and_processor(args.model)
     if args.dtype != "float32":

@@ -12,6 +12,7 @@ version strings. Each helper says which behaviour it detects and the release whe
   encoder output) where LLaVA had ``image_hidden_states`` (:func:`output_class`, :func:`build_output`);
 * ``mm_encoder_outputs``: pre-computed encoder outputs that ``generate`` passes to the forward, from
   5.19 (:func:`accepts_encoder_outputs`, :func:`encoder_output`);
+* ``from_pretrained`` enables hub kernels by default from 5.25 (:data:`PRETRAINED_OPTIONS`);
 * Qwen2.5-VL's M-RoPE: up to 5.18 the rotary embedding returns one (cos, sin) per axis (3, B, N, d)
   and the attention interleaves them by ``mrope_section``; from 5.19 the rotary embedding does it and
   returns (B, N, d) (:func:`interleave_mrope`).
@@ -36,10 +37,17 @@ from tokenpress.errors import UnsupportedModelError
 
 #: The transformers releases the whole suite has passed on; ``pyproject.toml`` declares the same
 #: range (checked by tests/test_packaging.py). Widen it only after the suite passed on the new end.
-TESTED_TRANSFORMERS = ">=5.16.1,<5.26"
+TESTED_TRANSFORMERS = ">=5.18.0,<5.26"
 
 #: Names a forward has used for its KV cache, newest first.
 CACHE_ARGUMENTS = ("cache", "past_key_values")
+
+
+#: Options tokenpress passes to a model class's ``from_pretrained``. From 5.25 ``from_pretrained`` turns
+#: hub kernels on by default and refuses to load without the ``kernels`` package (which 5.25.0
+#: requires at a version not published on this project's registry); tokenpress loads local
+#: checkpoints offline and needs no hub kernels. Every tested release takes ``use_kernels``.
+PRETRAINED_OPTIONS: dict[str, Any] = {"use_kernels": False}
 
 
 class UntestedTransformersWarning(UserWarning):
@@ -170,9 +178,9 @@ def build_output(output_class: type, last_hidden_state: torch.Tensor, cache: Any
                  image_features: Sequence[torch.Tensor] | None = None, **extra: Any) -> Any:
     """An instance of ``output_class`` with the fields this release defines.
 
-    ``image_features`` (one tensor per image) go into ``image_outputs`` (5.24+) or, concatenated,
-    into ``image_hidden_states``; ``extra`` fields (e.g. Qwen2.5-VL's ``rope_deltas`` up to 5.22) are
-    set only where the class has them.
+    ``image_features`` (tensors to concatenate: one per image or per sample) go into
+    ``image_outputs`` (5.24+) or, concatenated, into ``image_hidden_states``; ``extra`` fields
+    (e.g. Qwen2.5-VL's ``rope_deltas`` up to 5.22) are set only where the class has them.
     """
     fields = _fields(output_class)
     values: dict[str, Any] = {"last_hidden_state": last_hidden_state, cache_field(output_class): cache}
@@ -229,6 +237,7 @@ def interleave_mrope(cos: torch.Tensor, sin: torch.Tensor, mrope_section: Sequen
 
 __all__ = [
     "CACHE_ARGUMENTS",
+    "PRETRAINED_OPTIONS",
     "TESTED_TRANSFORMERS",
     "UntestedTransformersWarning",
     "accepts_encoder_outputs",

@@ -252,6 +252,8 @@ class CompressedForward:
                     self.handle.trace.append((entry.stage.label(), patch_owner(tokens.source)))
 
         sequence = adapter.build_sequence(input_ids, attention_mask, tokens, prompt_length, self.compact)
+        entering = sequence.valid & sequence.is_visual  # what the placeholders hold, per sample
+        image_features = list(torch.split(sequence.hidden[entering], entering.sum(-1).tolist()))
         cache = CompressedCache() if use_cache else None
         self._final_tokens = tokens
         result = self.run_decoder(sequence, cache, sample_keys, records)
@@ -270,7 +272,6 @@ class CompressedForward:
         self.handle.prefill_stats = PrefillStats(
             visual_in, projected, [valid.sum(-1).tolist() for valid in result.key_valid],
             [count.tolist() for count in result.visual_per_layer])
-        image_features = list(torch.split(tokens.embeddings[tokens.valid], tokens.counts().tolist()))
         return adapter.make_output(output, cache, image_features, position_offset)
 
     def _prompt_embeddings(self, input_ids: torch.Tensor, valid: torch.Tensor, prompt_length: int,

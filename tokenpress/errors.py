@@ -21,3 +21,8 @@ class PluginError(TokenpressError, RuntimeError):
 
 class CompressionError(TokenpressError, RuntimeError):
     """A compressed forward pass cannot proceed with the inputs it was given."""
+
+
+class InputError(TokenpressError, ValueError):
+    """A file or value given to tokenpress cannot be used: a missing or unreadable image, a model
+    folder that does not load, an option out of range."""

@@ -21,7 +21,8 @@ import torch
 
 from tokenpress import flops as flops_model
 from tokenpress.attach import compress
-from tokenpress.errors import TokenpressError
+from tokenpress.errors import InputError, TokenpressError
+from tokenpress.loading import load_model_and_processor, process
 from tokenpress.stack import Stack, load_stack
 
 DEFAULT_MODEL = "zoo:llava-shapes"
@@ -41,6 +42,14 @@ class RunResult:
     per_family: dict[str, float] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class Truth:
+    """What scoring needs of a question: its answer and family (not its image)."""
+
+    answer: str
+    family: str
+
+
 @dataclass
 class Row:
     """A line of the comparison table."""
@@ -52,19 +61,6 @@ class Row:
     flops_ratio: float
     prefill_time_ratio: float
     per_family: dict[str, float]
-
-
-def load_model_and_processor(model: str) -> tuple[Any, Any]:
-    """``zoo:NAME`` or a checkpoint folder, loaded offline with plain ``from_pretrained``."""
-    from transformers import AutoModelForImageTextToText, AutoProcessor
-
-    from tokenpress.cli import _resolve_model_path
-
-    folder = _resolve_model_path(model)
-    loaded = AutoModelForImageTextToText.from_pretrained(folder).eval()
-    processor = AutoProcessor.from_pretrained(folder)
-    processor.tokenizer.padding_side = "left"
-    return loaded, processor
 
 
 def _run_batch(model: Any, inputs: dict[str, torch.Tensor], stack: Stack | None, max_new_tokens: int,
@@ -106,27 +102,35 @@ def evaluate(stacks: list[Stack | str | Path], model: str = DEFAULT_MODEL, n: in
 
     from tokenpress.data import shapes
 
+    if split not in shapes.SPLIT_SIZES:
+        raise InputError(f"unknown split {split!r}; expected one of {', '.join(shapes.SPLIT_SIZES)}")
+    available = shapes.SPLIT_SIZES[split]
+    if not 1 <= n <= available:
+        raise InputError(f"--n {n}: the {split} split has {available} questions; ask for 1 to {available}")
     parsed = [load_stack(stack) for stack in stacks]
     model_obj, processor = loaded or load_model_and_processor(model)
-    samples = shapes.generate_split(split, n, seed=seed)
     configs: list[tuple[str, Stack | None]] = [("baseline", None)] + [(stack.name, stack) for stack in parsed]
     names = [name for name, _ in configs]
     if len(set(names)) != len(names):
         raise TokenpressError(f"stack names must differ from each other and from 'baseline': {names}")
     results = {name: RunResult(name) for name in names}
     image_token = getattr(processor, "image_token", shapes.IMAGE_TOKEN)
-    batches = range(0, len(samples), batch_size)
-    for start in tqdm(batches, desc="eval", unit="batch", disable=not progress):
-        chunk = samples[start:start + batch_size]
-        inputs = processor(images=[s.image for s in chunk],
-                           text=[shapes.build_prompt(s.question, image_token) for s in chunk],
-                           padding=True, return_tensors="pt")
+    truths: list[Truth] = []  # the samples are made batch by batch: memory does not grow with n
+    bar = tqdm(total=n, desc="eval", unit="question", disable=not progress)
+    for start in range(0, n, batch_size):
+        chunk = [shapes.make_sample(split, index, seed) for index in range(start, min(start + batch_size, n))]
+        truths += [Truth(sample.answer, sample.family) for sample in chunk]
+        inputs = process(processor, [s.image for s in chunk],
+                         [shapes.build_prompt(s.question, image_token) for s in chunk],
+                         what=f"{split} questions {start}-{start + len(chunk) - 1}", padding=True)
         for name, stack in configs:
             tokens = _run_batch(model_obj, inputs, stack, max_new_tokens, results[name])
             results[name].predictions += processor.batch_decode(tokens, skip_special_tokens=True)
+        bar.update(len(chunk))
+    bar.close()
 
     for result in results.values():
-        scored = shapes.score(result.predictions, samples)
+        scored = shapes.score(result.predictions, truths)
         result.accuracy, result.per_family = scored["accuracy"], scored["per_family"]
     base = results["baseline"]
     rows = []

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import difflib
 import json
+import os
+import reprlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -56,7 +58,9 @@ class StackSpec(BaseModel):
         "original",
         description="original: surviving tokens keep their positions; compact: re-index them.",
     )
-    stages: list[StageSpec] = Field(default_factory=list)
+    stages: list[StageSpec] = Field(
+        description="The stages, in the order they run; `stages: []` is the identity stack (a stack without "
+                    "the key is a mistake, not an empty stack).")
 
 
 @dataclass(frozen=True)
@@ -95,6 +99,43 @@ class Stack:
         return not self.stages
 
 
+#: Error messages quote at most this many characters of a bad value.
+QUOTE_LIMIT = 100
+#: A stack file may stand for at most this many YAML values once anchors and aliases are expanded.
+MAX_VALUES = 10_000
+
+
+def quote(value: Any, limit: int = QUOTE_LIMIT) -> str:
+    """``repr(value)`` for an error message, at most ``limit`` characters (long values are cut, and
+    nested ones are not expanded in full: an aliased structure may be exponentially large)."""
+    short = reprlib.Repr()
+    short.maxstring = short.maxother = short.maxlong = limit
+    short.maxlist = short.maxtuple = short.maxdict = short.maxset = 8
+    short.maxlevel = 4
+    text = short.repr(value)
+    return text if len(text) <= limit else text[: limit - 15] + f"... ({len(text)} chars)"
+
+
+def _expanded_size(node: yaml.Node, memo: dict[int, int]) -> int:
+    """How many values ``node`` stands for with every alias expanded (counted once per node)."""
+    known = memo.get(id(node))
+    if known is not None:
+        return known
+    size = 1
+    if isinstance(node, yaml.SequenceNode):
+        for child in node.value:
+            size += _expanded_size(child, memo)
+            if size > MAX_VALUES:
+                break
+    elif isinstance(node, yaml.MappingNode):
+        for key, child in node.value:
+            size += _expanded_size(key, memo) + _expanded_size(child, memo)
+            if size > MAX_VALUES:
+                break
+    memo[id(node)] = size
+    return size
+
+
 class _UniqueKeyLoader(yaml.SafeLoader):
     """yaml's safe loader, refusing duplicate keys (the plain one silently keeps the last)."""
 
@@ -105,7 +146,7 @@ def _construct_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: b
         key = loader.construct_object(key_node, deep=deep)
         if key in seen:
             raise StackError(
-                f"duplicate key {key!r} at line {key_node.start_mark.line + 1}, column "
+                f"duplicate key {quote(key)} at line {key_node.start_mark.line + 1}, column "
                 f"{key_node.start_mark.column + 1}"
             )
         seen[key] = True
@@ -115,9 +156,27 @@ def _construct_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: b
 _UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
 
 
+def _load_yaml(text: str) -> Any:
+    """Safe-load one YAML document, refusing duplicate keys and alias bombs."""
+    loader = _UniqueKeyLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        if _expanded_size(node, {}) > MAX_VALUES:
+            raise StackError(f"the YAML stands for more than {MAX_VALUES} values once its anchors and aliases are "
+                             "expanded; a stack is a short list of stages")
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
 def _read(source: str | Path | dict) -> tuple[dict, str]:
     if isinstance(source, dict):
         return source, "<dict>"
+    if not isinstance(source, str | os.PathLike):
+        raise StackError(f"a stack is a path to a YAML file, a mapping or a tokenpress.Stack, not a "
+                         f"{type(source).__name__} ({quote(source)})")
     path = Path(source)
     label = str(path)
     if not path.exists():
@@ -131,7 +190,7 @@ def _read(source: str | Path | dict) -> tuple[dict, str]:
     if not text.strip():
         raise StackError(f"{label}: the file is empty; a stack needs at least `name:` and `stages:`")
     try:
-        data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+        data = _load_yaml(text)
     except StackError as exc:
         raise StackError(f"{label}: {exc}") from None
     except yaml.YAMLError as exc:
@@ -139,6 +198,8 @@ def _read(source: str | Path | dict) -> tuple[dict, str]:
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         raise StackError(f"{label}: not valid YAML{where}: {problem}") from None
+    except (ValueError, RecursionError) as exc:  # a value YAML parses but Python refuses (a 5000-digit number)
+        raise StackError(f"{label}: cannot read a value of the YAML ({quote(str(exc).splitlines()[0])})") from None
     if not isinstance(data, dict):
         kind = type(data).__name__ if data is not None else "nothing"
         raise StackError(f"{label}: a stack must be a mapping with `name:` and `stages:`, found {kind}")
@@ -148,7 +209,8 @@ def _read(source: str | Path | dict) -> tuple[dict, str]:
 def _field_path(loc: tuple) -> str:
     path = ""
     for part in loc:
-        path += f"[{part}]" if isinstance(part, int) else (f".{part}" if path else str(part))
+        name = str(part) if len(str(part)) <= 60 else str(part)[:45] + "..."
+        path += f"[{part}]" if isinstance(part, int) else (f".{name}" if path else name)
     return path
 
 
@@ -159,19 +221,23 @@ def _describe(error: dict) -> str:
     elif error["type"] == "missing":
         message = "required field is missing"
     if "input" in error and error["type"] not in ("missing",) and not isinstance(error["input"], dict):
-        message += f" (got {error['input']!r})"
+        message += f" (got {quote(error['input'])})"
     return message
 
 
 def _spec_error(label: str, exc: ValidationError, prefix: tuple = (), allowed: list[str] | None = None) -> StackError:
-    first = exc.errors()[0]
+    errors = exc.errors()
+    # A misspelt key also makes the real one "missing": name the misspelling, it is the mistake.
+    first = next((e for e in errors if e["type"] == "extra_forbidden"), errors[0])
     loc = prefix + tuple(first["loc"])
     extra = ""
     if first["type"] == "extra_forbidden" and len(loc) >= 1:
         allowed = _allowed_fields(prefix, loc) if allowed is None else allowed
-        close = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
+        close = difflib.get_close_matches(str(loc[-1]), allowed, n=1) if len(str(loc[-1])) <= 60 else []
         extra = f"; did you mean {close[0]!r}?" if close else f"; allowed: {', '.join(allowed)}"
-    more = f" (and {len(exc.errors()) - 1} more)" if len(exc.errors()) > 1 else ""
+    if first["type"] == "missing" and loc == ("stages",):
+        extra = " (a stack with no stage says `stages: []`)"
+    more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
     return StackError(f"{label}: {_field_path(loc)}: {_describe(first)}{extra}{more}")
 
 
@@ -208,9 +274,9 @@ def load_stack(source: str | Path | dict | Stack, registry: Any = None) -> Stack
         method_class = registry.methods.get(stage_spec.method)
         if method_class is None:
             known = sorted(registry.methods)
-            close = difflib.get_close_matches(stage_spec.method, known, n=3)
+            close = difflib.get_close_matches(stage_spec.method, known, n=3) if len(stage_spec.method) <= 60 else []
             hint = f"did you mean {', '.join(repr(c) for c in close)}?" if close else f"known: {', '.join(known)}"
-            raise StackError(f"{where}.method: unknown method {stage_spec.method!r}; {hint}")
+            raise StackError(f"{where}.method: unknown method {quote(stage_spec.method)}; {hint}")
         point = stage_spec.at or method_class.default_point()
         if point not in method_class.points:
             raise StackError(
@@ -222,9 +288,9 @@ def load_stack(source: str | Path | dict | Stack, registry: Any = None) -> Stack
             if not stage_spec.layers:
                 raise StackError(f"{where}.layers: a decoder_layer stage must list the layer(s) it acts before")
             if any(layer < 0 for layer in stage_spec.layers):
-                raise StackError(f"{where}.layers: layer indices start at 0 (got {stage_spec.layers})")
+                raise StackError(f"{where}.layers: layer indices start at 0 (got {quote(stage_spec.layers)})")
             if len(set(stage_spec.layers)) != len(stage_spec.layers):
-                raise StackError(f"{where}.layers: a layer is listed twice (got {stage_spec.layers})")
+                raise StackError(f"{where}.layers: a layer is listed twice (got {quote(stage_spec.layers)})")
             layers = tuple(stage_spec.layers)
         elif stage_spec.layers is not None:
             hint = ("; to act before decoder layers, add `at: decoder_layer`"

@@ -12,7 +12,9 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from tokenpress.attach import compress
+from tokenpress.attach import compress, find_adapter
+from tokenpress.errors import InputError
+from tokenpress.loading import load_model, load_processor, open_image, process
 from tokenpress.stack import Stack, load_stack
 
 PANEL = 192
@@ -86,26 +88,35 @@ def render_panels(view: Image.Image, trace: list[tuple[str, torch.Tensor]], grid
 
 def visualize(stack: Stack | str | Path, image: str | Path, output: str | Path, model: str = "zoo:llava-shapes",
               prompt: str = "describe", loaded: tuple[Any, Any] | None = None) -> Path:
-    """Run one prefill of ``stack`` on ``image`` and write the patch-coverage panels to ``output``."""
+    """Run one prefill of ``stack`` on ``image`` and write the patch-coverage panels to ``output``.
+
+    Panels show the first image's first token row (LLaVA-NeXT: its base tile), drawn over the pixels
+    the encoder saw (the processor's resizing kept, its normalisation undone).
+    """
     from tokenpress.cli import build_prompt
-    from tokenpress.evaluate import load_model_and_processor
+    from tokenpress.engine import MEDIA_KEYS
 
     stack = load_stack(stack)
-    model_obj, processor = loaded or load_model_and_processor(model)
-    picture = Image.open(image).convert("RGB")
-    inputs = processor(images=picture, text=build_prompt(processor, prompt), return_tensors="pt")
+    picture = open_image(image)
+    processor = loaded[1] if loaded else load_processor(model)  # a refused image is said before the model loads
+    inputs = process(processor, [picture], [build_prompt(processor, prompt)], what=str(image))
+    model_obj = loaded[0] if loaded else load_model(model)
+    adapter = find_adapter(model_obj)
     trace: list[tuple[str, torch.Tensor]] = []
-    grid = None
     with torch.no_grad(), compress(model_obj, stack) as handle:
         handle.trace = trace
         model_obj(**inputs)
         grid = handle.trace_grids
-    if not trace:  # an empty stack: the encoder's full grid, one token per patch
-        side = int(round((inputs["input_ids"] == model_obj.config.image_token_id).sum().item() ** 0.5))
-        trace, grid = [("encoder", torch.arange(side * side).unsqueeze(0))], torch.tensor([[1, side, side]])
+        if not trace:  # an empty stack: the encoder's full grid, one token per patch
+            tokens, _ = adapter.encode_images({key: inputs[key] for key in MEDIA_KEYS if key in inputs}, {})
+            grid = tokens.original_grid
+            trace = [("encoder", torch.arange(tokens.num_slots).unsqueeze(0))]
     t, h, w = (int(v) for v in grid[0])
-    view = model_view(inputs["pixel_values"][0], processor.image_processor)
+    view = model_view(adapter.encoder_pixels(inputs, 0), processor.image_processor)
     canvas = render_panels(view, [(label, owner[0][: t * h * w][: h * w]) for label, owner in trace], (h, w))
     output = Path(output)
-    canvas.save(output, format="PNG")
+    try:
+        canvas.save(output, format="PNG")
+    except OSError as exc:
+        raise InputError(f"{output}: cannot write the picture ({exc.strerror or exc})") from None
     return output

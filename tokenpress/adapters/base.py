@@ -127,6 +127,15 @@ class ModelAdapter:
     def num_encoder_layers(self) -> int:
         return 0
 
+    def check_transformers_features(self) -> None:
+        """Raise :class:`~tokenpress.errors.UnsupportedModelError` naming the first transformers feature
+        this adapter relies on that the installed release lacks (checked at attach time, before
+        anything is touched). Families that rely on more extend it."""
+        compat.cache_argument(self.inner_module())
+        compat.cache_field(compat.output_class(self.inner_module()))
+        for layer in self.layers:
+            compat.cache_argument(layer)
+
     def check_signal(self, name: str, value: Any) -> str | None:
         """Why the signal request cannot be served (None when it can)."""
         if name not in self.signals:
@@ -142,6 +151,12 @@ class ModelAdapter:
     def project(self, tokens: TokenState) -> TokenState:
         """Apply the model's projector to tokens in encoder space."""
         raise NotImplementedError
+
+    def encoder_pixels(self, inputs: dict[str, Any], image: int) -> torch.Tensor:
+        """Image ``image``'s pixels as the encoder saw them, (3, H, W), still normalised by the
+        processor, covering the patch grid of that image's first :class:`TokenState` row (what
+        ``tokenpress viz`` draws under the patches). Default: ``pixel_values[image]``."""
+        return inputs["pixel_values"][image]
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.language_model.get_input_embeddings()(input_ids)
@@ -377,7 +392,8 @@ class ModelAdapter:
         """The output object the inner module's own forward would return (its declared class, with the
         fields this transformers release gives it).
 
-        ``image_features`` are the kept visual tokens of each image (None when decoding);
+        ``image_features`` are the visual tokens that entered the decoder, one tensor per sample
+        (what the image placeholders held, LLaVA-NeXT's newlines included; None when decoding);
         ``position_offset`` (B,) is how far each sample's next text position is ahead of its number of
         real input tokens (what Qwen2.5-VL calls ``rope_deltas``).
         """

@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
 
 from tokenpress.adapters.base import ImageLayout, ImageSpan
 from tokenpress.adapters.llava import LlavaAdapter
@@ -42,11 +43,7 @@ class LlavaNextAdapter(LlavaAdapter):
             raise UnsupportedModelError("the llava-next adapter needs a model with an image_newline embedding")
 
     def encode_images(self, inputs: dict[str, Any], signals: dict[str, Any]) -> tuple[TokenState, dict[str, Any]]:
-        from transformers.models.llava_next.modeling_llava_next import (
-            get_anyres_image_grid_shape,
-            image_size_to_num_patches,
-            unpad_image,
-        )
+        from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape, unpad_image
 
         config = self.model.config
         pixel_values, image_sizes = inputs["pixel_values"], inputs.get("image_sizes")
@@ -86,6 +83,16 @@ class LlavaNextAdapter(LlavaAdapter):
             attention = cls_attention(self._encoder_layers()[index], outputs.hidden_states[index])
             found["cls_attention"] = torch.stack([chunk[0] for chunk in torch.split(attention, tiles_per_image)])
         return TokenState.from_dense(embeddings, torch.tensor(grids)), found
+
+    def encoder_pixels(self, inputs: dict[str, Any], image: int) -> torch.Tensor:
+        """The base tile (the whole image, resized): row ``2 * image`` of the state."""
+        pixel_values = inputs["pixel_values"]
+        if pixel_values.dim() == 5:  # (images, tiles, 3, H, W), the base tile first
+            return pixel_values[image, 0]
+        config = self.model.config
+        tiles = [image_size_to_num_patches(size, config.image_grid_pinpoints, config.vision_config.image_size)
+                 for size in inputs["image_sizes"]]
+        return pixel_values[sum(tiles[:image])]
 
     def image_spans(self, input_ids: torch.Tensor, valid: torch.Tensor, tokens: TokenState) -> list[ImageSpan]:
         images = tokens.num_images // 2

@@ -19,7 +19,7 @@ from torch import nn
 
 from tokenpress import compat
 from tokenpress.adapters.base import ImageSpan, ModelAdapter
-from tokenpress.errors import CompressionError
+from tokenpress.errors import CompressionError, UnsupportedModelError
 from tokenpress.tokens import TokenState
 
 
@@ -66,6 +66,13 @@ class Qwen2_5_VLAdapter(ModelAdapter):
         config = self.model.config
         return (config.image_token_id, config.video_token_id)
 
+    def check_transformers_features(self) -> None:
+        super().check_transformers_features()
+        if "mrope_section" not in (getattr(self.text_config, "rope_parameters", None) or {}):
+            raise UnsupportedModelError(
+                "this Qwen2.5-VL text config has no rope_parameters['mrope_section'], which tokenpress needs "
+                f"for M-RoPE (transformers {compat.transformers_version()}; tested: {compat.TESTED_TRANSFORMERS})")
+
     def encode_images(self, inputs: dict[str, Any], signals: dict[str, Any]) -> tuple[TokenState, dict[str, Any]]:
         grids, pixels, intervals = [], [], []
         tokens_per_second = getattr(self.model.config.vision_config, "tokens_per_second", 1)
@@ -101,6 +108,20 @@ class Qwen2_5_VLAdapter(ModelAdapter):
                                              else 0) + [True] * (len(intervals) - (len(inputs["image_grid_thw"])
                                                                  if inputs.get("pixel_values") is not None else 0))
         return tokens, {}
+
+    def encoder_pixels(self, inputs: dict[str, Any], image: int) -> torch.Tensor:
+        """Rebuild the picture from the flattened patches (first frame): the processor lays each patch
+        out as (channel, temporal, row, column) and orders patches by merge unit (unit row, unit
+        column, row in the unit, column in the unit)."""
+        vision = self.model.config.vision_config
+        patch, merge, temporal = vision.patch_size, self.merge_size, vision.temporal_patch_size
+        grids = inputs["image_grid_thw"].tolist()
+        _, height, width = grids[image]
+        start = sum(t * h * w for t, h, w in grids[:image])
+        flat = inputs["pixel_values"][start:start + height * width]
+        units = flat.reshape(height // merge, width // merge, merge, merge, -1, temporal, patch, patch)[..., 0, :, :]
+        # (unit row, unit col, row in unit, col in unit, C, y, x) -> (C, unit row, row in unit, y, unit col, ...)
+        return units.permute(4, 0, 2, 5, 1, 3, 6).reshape(-1, height * patch, width * patch)
 
     def project(self, tokens: TokenState) -> TokenState:
         merger = self.visual.merger

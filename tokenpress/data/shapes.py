@@ -32,6 +32,7 @@ import re
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -331,8 +332,11 @@ def normalize_answer(text: str) -> str:
     return words[0] if words else ""
 
 
-def score(predictions: Sequence[str], samples: Sequence[Sample]) -> dict[str, float | int | dict[str, float]]:
-    """Exact-match accuracy overall and per family: ``{"accuracy", "n", "per_family": {...}}``."""
+def score(predictions: Sequence[str], samples: Sequence[Any]) -> dict[str, float | int | dict[str, float]]:
+    """Exact-match accuracy overall and per family: ``{"accuracy", "n", "per_family": {...}}``.
+
+    ``samples`` are :class:`Sample` objects or anything else with their ``answer`` and ``family``.
+    """
     if len(predictions) != len(samples):
         raise ValueError(f"{len(predictions)} predictions for {len(samples)} samples")
     hits: dict[str, list[bool]] = defaultdict(list)

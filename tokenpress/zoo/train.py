@@ -64,6 +64,7 @@ from transformers import (
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
+from tokenpress import compat
 from tokenpress.data import shapes
 from tokenpress.zoo import add_train_arguments, card, zoo_path
 
@@ -340,7 +341,7 @@ def load_checkpoint(path: str | Path) -> tuple[torch.nn.Module, Any, str]:
     config = json.loads((Path(path) / "config.json").read_text())
     arch = "llava" if config["model_type"] == "llava" else "qwen"
     cls = LlavaForConditionalGeneration if arch == "llava" else Qwen2_5_VLForConditionalGeneration
-    model = cls.from_pretrained(path, dtype=torch.float32).eval()
+    model = cls.from_pretrained(path, dtype=torch.float32, **compat.PRETRAINED_OPTIONS).eval()
     return model, AutoProcessor.from_pretrained(path), arch
 
 

@@ -1,0 +1,127 @@
+"""Loading what people hand to tokenpress: model folders (``zoo:NAME`` for a shipped proxy model),
+their processors, and images - each mistake one sentence (:class:`~tokenpress.errors.InputError`
+or :class:`~tokenpress.errors.UnsupportedModelError`), never a traceback.
+
+The command line, ``tokenpress.evaluate``, ``tokenpress.viz`` and ``tokenpress.bench`` all load
+through here, so they refuse the same inputs the same way.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from tokenpress import compat
+from tokenpress.errors import InputError, UnsupportedModelError
+
+
+def resolve_model_path(path: str | Path) -> Path:
+    """The checkpoint folder ``path`` names: ``zoo:NAME`` (a shipped proxy model) or a local folder."""
+    text = str(path)
+    if text.startswith("zoo:"):
+        from tokenpress.zoo import zoo_path
+
+        try:
+            folder = zoo_path(text)
+        except ValueError as exc:
+            raise InputError(str(exc)) from None
+        if not (folder / "config.json").is_file():
+            raise InputError(f"{text}: this proxy model is not in this installation (train it with "
+                             f"`tokenpress zoo train {text.removeprefix('zoo:')} --out DIR`, then pass --model DIR)")
+        return folder
+    folder = Path(path)
+    if not folder.is_dir():
+        raise InputError(f"{text}: no such model folder")
+    return folder
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0][:200] if lines else type(exc).__name__
+
+
+def load_config(path: str | Path) -> Any:
+    """The checkpoint's config, refused in one sentence unless it is an image-text-to-text model."""
+    folder = resolve_model_path(path)
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+
+    try:
+        config = AutoConfig.from_pretrained(folder)
+    except (OSError, ValueError) as exc:
+        raise InputError(f"{path}: not a loadable model folder ({_first_line(exc)})") from None
+    model_type = getattr(config, "model_type", None)
+    if model_type not in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES:
+        raise UnsupportedModelError(f"{path}: model_type {model_type!r} is not an image-text-to-text model "
+                                    "(tokenpress compresses the images of vision-language models)")
+    return config
+
+
+def load_model(path: str | Path, meta: bool = False) -> Any:
+    """An image-text-to-text model from a checkpoint folder with plain ``from_pretrained``, in eval
+    mode (``meta=True``: built from its config on the meta device, no weights read)."""
+    config = load_config(path)
+    from transformers import AutoModelForImageTextToText
+
+    try:
+        if meta:
+            import torch
+
+            with torch.device("meta"):
+                return AutoModelForImageTextToText.from_config(config)
+        return AutoModelForImageTextToText.from_pretrained(resolve_model_path(path),
+                                                           **compat.PRETRAINED_OPTIONS).eval()
+    except ValueError as exc:
+        raise UnsupportedModelError(f"{path}: cannot load model_type {config.model_type!r} as an "
+                                    f"image-text-to-text model ({_first_line(exc)})") from None
+    except OSError as exc:  # missing or unreadable weights
+        raise InputError(f"{path}: cannot read the model's weights ({_first_line(exc)})") from None
+
+
+def load_processor(path: str | Path) -> Any:
+    """The checkpoint's processor, padding on the left (as batched generation wants)."""
+    load_config(path)
+    from transformers import AutoProcessor
+
+    try:
+        processor = AutoProcessor.from_pretrained(resolve_model_path(path))
+    except (OSError, ValueError, KeyError, ImportError) as exc:
+        raise InputError(f"{path}: cannot load the model's processor ({_first_line(exc)})") from None
+    tokenizer = getattr(processor, "tokenizer", None)
+    if tokenizer is None:
+        raise UnsupportedModelError(f"{path}: its processor ({type(processor).__name__}) has no tokenizer; an "
+                                    "image-text-to-text processor is needed")
+    tokenizer.padding_side = "left"
+    return processor
+
+
+def load_model_and_processor(path: str | Path) -> tuple[Any, Any]:
+    """``zoo:NAME`` or a checkpoint folder, loaded offline: the model (eval mode) and its processor."""
+    return load_model(path), load_processor(path)
+
+
+def open_image(path: str | Path) -> Any:
+    """The picture at ``path`` as an RGB PIL image, fully decoded (so a truncated file fails here)."""
+    from PIL import Image
+
+    file = Path(path)
+    if not file.is_file():
+        raise InputError(f"{path}: no such image file")
+    try:
+        with Image.open(file) as picture:
+            return picture.convert("RGB")
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+        raise InputError(f"{path}: not a readable image ({_first_line(exc)})") from None
+
+
+def process(processor: Any, images: list[Any], text: list[str] | str, what: str = "the image", **kwargs: Any) -> Any:
+    """``processor(images=..., text=..., return_tensors="pt")``, with a processor's refusal (for
+    example Qwen2.5-VL's limit on aspect ratios) said in one sentence that names ``what``."""
+    try:
+        return processor(images=images, text=text, return_tensors="pt", **kwargs)
+    except ValueError as exc:
+        raise InputError(f"{what}: the model's processor refuses it ({_first_line(exc)})") from None
+
+
+__all__ = ["load_config", "load_model", "load_model_and_processor", "load_processor", "open_image", "process",
+           "resolve_model_path"]
