@@ -25,6 +25,9 @@ import yaml
 
 import tokenpress
 from tokenpress.testing import llava_batch, sample_prompts, tiny_llava
+from tokenpress.testing.families import FAMILIES
+
+pytest_plugins = ["pytester"]
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
@@ -162,6 +165,37 @@ def test_observer_example_times_every_stage(examples, model):
         model.generate(**batch, max_new_tokens=2, do_sample=False)
     assert set(timer.seconds) == {"0:pool(post_encoder)", "1:fastv(decoder_layer@2)"}
     assert all(seconds > 0 for seconds in timer.seconds.values())
+
+
+CONTRACT_EXAMPLES = {"acme_keepfirst": "acme-keepfirst", "acme_routetop": "acme-routetop",
+                     "acme_clskeep": "acme-clskeep"}
+
+
+def test_the_examples_pass_the_contract_kit(pytester: pytest.Pytester) -> None:
+    """Each example plugin of Writing a plugin, run through the method contract kit the way its
+    author would; acme-clskeep needs LLaVA-1.5's CLS attention, so it is skipped elsewhere."""
+    for title, code in blocks(AUTHORING, "python"):
+        if title and title.removesuffix(".py") in CONTRACT_EXAMPLES:
+            pytester.makepyfile(**{title.removesuffix(".py"): code})
+    pytester.makeconftest("import tokenpress\n" + "".join(
+        f"import {module}\ntokenpress.register_plugin({module})\n" for module in CONTRACT_EXAMPLES))
+    pytester.makepyfile(test_examples="from tokenpress.testing import MethodContract\n" + "".join(
+        f"\n\nclass Test{module.title().replace('_', '')}(MethodContract):\n    method = {name!r}\n"
+        for module, name in CONTRACT_EXAMPLES.items()))
+    try:
+        result = pytester.runpytest("-p", "no:cacheprovider", "-rs")
+    finally:
+        tokenpress.get_registry(reload=True)
+    output = result.stdout.str()
+    assert result.ret == 0, output
+    checks = 7 + torch.cuda.is_available()  # the CUDA check is skipped without a GPU
+    # keepfirst runs every check on every family; routetop and clskeep make no token promise and have
+    # no identity setting (2 checks skipped); clskeep runs on LLaVA-1.5 only
+    families = len(FAMILIES)
+    assert result.parseoutcomes()["passed"] == families * checks + families * (checks - 2) + (checks - 2), output
+    for family in FAMILIES:
+        if family != "llava":
+            assert f"acme-clskeep cannot run on {family}: " in output, output
 
 
 def test_entry_point_example_names_the_example_module():

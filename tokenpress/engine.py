@@ -155,7 +155,7 @@ class CompressedForward:
         if cache_state is not None:
             if has_media:
                 raise CompressionError("new images on a cache of a compressed prompt are not supported; "
-                                       "start a new conversation (past_key_values=None)")
+                                       "start a new conversation (no cache)")
             return self.decode(input_ids, inputs_embeds, attention_mask, past_key_values, kwargs)
         compressible = has_media and self.entries and (
             input_ids is None or bool(torch.isin(input_ids, torch.tensor(placeholders, device=input_ids.device)).any()))
@@ -174,7 +174,7 @@ class CompressedForward:
                                    "not inputs_embeds")
         if past_key_values is not None and past_key_values.get_seq_length() > 0:
             raise CompressionError("images after an uncompressed cached prefix are not supported; "
-                                   "pass past_key_values=None for the prompt with images")
+                                   "pass no cache with the prompt that holds images")
         for flag in ("output_attentions", "output_hidden_states"):
             if kwargs.get(flag):
                 raise CompressionError(f"{flag}=True is not available while a compression stack is attached")

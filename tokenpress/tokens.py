@@ -236,7 +236,7 @@ def patch_owner(source: torch.Tensor, present: torch.Tensor | None = None) -> to
     """
     if present is not None:
         source = source & present.unsqueeze(-1)
-    owner = source.to(torch.float32).argmax(1)
+    owner = source.to(torch.uint8).argmax(1)  # a byte per entry: no float copy of the (I, N, P) map
     return torch.where(source.any(1), owner, torch.full_like(owner, -1))
 
 

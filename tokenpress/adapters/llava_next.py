@@ -75,14 +75,7 @@ class LlavaNextAdapter(LlavaAdapter):
             grids.append((1, stitched.shape[1], stitched.shape[2]))
         width = max(row.shape[0] for row in rows)
         embeddings = torch.stack([nn.functional.pad(row, (0, 0, 0, width - row.shape[0])) for row in rows])
-        found: dict[str, Any] = {}
-        if "cls_attention" in signals:
-            from tokenpress.adapters.llava import cls_attention
-
-            index = signals["cls_attention"] % self.num_encoder_layers()
-            attention = cls_attention(self._encoder_layers()[index], outputs.hidden_states[index])
-            found["cls_attention"] = torch.stack([chunk[0] for chunk in torch.split(attention, tiles_per_image)])
-        return TokenState.from_dense(embeddings, torch.tensor(grids)), found
+        return TokenState.from_dense(embeddings, torch.tensor(grids)), {}
 
     def encoder_pixels(self, inputs: dict[str, Any], image: int) -> torch.Tensor:
         """The base tile (the whole image, resized): row ``2 * image`` of the state."""

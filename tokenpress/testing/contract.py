@@ -9,7 +9,9 @@ A plugin author subclasses :class:`MethodContract` in a test file and names the 
         params = {"keep_ratio": 0.5}       # optional: defaults to the method's example_params
 
 pytest then runs one test per check, for every tiny model family of
-:data:`tokenpress.testing.families.FAMILIES` (and every method, when ``method`` names several):
+:data:`tokenpress.testing.families.FAMILIES` (and every method, when ``method`` names several). A
+family whose model cannot serve the stage (attaching raises ``UnsupportedModelError``: an encoder
+signal it does not give, say) is skipped with the reason; ``families = ("llava",)`` limits the run.
 
 * ``test_tokens_match_promise`` - tokens out == ``promised_count(tokens in)``, per image and per sample;
 * ``test_identity_at_ratio_one`` - ``identity_params`` give the unmodified model's logits;
@@ -456,6 +458,21 @@ class MethodContract:
     @staticmethod
     def _ran(observer: StageObserver, name: str) -> None:
         assert observer.calls, f"the {name} stage never ran: the check would prove nothing"
+
+    @pytest.fixture(autouse=True)
+    def _only_families_that_can_run_the_method(self, request: pytest.FixtureRequest) -> None:
+        """Skip (not fail) a family whose model cannot give what the stage needs (an encoder signal,
+        say): attaching would refuse it with an UnsupportedModelError, before any forward pass."""
+        params = getattr(getattr(request.node, "callspec", None), "params", {})
+        family, method = params.get("contract_family"), params.get("contract_method")
+        if family is None or method is None or method not in tokenpress.get_registry().methods:
+            return
+        from tokenpress.attach import check_stack, find_adapter
+
+        try:
+            check_stack(tokenpress.load_stack(self.stack(method)), find_adapter(tiny_model(family)))
+        except tokenpress.UnsupportedModelError as exc:
+            pytest.skip(f"{method} cannot run on {family}: {exc}")
 
     # --- the checks -----------------------------------------------------------------------------
 

@@ -1,0 +1,7 @@
+"""``python -m tokenpress``: the command line, as the ``tokenpress`` script runs it."""
+
+import sys
+
+from tokenpress.cli import main
+
+sys.exit(main())
