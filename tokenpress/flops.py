@@ -516,6 +516,7 @@ def _run(family: _Family, stack: Stack, text_tokens: int, limit: int | None) -> 
                   lm_head=decoder.lm_head_flops(1))
     layer_tokens: list[int] = []
     for layer in range(decoder.layers):
+        routed: int | None = None  # a Route sends only these through this layer; the rest come back after it
         for stage in stack.stages:
             if stage.point != "decoder_layer" or layer not in stage.layers or not allowed():
                 continue
@@ -525,9 +526,14 @@ def _run(family: _Family, stack: Stack, text_tokens: int, limit: int | None) -> 
             kept = _promise(stage, [visual])[0]
             applications.append((stage, layer, visual, kept, scoring))
             costs.scoring += scoring
-            visual = kept
-        layer_tokens.append(text_tokens + visual)
-        costs.decoder += decoder.layer_flops(text_tokens + visual)
+            if stage.method_class.routes:
+                routed = kept if routed is None else min(routed, kept)
+            else:
+                visual = kept
+                routed = None if routed is None else min(routed, visual)
+        processed = visual if routed is None else routed
+        layer_tokens.append(text_tokens + processed)
+        costs.decoder += decoder.layer_flops(text_tokens + processed)
     return _Path(costs, layer_tokens, applications)
 
 
@@ -557,6 +563,7 @@ def simulate(config: Any, stack: Stack | str | Path | dict, text_tokens: int,
         raise FlopsError(f"text_tokens must be >= 0, got {text_tokens}")
     family = _family(config, image_size)
     decoder = family.decoder
+    stack = stack.resolved(decoder.layers)
     _check_layers(stack, decoder.layers)
 
     visual = family.decoder_visual(family.rows())
@@ -644,7 +651,7 @@ def measured(config: Any, inputs: Mapping[str, Any], stats: PrefillStats | None 
     for per_layer in zip(*layer_tokens, strict=True):
         costs.decoder += decoder_prefill_flops(decoder, list(per_layer))
     if stack is not None and stats is not None and layer_visual is not None:
-        stack = load_stack(stack)
+        stack = load_stack(stack).resolved(decoder.layers)
         for sample in range(batch):
             text = layer_tokens[0][sample] - layer_visual[0][sample]
             for stage in stack.stages:

@@ -78,6 +78,23 @@ class Method:
             return {**cls.example_params, "keep_ratio": keep_ratio}
         return None
 
+    #: True when the method's ``decoder_layer`` decisions are :class:`~tokenpress.Route` (tokens skip one
+    #: layer and come back) rather than :class:`~tokenpress.Keep`: the config-only FLOPs model then
+    #: counts its promise at that layer only.
+    routes: ClassVar[bool] = False
+
+    @classmethod
+    def default_layers(cls, config: MethodConfig, num_layers: int) -> tuple[int, ...] | None:
+        """Decoder layers of a ``decoder_layer`` stage that lists none (``None``: it must list them).
+
+        Resolved when the stack is attached (or simulated), once the decoder's depth is known.
+        """
+        return None
+
+    @classmethod
+    def has_default_layers(cls) -> bool:
+        return cls.default_layers.__func__ is not Method.default_layers.__func__  # type: ignore[attr-defined]
+
     def required_signals(self) -> dict[str, Any]:
         """Encoder signals this stage needs, e.g. ``{"cls_attention": -2}`` (layer of the encoder)."""
         return {}

@@ -22,6 +22,7 @@ import json
 import os
 import reprlib
 from dataclasses import dataclass
+from dataclasses import replace as dataclass_replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -74,6 +75,16 @@ class Stage:
     layers: tuple[int, ...]
     config: MethodConfig
 
+    def resolved(self, num_layers: int, source: str = "<dict>") -> Stage:
+        """This stage with its method's default layers filled in, for a decoder of ``num_layers`` layers."""
+        if self.point != "decoder_layer" or self.layers:
+            return self
+        layers = self.method_class.default_layers(self.config, num_layers)
+        if not layers:
+            raise StackError(f"{source}: stages[{self.index}].layers: method {self.method!r} chose no decoder layer "
+                             f"for this {num_layers}-layer model; list the layers")
+        return dataclass_replace(self, layers=tuple(int(layer) for layer in layers))
+
     def label(self) -> str:
         where = f"{self.point}" + (f"@{','.join(map(str, self.layers))}" if self.layers else "")
         return f"{self.index}:{self.method}({where})"
@@ -97,6 +108,10 @@ class Stack:
 
     def is_empty(self) -> bool:
         return not self.stages
+
+    def resolved(self, num_layers: int) -> Stack:
+        """The stack with every stage's default layers filled in for a ``num_layers``-layer decoder."""
+        return dataclass_replace(self, stages=tuple(stage.resolved(num_layers, self.source) for stage in self.stages))
 
 
 #: Error messages quote at most this many characters of a bad value.
@@ -285,7 +300,9 @@ def load_stack(source: str | Path | dict | Stack, registry: Any = None) -> Stack
             )
         layers: tuple[int, ...] = ()
         if point == "decoder_layer":
-            if not stage_spec.layers:
+            if stage_spec.layers is None and method_class.has_default_layers():
+                stage_spec = stage_spec.model_copy(update={"layers": []})  # resolved against the model
+            elif not stage_spec.layers:
                 raise StackError(f"{where}.layers: a decoder_layer stage must list the layer(s) it acts before")
             if any(layer < 0 for layer in stage_spec.layers):
                 raise StackError(f"{where}.layers: layer indices start at 0 (got {quote(stage_spec.layers)})")
