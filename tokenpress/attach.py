@@ -26,7 +26,7 @@ from torch import nn
 from tokenpress import compat, hookspecs
 from tokenpress.adapters.base import ModelAdapter
 from tokenpress.engine import CompressedForward, DeferredEncoding, PrefillStats, StageEntry, StageRecord
-from tokenpress.errors import CompressionError, PluginError, StackError, UnsupportedModelError
+from tokenpress.errors import CompressionError, PluginError, StackError, TokenpressError, UnsupportedModelError
 from tokenpress.method import Method
 from tokenpress.registry import Registry, get_registry
 from tokenpress.stack import Stack, load_stack
@@ -225,8 +225,11 @@ def _validate(stack: Stack, adapter: ModelAdapter) -> None:
 
 def _make_entries(stack: Stack, adapter: ModelAdapter) -> list[StageEntry]:
     methods = check_stack(stack, adapter)
-    for method in methods:
-        method.setup(adapter)
+    for stage, method in zip(stack.stages, methods, strict=True):
+        try:
+            method.setup(adapter)
+        except TokenpressError as exc:  # say which stage: the method only knows its own parameters
+            raise type(exc)(f"{stack.source}: stages[{stage.index}] ({stage.method}): {exc}") from None
     return [StageEntry(stage, method) for stage, method in zip(stack.stages, methods, strict=True)]
 
 

@@ -89,25 +89,16 @@ def cmd_schema(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_prompt(processor: Any, text: str) -> str:
-    """The model's chat format when it has one, else ``<image>\\n{text}``."""
-    image_token = getattr(processor, "image_token", "<image>")
-    if getattr(processor, "chat_template", None):
-        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
-        return processor.apply_chat_template(messages, add_generation_prompt=True)
-    return f"{image_token}\n{text}"
-
-
 def cmd_run(args: argparse.Namespace) -> int:
     import torch
 
     import tokenpress
-    from tokenpress.loading import load_model, load_processor, open_image, process
+    from tokenpress.loading import chat_prompt, load_model, load_processor, open_image, process
 
     stack = tokenpress.load_stack(args.stack)
     image = open_image(args.image)
     processor = load_processor(args.model)  # inputs first: a refused image is said before the model loads
-    inputs = process(processor, [image], [build_prompt(processor, args.prompt)], what=args.image)
+    inputs = process(processor, [image], [chat_prompt(processor, args.prompt)], what=args.image)
     model = load_model(args.model)
     with torch.no_grad(), tokenpress.compress(model, stack) as handle:
         output = model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False)
@@ -138,6 +129,42 @@ def cmd_eval(args: argparse.Namespace) -> int:
             print(f"\nwrote {option}")
     if args.plot:
         print(f"wrote {evaluate.plot_rows(rows, args.plot, title=f'{args.model}, n={args.n}')}")
+    return 0
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    import torch
+
+    from tokenpress import calibration
+    from tokenpress.loading import load_model_and_processor
+
+    stack = _check_stack(args.stack, None)
+    stages = [stage for stage in stack.stages if stage.method_class.can_calibrate()]
+    if not stages:
+        methods = ", ".join(sorted(n for n, c in _registry().methods.items() if c.can_calibrate())) or "none"
+        raise UserError(f"{args.stack}: no stage of this stack can be calibrated (methods that can: {methods})")
+    if args.stage is not None:
+        stages = [stage for stage in stages if stage.index == args.stage]
+        if not stages:
+            raise UserError(f"--stage {args.stage}: {args.stack} has no calibratable stage at that index")
+    elif len(stages) > 1:
+        indexes = [s.index for s in stages]
+        raise UserError(f"{args.stack}: stages {indexes} can all be calibrated; choose one with --stage")
+    stage = stages[0]
+    train, held_out = calibration.split_samples(args.model, args.data, args.samples, args.seed)
+    model, processor = load_model_and_processor(args.model)
+    chat = args.data is not None
+    spec = {"method": stage.method, "at": stage.point, "params": stage.config.model_dump()}
+    if stage.layers:
+        spec["layers"] = list(stage.layers)
+    torch.manual_seed(args.seed)
+    result = stage.method_class.calibrate(
+        model, spec, list(calibration.batches(processor, train, args.batch_size, chat)),
+        list(calibration.batches(processor, held_out, args.batch_size, chat)),
+        epochs=args.epochs, lr=args.lr, seed=args.seed, progress=not args.quiet)
+    print(f"model {args.model}: {len(train)} calibration samples, {len(held_out)} held out (seed {args.seed})\n")
+    print(result.table())
+    print(f"\nwrote {result.save(args.out)}")
     return 0
 
 
@@ -235,6 +262,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plot", metavar="PNG", help="plot accuracy retention against tokens kept")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("calibrate", help="calibrate a stack's method (ALVTS's selector) on a model; writes a file "
+                                         "its params can name", description="Runs the calibration of the stack's "
+                       "calibratable stage on the shapes train split (zoo models) or on --data, prints what it "
+                       "changed on held-out samples, and writes the result to --out.")
+    p.add_argument("stack")
+    p.add_argument("--model", required=True, help="zoo:NAME or a checkpoint folder")
+    p.add_argument("--data", metavar="FOLDER", help="images with prompts (prompts.jsonl, or NAME.png + NAME.txt); "
+                   "required for a model that is not a shipped proxy")
+    p.add_argument("--samples", type=_positive, default=256, help="calibration samples (default: %(default)s)")
+    p.add_argument("--epochs", type=_positive, default=4, help="passes over the samples (default: %(default)s)")
+    p.add_argument("--batch-size", type=_positive, default=16)
+    p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--stage", type=int, help="the stage index, when several stages can be calibrated")
+    p.add_argument("--out", "-o", default="selector.safetensors", help="file to write (default: %(default)s)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_calibrate)
 
     p = sub.add_parser("flops", help="prefill FLOPs of the unmodified and the compressed model, from a config alone")
     p.add_argument("stack")

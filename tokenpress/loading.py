@@ -114,6 +114,15 @@ def open_image(path: str | Path) -> Any:
         raise InputError(f"{path}: not a readable image ({_first_line(exc)})") from None
 
 
+def chat_prompt(processor: Any, text: str) -> str:
+    """``text`` about one image in the model's chat format when it has one, else ``<image>\\n{text}``."""
+    image_token = getattr(processor, "image_token", "<image>")
+    if getattr(processor, "chat_template", None):
+        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
+        return processor.apply_chat_template(messages, add_generation_prompt=True)
+    return f"{image_token}\n{text}"
+
+
 def process(processor: Any, images: list[Any], text: list[str] | str, what: str = "the image", **kwargs: Any) -> Any:
     """``processor(images=..., text=..., return_tensors="pt")``, with a processor's refusal (for
     example Qwen2.5-VL's limit on aspect ratios) said in one sentence that names ``what``."""
@@ -123,5 +132,5 @@ def process(processor: Any, images: list[Any], text: list[str] | str, what: str 
         raise InputError(f"{what}: the model's processor refuses it ({_first_line(exc)})") from None
 
 
-__all__ = ["load_config", "load_model", "load_model_and_processor", "load_processor", "open_image", "process",
-           "resolve_model_path"]
+__all__ = ["chat_prompt", "load_config", "load_model", "load_model_and_processor", "load_processor", "open_image",
+           "process", "resolve_model_path"]

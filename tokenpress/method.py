@@ -95,6 +95,19 @@ class Method:
     def has_default_layers(cls) -> bool:
         return cls.default_layers.__func__ is not Method.default_layers.__func__  # type: ignore[attr-defined]
 
+    @classmethod
+    def calibrate(cls, model: Any, stage: dict[str, Any], train: list[dict[str, torch.Tensor]],
+                  held_out: list[dict[str, torch.Tensor]], *, epochs: int, lr: float, seed: int,
+                  progress: bool = True) -> Any:
+        """Learn this method's calibrated state for ``stage`` (its stack entry, as a dict) on ``model``
+        from the processed ``train`` batches; measure it on ``held_out``. Returns a
+        :class:`tokenpress.calibration.Calibration`. Methods with nothing to calibrate keep this default."""
+        raise NotImplementedError
+
+    @classmethod
+    def can_calibrate(cls) -> bool:
+        return cls.calibrate.__func__ is not Method.calibrate.__func__  # type: ignore[attr-defined]
+
     def required_signals(self) -> dict[str, Any]:
         """Encoder signals this stage needs, e.g. ``{"cls_attention": -2}`` (layer of the encoder)."""
         return {}

@@ -14,7 +14,7 @@ from PIL import Image, ImageDraw
 
 from tokenpress.attach import compress, find_adapter
 from tokenpress.errors import InputError
-from tokenpress.loading import load_model, load_processor, open_image, process
+from tokenpress.loading import chat_prompt, load_model, load_processor, open_image, process
 from tokenpress.stack import Stack, load_stack
 
 PANEL = 192
@@ -93,13 +93,12 @@ def visualize(stack: Stack | str | Path, image: str | Path, output: str | Path, 
     Panels show the first image's first token row (LLaVA-NeXT: its base tile), drawn over the pixels
     the encoder saw (the processor's resizing kept, its normalisation undone).
     """
-    from tokenpress.cli import build_prompt
     from tokenpress.engine import MEDIA_KEYS
 
     stack = load_stack(stack)
     picture = open_image(image)
     processor = loaded[1] if loaded else load_processor(model)  # a refused image is said before the model loads
-    inputs = process(processor, [picture], [build_prompt(processor, prompt)], what=str(image))
+    inputs = process(processor, [picture], [chat_prompt(processor, prompt)], what=str(image))
     model_obj = loaded[0] if loaded else load_model(model)
     adapter = find_adapter(model_obj)
     trace: list[tuple[str, torch.Tensor]] = []

@@ -1,0 +1,123 @@
+"""ALVTS's selector as pure tensor code: low-rank projections and the importance score.
+
+No model knowledge here: the method (``method.py``) takes a layer's weights, norms and rotary
+tables from the model adapter and hands tensors to these functions.
+
+* :func:`low_rank` - ``W ~ U V`` from a truncated SVD, ``U = U_R S_R^1/2`` and ``V = S_R^1/2 V_R^T``.
+* :func:`importance` - ``S(i) = S_V2V(i) * S_T2V(i)``: the mean attention visual token ``i``
+  receives from the visual tokens, times the mean it receives from the prompt's text tokens, with
+  the layer's causal softmax over all keys, averaged over heads. Query rows are processed a chunk
+  at a time, so no (rows x keys) matrix larger than ``chunk x keys`` per head ever exists.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from tokenpress.tokens import pack_index
+
+
+@dataclass
+class LowRank:
+    """``y = up @ (down @ x) + bias``: a rank-``R`` stand-in for a linear layer ``y = W x + b``."""
+
+    down: torch.Tensor  # (R, in)
+    up: torch.Tensor  # (out, R)
+    bias: torch.Tensor | None = None
+
+    @property
+    def rank(self) -> int:
+        return self.down.shape[0]
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.matmul(torch.matmul(x, self.down.transpose(0, 1)), self.up.transpose(0, 1))
+        return y if self.bias is None else y + self.bias
+
+    def to(self, reference: torch.Tensor) -> LowRank:
+        """The same factors on ``reference``'s device and dtype."""
+        def cast(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.to(device=reference.device, dtype=reference.dtype)
+
+        return LowRank(cast(self.down), cast(self.up), cast(self.bias))
+
+    def parameters(self) -> list[torch.Tensor]:
+        return [self.down, self.up]
+
+
+def low_rank(weight: torch.Tensor, bias: torch.Tensor | None, rank: int) -> LowRank:
+    """The truncated SVD of ``weight`` (out x in) at ``rank``, split evenly: ``U_R S^1/2`` and ``S^1/2 V_R^T``.
+
+    At ``rank = min(out, in)`` it reproduces ``weight`` up to float32 rounding.
+    """
+    matrix = weight.detach().to(torch.float32)
+    rank = max(1, min(rank, *matrix.shape))
+    left, singular, right = torch.linalg.svd(matrix, full_matrices=False)
+    root = singular[:rank].sqrt()
+    up = left[:, :rank] * root
+    down = root.unsqueeze(1) * right[:rank]
+    return LowRank(down.contiguous(), up.contiguous(), None if bias is None else bias.detach().to(torch.float32))
+
+
+def importance(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    valid: torch.Tensor,
+    visual: torch.Tensor,
+    text: torch.Tensor,
+    scaling: float,
+    chunk: int = 64,
+    combine: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """``S_V2V * S_T2V`` of every slot, (B, N) float32; zero outside the real visual slots.
+
+    ``query`` (B, H, N, d) and ``key`` (B, H, N, d) are rotated (keys repeated for grouped-query
+    attention); ``valid``, ``visual``, ``text`` (B, N) mark real slots, visual slots and the text
+    rows whose attention counts for ``S_T2V``. A row attends causally (slot order) to real keys.
+    ``combine(v2v, t2v)`` replaces the product (for ablations).
+    """
+    batch, heads, length, _ = query.shape
+    device = query.device
+    visual, text = visual & valid, text & valid & ~visual
+    rows, picked = pack_index(visual | text)
+    v2v = torch.zeros(batch, length, dtype=torch.float32, device=device)
+    t2v = torch.zeros_like(v2v)
+    key_slot = torch.arange(length, device=device)
+    key_t = key.float().transpose(-1, -2)
+    for start in range(0, rows.shape[1], chunk):
+        index, real = rows[:, start:start + chunk], picked[:, start:start + chunk]
+        gathered = torch.gather(query, 2, index[:, None, :, None].expand(-1, heads, -1, query.shape[-1]))
+        logits = torch.matmul(gathered.float(), key_t) * scaling  # (B, H, c, N)
+        allowed = valid[:, None, :] & (key_slot[None, None, :] <= index[:, :, None])
+        probs = torch.softmax(logits.masked_fill(~allowed[:, None], float("-inf")), dim=-1).mean(1)  # (B, c, N)
+        from_visual = (torch.gather(visual, 1, index) & real).to(probs.dtype)
+        from_text = (torch.gather(text, 1, index) & real).to(probs.dtype)
+        v2v = v2v + torch.einsum("bc,bcn->bn", from_visual, probs)
+        t2v = t2v + torch.einsum("bc,bcn->bn", from_text, probs)
+    v2v = v2v / visual.sum(-1, keepdim=True).clamp_min(1)
+    t2v = t2v / text.sum(-1, keepdim=True).clamp_min(1)
+    score = combine(v2v, t2v) if combine is not None else v2v * t2v
+    return score * visual
+
+
+def top_fraction(scores: torch.Tensor, candidates: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """The ``counts[b]`` best candidates of each row, (B, N) bool (ties: the earlier slot)."""
+    from tokenpress.select import topk_mask
+
+    return topk_mask(scores, candidates, counts)
+
+
+def coverage_curve(scores: torch.Tensor, candidates: torch.Tensor, points: int = 101) -> torch.Tensor:
+    """For each sample, the share of the total score held by its best ``f`` candidates, at ``points``
+    fractions ``f`` from 0 to 1: (B, points). What ``budget: adaptive`` learns from."""
+    fractions = torch.linspace(0, 1, points, device=scores.device)
+    curves = []
+    for row, mask in zip(scores, candidates, strict=True):
+        values = torch.sort(row[mask].float(), descending=True).values
+        total = values.sum().clamp_min(1e-30)
+        cumulative = torch.cat([values.new_zeros(1), torch.cumsum(values, 0) / total])
+        taken = torch.round(fractions * values.numel()).long()
+        curves.append(cumulative[taken])
+    return torch.stack(curves)
