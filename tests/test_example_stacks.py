@@ -25,4 +25,5 @@ def test_example_stack_runs(path, llava_sdpa):
     with tokenpress.compress(llava_sdpa, stack) as handle:
         out = llava_sdpa.generate(**batch, max_new_tokens=2, do_sample=False)
     assert out.shape[1] == batch["input_ids"].shape[1] + 2
-    assert len(handle.report().records) == sum(max(1, len(s.layers)) for s in stack.stages)
+    resolved = stack.resolved(llava_sdpa.config.text_config.num_hidden_layers)  # default layers filled in
+    assert len(handle.report().records) == sum(max(1, len(s.layers)) for s in resolved.stages)

@@ -36,6 +36,8 @@ STACKS = {
     "fastv": [{"method": "fastv", "layers": [2], "params": {"keep_ratio": 0.5}}],
     "pool": [{"method": "pool", "params": {"kernel": 2}}],
     "random": [{"method": "random", "params": {"keep_ratio": 0.25}}],
+    "alvts": [{"method": "alvts", "params": {"keep_ratio": 0.25}}],  # routes at every layer, scoring included
+    "alvts-full-rank": [{"method": "alvts", "params": {"keep_ratio": 0.25, "rank": 4096}}],  # rank clamped per q/k
 }
 PROMPT = Prompt([1, 5, 6, 7], [8, 9, 10, 11, 12])
 #: Text tokens of a LLaVA-1.5 prompt: the vicuna_v1 chat template (system prompt, "USER:", "ASSISTANT:",
@@ -90,7 +92,8 @@ def _counted(model, batch: dict, stack: dict) -> tuple[int, flops.Costs]:
 #: LLaVA-NeXT's compressed path projects its two token rows (base tile, 4x4, and unpadded high-res
 #: grid, 8x8 for a 64x64 image) padded to the wider row: these slots cost projector FLOPs that the
 #: analytical model (valid tokens only) leaves out. Per stack: rows x widest row - real tokens.
-NEXT_PADDING_SLOTS = {"empty": 0, "fastv": 2 * 64 - (16 + 64), "pool": 2 * 16 - (4 + 16), "random": 2 * 16 - (4 + 16)}
+NEXT_PADDING_SLOTS = {"empty": 0, "fastv": 2 * 64 - (16 + 64), "pool": 2 * 16 - (4 + 16), "random": 2 * 16 - (4 + 16),
+                     "alvts": 2 * 64 - (16 + 64), "alvts-full-rank": 2 * 64 - (16 + 64)}
 
 
 @pytest.mark.parametrize("stack_name", list(STACKS))
@@ -273,3 +276,22 @@ def test_cli_flops_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str], ar
     assert main(["flops", str(ROOT / "stacks" / "fastv.yaml"), *args]) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1
+
+
+@pytest.mark.parametrize("layers", [[1], [1, 2, 3]])
+def test_a_route_is_counted_at_its_own_layer_only(models: dict, layers: list[int]) -> None:
+    """A routed layer processes its routed tokens; the next layer gets every token back."""
+    model = models["llava"]
+    batch = FAMILIES["llava"].batch(model, [PROMPT], "left", 0)
+    stack = {"name": "route", "stages": [{"method": "alvts", "layers": layers, "params": {"keep_ratio": 0.5}}]}
+    counted, costs = _counted(model, batch, stack)
+    with torch.no_grad(), tokenpress.compress(model, stack) as handle:
+        model(**batch, use_cache=False)
+        measured_tokens = [per_layer[0] for per_layer in handle.prefill_stats.layer_tokens]
+    text = len(PROMPT.before) + len(PROMPT.after)
+    expected = [text + (18 if layer in layers else 36) for layer in range(4)]
+    assert measured_tokens == expected
+    breakdown = flops.simulate(model.config, stack, text)
+    assert breakdown.layer_tokens == expected
+    assert breakdown.compressed_flops == pytest.approx(counted, rel=1e-9)
+    assert breakdown.compressed == costs

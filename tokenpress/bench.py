@@ -36,8 +36,12 @@ class BenchRow:
     accuracy_retention: float | None = None
 
 
-def sweep_stacks(methods: list[str], ratios: list[float], decoder_layer: int = 2) -> list[Stack]:
-    """One stack per method x keep ratio, from each method's ``params_for_keep``."""
+def sweep_stacks(methods: list[str], ratios: list[float], decoder_layer: int | None = None) -> list[Stack]:
+    """One stack per method x keep ratio, from each method's ``params_for_keep``.
+
+    Decoder-layer stages run at ``decoder_layer``; when it is None, at the method's default layers
+    if it has them (ALVTS: every layer), else at layer 2 (FastV's K).
+    """
     from tokenpress.registry import get_registry
 
     registry = get_registry()
@@ -54,8 +58,9 @@ def sweep_stacks(methods: list[str], ratios: list[float], decoder_layer: int = 2
             if identity is not None and all(params.get(key) == value for key, value in identity.items()):
                 continue  # e.g. pool cannot keep 50% with a square kernel: kernel 1 would change nothing
             stage: dict[str, Any] = {"method": name, "params": params}
-            if method_class.default_point() == "decoder_layer":
-                stage["layers"] = [decoder_layer]
+            explicit = decoder_layer is not None or not method_class.has_default_layers()
+            if method_class.default_point() == "decoder_layer" and explicit:
+                stage["layers"] = [2 if decoder_layer is None else decoder_layer]
             label = ",".join(f"{key}={value}" for key, value in params.items() if key != "seed")
             stacks.append(load_stack({"name": f"{name}({label})", "stages": [stage]}))
     return stacks

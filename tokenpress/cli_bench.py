@@ -100,7 +100,8 @@ def register(sub: Any) -> None:
     _model_options(p)
     p.add_argument("--methods", default="fastv,pool,random")
     p.add_argument("--ratios", default="0.5,0.25,0.11")
-    p.add_argument("--layer", type=int, default=2, help="layer K of decoder-layer methods")
+    p.add_argument("--layer", type=int, default=None,
+                   help="layer K of decoder-layer methods (default: the method's own layers, else 2)")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--accuracy-n", type=int, default=200, help="questions for accuracy retention (zoo models)")
     p.add_argument("--markdown", metavar="FILE")

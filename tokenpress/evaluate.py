@@ -176,8 +176,9 @@ def rows_to_csv(rows: list[Row]) -> str:
     return buffer.getvalue()
 
 
-def plot_rows(rows: list[Row], path: str | Path, title: str = "") -> Path:
-    """Accuracy retention against visual tokens kept, one point per stack (baseline at 100%, 100%)."""
+def plot_rows(rows: list[Row], path: str | Path, title: str = "", x: str = "tokens") -> Path:
+    """Accuracy retention against visual tokens kept (``x="tokens"``) or the prefill FLOPs ratio
+    (``x="flops"``), one point per stack (baseline at 100%, 100%)."""
     try:
         import matplotlib
 
@@ -186,11 +187,13 @@ def plot_rows(rows: list[Row], path: str | Path, title: str = "") -> Path:
     except ImportError:
         raise TokenpressError("--plot needs matplotlib: pip install 'tokenpress[plot]'") from None
     figure, axis = plt.subplots(figsize=(6, 4.5), dpi=120)
+    if x not in ("tokens", "flops"):
+        raise ValueError(f"x must be 'tokens' or 'flops', got {x!r}")
     for row in rows:
-        axis.scatter(row.tokens_kept * 100, row.retention * 100, s=40)
-        axis.annotate(row.stack, (row.tokens_kept * 100, row.retention * 100), textcoords="offset points",
-                      xytext=(5, 4), fontsize=8)
-    axis.set_xlabel("visual tokens kept at the last layer (%)")
+        where = (row.tokens_kept if x == "tokens" else row.flops_ratio) * 100, row.retention * 100
+        axis.scatter(*where, s=40)
+        axis.annotate(row.stack, where, textcoords="offset points", xytext=(5, 4), fontsize=8)
+    axis.set_xlabel("visual tokens kept at the last layer (%)" if x == "tokens" else "prefill FLOPs (% of baseline)")
     axis.set_ylabel("accuracy retention (%)")
     axis.set_xlim(0, 105)
     axis.grid(alpha=0.3)

@@ -86,8 +86,21 @@ class Stage:
         return dataclass_replace(self, layers=tuple(int(layer) for layer in layers))
 
     def label(self) -> str:
-        where = f"{self.point}" + (f"@{','.join(map(str, self.layers))}" if self.layers else "")
+        where = f"{self.point}" + (f"@{_layer_list(self.layers)}" if self.layers else "")
         return f"{self.index}:{self.method}({where})"
+
+
+def _layer_list(layers: tuple[int, ...]) -> str:
+    """``0,1,2,3,5`` -> ``0-3,5``: runs of three or more consecutive layers as a range."""
+    parts: list[str] = []
+    run: list[int] = []
+    for layer in [*layers, None]:
+        if run and (layer is None or layer != run[-1] + 1):
+            parts += [f"{run[0]}-{run[-1]}"] if len(run) >= 3 else [str(value) for value in run]
+            run = []
+        if layer is not None:
+            run.append(layer)
+    return ",".join(parts)
 
 
 @dataclass(frozen=True)

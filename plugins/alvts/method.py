@@ -213,7 +213,9 @@ class ALVTS(Method):
             rank = int(selector_file.read_header(resolve_selector_path(self.config.selector))["rank"])
         rank = rank or max(1, decoder.hidden // RANK_DIVISOR)
         tokens = item.tokens
-        projections = 2.0 * tokens * rank * (2 * decoder.hidden + (decoder.heads + decoder.kv_heads) * decoder.head_dim)
+        q_width, k_width = decoder.heads * decoder.head_dim, decoder.kv_heads * decoder.head_dim
+        q_rank, k_rank = min(rank, decoder.hidden, q_width), min(rank, decoder.hidden, k_width)  # as low_rank clamps
+        projections = 2.0 * tokens * (q_rank * (decoder.hidden + q_width) + k_rank * (decoder.hidden + k_width))
         logits = 2.0 * decoder.heads * tokens * tokens * decoder.head_dim
         sums = 2.0 * 2 * tokens * tokens
         return projections + logits + sums

@@ -78,24 +78,24 @@ def importance(
     rows whose attention counts for ``S_T2V``. A row attends causally (slot order) to real keys.
     ``combine(v2v, t2v)`` replaces the product (for ablations).
     """
-    batch, heads, length, _ = query.shape
-    device = query.device
+    batch, heads, length, width = query.shape
     visual, text = visual & valid, text & valid & ~visual
-    rows, picked = pack_index(visual | text)
-    v2v = torch.zeros(batch, length, dtype=torch.float32, device=device)
-    t2v = torch.zeros_like(v2v)
-    key_slot = torch.arange(length, device=device)
-    key_t = key.float().transpose(-1, -2)
+    rows, picked = pack_index(visual | text)  # the rows whose attention counts, left-packed
+    index = rows[:, None, :, None].expand(-1, heads, -1, width)
+    scaled_rows = torch.gather(query.float(), 2, index) * scaling  # (B, H, R, d)
+    weights = torch.stack([torch.gather(visual, 1, rows) & picked, torch.gather(text, 1, rows) & picked], 1).float()
+    key_t = key.float().transpose(-1, -2)  # (B, H, d, N)
+    key_slot = torch.arange(length, device=query.device)
+    totals = torch.zeros(batch, 2, length, dtype=torch.float32, device=query.device)  # (S_V2V, S_T2V) sums
     for start in range(0, rows.shape[1], chunk):
-        index, real = rows[:, start:start + chunk], picked[:, start:start + chunk]
-        gathered = torch.gather(query, 2, index[:, None, :, None].expand(-1, heads, -1, query.shape[-1]))
-        logits = torch.matmul(gathered.float(), key_t) * scaling  # (B, H, c, N)
-        allowed = valid[:, None, :] & (key_slot[None, None, :] <= index[:, :, None])
-        probs = torch.softmax(logits.masked_fill(~allowed[:, None], float("-inf")), dim=-1).mean(1)  # (B, c, N)
-        from_visual = (torch.gather(visual, 1, index) & real).to(probs.dtype)
-        from_text = (torch.gather(text, 1, index) & real).to(probs.dtype)
-        v2v = v2v + torch.einsum("bc,bcn->bn", from_visual, probs)
-        t2v = t2v + torch.einsum("bc,bcn->bn", from_text, probs)
+        stop = start + chunk
+        logits = torch.matmul(scaled_rows[:, :, start:stop], key_t)  # (B, H, c, N): the largest temporary
+        allowed = valid[:, None, :] & (key_slot[None, None, :] <= rows[:, start:stop, None])  # causal, real keys
+        allowed |= ~picked[:, start:stop, None]  # padding rows (weight 0) see every key: no all -inf row
+        bias = torch.zeros(allowed.shape, dtype=logits.dtype, device=logits.device).masked_fill_(~allowed, -torch.inf)
+        probs = torch.softmax(logits.add_(bias[:, None]), dim=-1)  # an additive mask: far faster than masked_fill
+        totals = totals + torch.bmm(weights[:, :, start:stop], probs.sum(1)) / heads
+    v2v, t2v = totals[:, 0], totals[:, 1]
     v2v = v2v / visual.sum(-1, keepdim=True).clamp_min(1)
     t2v = t2v / text.sum(-1, keepdim=True).clamp_min(1)
     score = combine(v2v, t2v) if combine is not None else v2v * t2v
