@@ -14,14 +14,9 @@ so at the same ``keep_ratio`` it does more work; its FLOPs ratio says how much.
 
 from __future__ import annotations
 
-import argparse
 import sys
-import tempfile
-from pathlib import Path
 
-import yaml
-
-from tokenpress import evaluate
+import common
 
 RATIOS = {"89%": 0.11, "75%": 0.25, "50%": 0.5}
 POOL_KERNELS = {"89%": 3, "75%": 2}  # 144 = 12 x 12 tokens: 3x3 windows keep 16 (11.1%), 2x2 keep 36 (25%)
@@ -47,26 +42,8 @@ def stacks(model: str) -> list[dict]:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="zoo:llava-shapes")
-    parser.add_argument("--n", type=int, default=1000)
-    parser.add_argument("--batch-size", type=int, default=50)
-    parser.add_argument("--json", help="also write the rows as JSON")
-    parser.add_argument("--plot", help="also plot accuracy retained against FLOPs ratio")
-    args = parser.parse_args()
-    with tempfile.TemporaryDirectory() as folder:
-        paths = []
-        for number, stack in enumerate(stacks(args.model)):
-            path = Path(folder) / f"{number:02d}.yaml"
-            path.write_text(yaml.safe_dump(stack), encoding="utf-8")
-            paths.append(path)
-        rows = evaluate.evaluate(paths, model=args.model, n=args.n, batch_size=args.batch_size)
-    print(f"model {args.model}, {args.n} test questions\n")
-    print(evaluate.format_table(rows))
-    if args.json:
-        Path(args.json).write_text(evaluate.rows_to_json(rows), encoding="utf-8")
-    if args.plot:
-        evaluate.plot_rows(rows, args.plot, title=f"{args.model}, n={args.n}", x="flops")
+    args = common.arguments(__doc__.splitlines()[0])
+    common.run(stacks(args.model), args)
     return 0
 
 

@@ -6,8 +6,8 @@ import torch
 
 from tokenpress import TokenState, keep_count
 from tokenpress.select import topk_mask
-from tokenpress.tokens import pack_index
-from tokenpress_plugins.pool.grid import cell_assignment, pool_grid
+from tokenpress.tokens import pack_index, window_cells
+from tokenpress_plugins.pool.grid import pool_grid
 
 
 def make_state(images: int = 3, side: int = 4, dim: int = 5, seed: int = 0) -> TokenState:
@@ -53,7 +53,7 @@ def test_merge_drops_tokens_assigned_minus_one():
 def test_replace_with_a_new_grid_keeps_provenance():
     state = make_state(images=2, side=4)
     pooled = pool_grid(torch.stack([state.dense_grid(i)[0] for i in range(2)]), 2, "avg")
-    new = state.replace(pooled.reshape(2, 4, -1), grid=(1, 2, 2), assign=cell_assignment(4, 4, 2).expand(2, -1))
+    new = state.replace(pooled.reshape(2, 4, -1), grid=(1, 2, 2), assign=window_cells(4, 4, 2).expand(2, -1))
     assert new.is_dense() and new.grid[0].tolist() == [1, 2, 2]
     assert new.size[0].tolist() == [4.0, 4.0, 4.0, 4.0]
     assert new.source[0, 1].nonzero().flatten().tolist() == [2, 3, 6, 7]

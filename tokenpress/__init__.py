@@ -39,6 +39,7 @@ _LAZY = {
     "Method": "tokenpress.method",
     "MethodConfig": "tokenpress.method",
     "SelectingConfig": "tokenpress.method",
+    "WeightedConfig": "tokenpress.method",
     "get_registry": "tokenpress.registry",
     "list_methods": "tokenpress.registry",
     "register_plugin": "tokenpress.registry",
@@ -72,6 +73,7 @@ __all__ = [
     "TokenState",
     "TokenpressError",
     "UnsupportedModelError",
+    "WeightedConfig",
     "attached_handle",
     "compress",
     "find_adapter",
@@ -104,7 +106,7 @@ if TYPE_CHECKING:
     from tokenpress.cache import CompressedCache
     from tokenpress.context import DecoderContext, StageContext
     from tokenpress.decisions import Keep, LayerDecision, Route
-    from tokenpress.method import POINTS, Method, MethodConfig, SelectingConfig
+    from tokenpress.method import POINTS, Method, MethodConfig, SelectingConfig, WeightedConfig
     from tokenpress.registry import get_registry, list_methods, register_plugin
     from tokenpress.stack import Stack, Stage, load_stack, stack_json_schema
     from tokenpress.tokens import TokenState, keep_count

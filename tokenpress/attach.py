@@ -14,8 +14,10 @@ that can be wrong with the stack or the model is checked before anything is touc
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import weakref
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -145,18 +147,35 @@ class Handle:
 
         return generate_with_prompt
 
-    def detach(self) -> None:
-        """Restore the model exactly: same modules, same forward and generate attributes."""
-        if not self.attached:
-            return
+    def _restore(self) -> None:
         for (_, name), (target, previous) in self._saved.items():
             if previous is _MISSING:
                 target.__dict__.pop(name, None)
             else:
                 target.__dict__[name] = previous
         self._saved.clear()
+
+    def detach(self) -> None:
+        """Restore the model exactly: same modules, same forward and generate attributes."""
+        if not self.attached:
+            return
+        self._restore()
+        for entry in self.entries:
+            entry.method.teardown()
         _ATTACHED.pop(self.model, None)
         self.attached = False
+
+    @contextlib.contextmanager
+    def suspended(self) -> Iterator[None]:
+        """The unmodified model inside the block, the stack and its methods' state (weights being
+        fitted) kept for after it: what ``tokenpress fit`` runs its teacher passes in."""
+        if not self.attached:
+            raise CompressionError("suspended() needs an attached stack")
+        self._restore()
+        try:
+            yield
+        finally:
+            self._attach()
 
     def __enter__(self) -> Handle:
         return self
@@ -225,12 +244,37 @@ def _validate(stack: Stack, adapter: ModelAdapter) -> None:
 
 def _make_entries(stack: Stack, adapter: ModelAdapter) -> list[StageEntry]:
     methods = check_stack(stack, adapter)
-    for stage, method in zip(stack.stages, methods, strict=True):
-        try:
-            method.setup(adapter)
-        except TokenpressError as exc:  # say which stage: the method only knows its own parameters
-            raise type(exc)(f"{stack.source}: stages[{stage.index}] ({stage.method}): {exc}") from None
+    ready: list[Method] = []
+    try:
+        for stage, method in zip(stack.stages, methods, strict=True):
+            try:
+                method.setup(adapter)
+                ready.append(method)
+                _build_weights(method, adapter)
+            except TokenpressError as exc:  # say which stage: the method only knows its own parameters
+                raise type(exc)(f"{stack.source}: stages[{stage.index}] ({stage.method}): {exc}") from None
+    except BaseException:
+        for method in ready:  # nothing of a refused stack stays behind
+            method.teardown()
+        raise
     return [StageEntry(stage, method) for stage, method in zip(stack.stages, methods, strict=True)]
+
+
+def _build_weights(method: Method, adapter: ModelAdapter) -> None:
+    from tokenpress import weights
+
+    module = method.build_weights(adapter)
+    if module is None:
+        return
+    reference = next((p for p in adapter.model.parameters() if p.is_floating_point()), None)
+    if reference is not None:
+        weights.follow(module, reference)
+    path = getattr(method.config, "weights", None)
+    if path is not None:
+        shaping = method.weights_shaping()
+        weights.load(weights.resolve(path, method.name, shaping, adapter.model), method.name, shaping,
+                     weights.model_signature(adapter), module)
+    method.weights = module
 
 
 def compress(model: nn.Module, stack: Stack | str | Path | dict, registry: Registry | None = None) -> Handle:

@@ -36,6 +36,10 @@ class BenchRow:
     accuracy_retention: float | None = None
 
 
+#: The bench row of the model with an empty stack attached (interception only).
+ATTACHED_EMPTY = "attached, empty stack"
+
+
 def sweep_stacks(methods: list[str], ratios: list[float], decoder_layer: int | None = None) -> list[Stack]:
     """One stack per method x keep ratio, from each method's ``params_for_keep``.
 
@@ -125,7 +129,10 @@ def bench(model: Any, inputs: dict[str, torch.Tensor], stacks: list[Stack], repe
 
     from tokenpress import flops as flops_model
 
-    configs: list[tuple[str, Stack | None]] = [("baseline", None)] + [(s.name, s) for s in stacks]
+    # "attached, empty stack": the interception alone (what tokenpress costs before any method runs)
+    empty = load_stack({"name": ATTACHED_EMPTY, "stages": []})
+    configs: list[tuple[str, Stack | None]] = [("baseline", None), (ATTACHED_EMPTY, empty)] + [
+        (s.name, s) for s in stacks]
     times: dict[str, list[float]] = {name: [] for name, _ in configs}
     stage_time: dict[str, list[float]] = {name: [] for name, _ in configs}
     flops: dict[str, float] = {}
@@ -135,7 +142,7 @@ def bench(model: Any, inputs: dict[str, torch.Tensor], stacks: list[Stack], repe
     with tqdm(total=total, desc="bench", unit="run", disable=not progress) as bar, stage_timer() as timer:
         for repeat in range(repeats + 1):  # the first round warms up and measures FLOPs and memory
             for name, stack in configs:
-                handle = compress(model, stack) if stack is not None and stack.stages else None
+                handle = compress(model, stack) if stack is not None else None
                 try:
                     timer.timing.seconds.clear()
                     seconds = timed(lambda: _prefill(model, inputs))

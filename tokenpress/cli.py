@@ -154,9 +154,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     train, held_out = calibration.split_samples(args.model, args.data, args.samples, args.seed)
     model, processor = load_model_and_processor(args.model)
     chat = args.data is not None
-    spec = {"method": stage.method, "at": stage.point, "params": stage.config.model_dump()}
-    if stage.layers:
-        spec["layers"] = list(stage.layers)
+    spec = stage.as_dict()
     torch.manual_seed(args.seed)
     result = stage.method_class.calibrate(
         model, spec, list(calibration.batches(processor, train, args.batch_size, chat)),
@@ -165,6 +163,41 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     print(f"model {args.model}: {len(train)} calibration samples, {len(held_out)} held out (seed {args.seed})\n")
     print(result.table())
     print(f"\nwrote {result.save(args.out)}")
+    return 0
+
+
+def cmd_fit(args: argparse.Namespace) -> int:
+    from tokenpress import calibration, evaluate
+    from tokenpress import fit as fitting
+    from tokenpress.data import shapes
+    from tokenpress.loading import load_model_and_processor
+
+    stack = _check_stack(args.stack, None)
+    if not any("weights" in stage.method_class.Config.model_fields for stage in stack.stages):
+        methods = ", ".join(sorted(n for n, c in _registry().methods.items() if "weights" in c.Config.model_fields))
+        raise UserError(f"{args.stack}: no stage of this stack has weights to fit (methods with weights: {methods})")
+    samples = min(args.steps * args.batch_size, shapes.SPLIT_SIZES["train"])
+    train, held_out = calibration.split_samples(args.model, args.data, samples, args.seed)
+    model, processor = load_model_and_processor(args.model)
+    out = Path(args.out)
+    report = fitting.fit(model, processor, stack, train, held_out, out, steps=args.steps, batch_size=args.batch_size,
+                         lr=args.lr, seed=args.seed, chat=args.data is not None, resume=args.resume,
+                         progress=not args.quiet)
+    accuracy = None
+    if args.data is None and args.eval_n:
+        fitted = stack.as_dict()
+        for entry, stage in zip(fitted["stages"], stack.stages, strict=True):
+            label = stage.label()
+            if label in report.files:
+                entry["params"]["weights"] = str(report.files[label])
+        fitted["name"] = f"{stack.name} (fitted)"
+        initial = {**stack.as_dict(), "name": f"{stack.name} (initial)"}
+        rows = evaluate.evaluate([initial, fitted], model=args.model, n=args.eval_n, split="val",
+                                 batch_size=args.batch_size, progress=not args.quiet, loaded=(model, processor))
+        accuracy = {"split": "val", "questions": args.eval_n, "before": rows[1].accuracy, "after": rows[2].accuracy}
+        print(evaluate.format_table(rows) + "\n")
+    card = fitting.write_card(out, report, args.stack, args.model, accuracy)
+    print(card.read_text(encoding="utf-8"))
     return 0
 
 
@@ -213,6 +246,14 @@ def cmd_zoo_card(args: argparse.Namespace) -> int:
         card.measure(folder, n=args.n, batch_size=args.batch_size)
     print(card.write_model_card(folder).read_text(encoding="utf-8"))
     return 0
+
+
+def _add_training_data_arguments(p: argparse.ArgumentParser) -> None:
+    """STACK, --model and --data: what `calibrate` and `fit` learn from."""
+    p.add_argument("stack")
+    p.add_argument("--model", required=True, help="zoo:NAME or a checkpoint folder")
+    p.add_argument("--data", metavar="FOLDER", help="images with prompts (prompts.jsonl, or NAME.png + NAME.txt); "
+                   "required for a model that is not a shipped proxy")
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -267,10 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
                                          "its params can name", description="Runs the calibration of the stack's "
                        "calibratable stage on the shapes train split (zoo models) or on --data, prints what it "
                        "changed on held-out samples, and writes the result to --out.")
-    p.add_argument("stack")
-    p.add_argument("--model", required=True, help="zoo:NAME or a checkpoint folder")
-    p.add_argument("--data", metavar="FOLDER", help="images with prompts (prompts.jsonl, or NAME.png + NAME.txt); "
-                   "required for a model that is not a shipped proxy")
+    _add_training_data_arguments(p)
     p.add_argument("--samples", type=_positive, default=256, help="calibration samples (default: %(default)s)")
     p.add_argument("--epochs", type=_positive, default=4, help="passes over the samples (default: %(default)s)")
     p.add_argument("--batch-size", type=_positive, default=16)
@@ -280,6 +318,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", "-o", default="selector.safetensors", help="file to write (default: %(default)s)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_calibrate)
+
+    p = sub.add_parser("fit", help="train a stack's method weights by self-distillation against the model uncompressed",
+                       description="Trains only the weights of the stack's methods (the model never changes) so that "
+                                   "the compressed model answers like the uncompressed one; writes one weights file "
+                                   "per weighted stage, FIT.md and fit.json to --out.")
+    _add_training_data_arguments(p)
+    p.add_argument("--steps", type=_positive, default=300, help="optimizer steps (default: %(default)s)")
+    p.add_argument("--batch-size", type=_positive, default=16)
+    p.add_argument("--lr", type=float, default=3e-4, help="AdamW learning rate (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", "-o", default="fitted", help="output folder (default: %(default)s)")
+    p.add_argument("--resume", action="store_true", help="continue from --out's fit-state.pt")
+    p.add_argument("--eval-n", type=int, default=200, help="val questions for accuracy before/after (zoo models; "
+                   "0: skip)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_fit)
 
     p = sub.add_parser("flops", help="prefill FLOPs of the unmodified and the compressed model, from a config alone")
     p.add_argument("stack")

@@ -191,9 +191,20 @@ class CompressedForward:
 
     # --- prefill --------------------------------------------------------------------------------
 
+    def _follow_the_model(self) -> None:
+        """Methods' own weights on the model's current device and dtype (``model.to()`` after attaching)."""
+        owners = [entry.method.weights for entry in self.entries if entry.method.weights is not None]
+        if owners:
+            from tokenpress.weights import follow
+
+            reference = next(p for p in self.adapter.model.parameters() if p.is_floating_point())
+            for module in owners:
+                follow(module, reference)
+
     def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, use_cache: bool,
                 media: dict[str, Any]) -> Any:
         adapter = self.adapter
+        self._follow_the_model()
         batch, columns = input_ids.shape
         device = input_ids.device
         records: list[StageRecord] = []

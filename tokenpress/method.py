@@ -33,6 +33,13 @@ class SelectingConfig(MethodConfig):
     )
 
 
+class WeightedConfig(MethodConfig):
+    """Parameters of a method with weights: where its fitted weights are (``tokenpress fit``)."""
+
+    weights: str | None = Field(None, description="A weights file written by `tokenpress fit` for this method, "
+                                                  "these parameters and this model; default: the initial weights.")
+
+
 class Method:
     """A compression method. Subclass it, set the class attributes, implement one hook per point.
 
@@ -65,6 +72,8 @@ class Method:
     def __init__(self, config: MethodConfig, layers: tuple[int, ...] = ()) -> None:
         self.config = config
         self.layers = layers
+        #: The method's own parts (see :mod:`tokenpress.weights`), built by :meth:`build_weights`.
+        self.weights: torch.nn.Module | None = None
 
     @classmethod
     def default_point(cls) -> str:
@@ -124,6 +133,25 @@ class Method:
         """Called once when the stack is attached, before any forward pass, with the model's
         :class:`~tokenpress.adapters.ModelAdapter` (validate, build buffers). Raising leaves the
         model untouched."""
+
+    def build_weights(self, adapter: Any) -> torch.nn.Module | None:
+        """The method's own ``nn.Module`` parts for this model, initialised (``None``: it has none).
+
+        Called after :meth:`setup`. The core keeps them outside the model's ``state_dict``, moves
+        them to the model's device and dtype before each compressed forward, loads
+        ``params.weights`` into them (the config derives from :class:`WeightedConfig`) and drops
+        them on detach. Build them deterministically from ``torch.manual_seed``-free generators so
+        two attaches give the same initial weights.
+        """
+        return None
+
+    def weights_shaping(self) -> dict[str, Any]:
+        """The parameters that shape :meth:`build_weights`' parts (checked against a weights file)."""
+        return {}
+
+    def teardown(self) -> None:
+        """Undo :meth:`setup` when the stack is detached (the default drops the method's weights)."""
+        self.weights = None
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.config!r}, layers={self.layers})"

@@ -85,6 +85,14 @@ class Stage:
                              f"for this {num_layers}-layer model; list the layers")
         return dataclass_replace(self, layers=tuple(int(layer) for layer in layers))
 
+    def as_dict(self, **params: Any) -> dict[str, Any]:
+        """This stage as a stack entry (``params`` override some of its parameters)."""
+        entry: dict[str, Any] = {"method": self.method, "at": self.point,
+                                 "params": {**self.config.model_dump(), **params}}
+        if self.layers:
+            entry["layers"] = list(self.layers)
+        return entry
+
     def label(self) -> str:
         where = f"{self.point}" + (f"@{_layer_list(self.layers)}" if self.layers else "")
         return f"{self.index}:{self.method}({where})"
@@ -121,6 +129,10 @@ class Stack:
 
     def is_empty(self) -> bool:
         return not self.stages
+
+    def as_dict(self) -> dict[str, Any]:
+        """The stack as the mapping :func:`load_stack` takes."""
+        return {"name": self.name, "positions": self.positions, "stages": [stage.as_dict() for stage in self.stages]}
 
     def resolved(self, num_layers: int) -> Stack:
         """The stack with every stage's default layers filled in for a ``num_layers``-layer decoder."""

@@ -15,7 +15,7 @@ Methods never edit these fields by hand: they call :meth:`TokenState.select`, :m
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from dataclasses import replace as dc_replace
 from typing import Literal
@@ -222,6 +222,43 @@ class TokenState:
         valid = torch.arange(num_out, device=cells.device).unsqueeze(0) < cells.unsqueeze(1)
         return dc_replace(regridded, embeddings=embeddings, valid=valid, space=space or self.space)
 
+    def regrid(self, transform: Callable[[torch.Tensor], torch.Tensor], window: int,
+               space: Space | None = None) -> TokenState:
+        """Map every image's patch grid through ``transform`` to a coarser grid, one window to a cell.
+
+        ``transform`` takes (G, h, w, D) grids (each frame of each image of one grid size, batched)
+        and returns (G, ceil(h / window), ceil(w / window), D'); the token at (y, x) of the output
+        stands for the input cells of window (y, x). Sizes and provenance follow; images of
+        different sizes are transformed in groups of equal grids. What pooling, pixel-unshuffle and
+        strided convolutions are made of.
+        """
+        device = self.embeddings.device
+        sizes = self.grid_sizes()
+        groups: dict[tuple[int, int, int], list[int]] = {}
+        for image, size in enumerate(sizes):
+            groups.setdefault(size, []).append(image)
+        out_grids = list(sizes)
+        rows: dict[int, torch.Tensor] = {}
+        assign = torch.full(self.valid.shape, -1, dtype=torch.long, device=device)
+        for (frames, height, width), images in groups.items():
+            grid = torch.stack([self.dense_grid(i) for i in images])  # (G, t, h, w, D)
+            out = transform(grid.reshape(-1, height, width, grid.shape[-1]))
+            out_height, out_width = out.shape[1:3]
+            if (out_height, out_width) != (-(-height // window), -(-width // window)):
+                raise ValueError(f"regrid: a {height}x{width} grid with window {window} must become "
+                                 f"{-(-height // window)}x{-(-width // window)}, got {out_height}x{out_width}")
+            out = out.reshape(len(images), frames * out_height * out_width, out.shape[-1])
+            cells = window_cells(height, width, window, device).repeat(frames) + (
+                torch.arange(frames, device=device).repeat_interleave(height * width) * out_height * out_width)
+            for row, image in enumerate(images):
+                rows[image] = out[row]
+                assign[image, : cells.numel()] = cells
+                out_grids[image] = (frames, out_height, out_width)
+        width = max(row.shape[0] for row in rows.values())
+        embeddings = torch.stack([torch.nn.functional.pad(rows[i], (0, 0, 0, width - rows[i].shape[0]))
+                                  for i in range(self.num_images)])
+        return self.replace(embeddings, space=space, grid=out_grids, assign=assign)
+
     def to_space(self, embeddings: torch.Tensor, space: Space) -> TokenState:
         """Same tokens, new embeddings in another space (used by the projector)."""
         return dc_replace(self, embeddings=embeddings, space=space)
@@ -238,6 +275,15 @@ def patch_owner(source: torch.Tensor, present: torch.Tensor | None = None) -> to
         source = source & present.unsqueeze(-1)
     owner = source.to(torch.uint8).argmax(1)  # a byte per entry: no float copy of the (I, N, P) map
     return torch.where(source.any(1), owner, torch.full_like(owner, -1))
+
+
+def window_cells(height: int, width: int, window: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """(h * w,) output cell of each input cell of an h x w grid cut into ``window`` x ``window``
+    windows (a partial window at the edge is a cell too), raster order."""
+    out_width = -(-width // window)
+    rows = torch.arange(height, device=device) // window
+    cols = torch.arange(width, device=device) // window
+    return (rows.unsqueeze(1) * out_width + cols.unsqueeze(0)).flatten()
 
 
 def pack_index(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

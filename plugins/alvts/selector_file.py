@@ -80,20 +80,9 @@ def save(path: str | Path, selector: SelectorFile) -> Path:
 
 def read_header(path: str | Path) -> dict[str, Any]:
     """The JSON header of a selector file (no tensors read)."""
-    from safetensors import safe_open
+    from tokenpress.weights import read_file_header
 
-    file = Path(path)
-    if not file.is_file():
-        raise InputError(f"{path}: no such selector file (make one with `tokenpress calibrate`)")
-    try:
-        with safe_open(str(file), framework="pt") as handle:
-            metadata = handle.metadata() or {}
-    except Exception as exc:  # safetensors raises its own error types for a file it cannot parse
-        raise InputError(f"{path}: not a safetensors selector file ({str(exc).splitlines()[0][:120]})") from None
-    try:
-        header = json.loads(metadata["tokenpress"])
-    except (KeyError, json.JSONDecodeError):
-        raise InputError(f"{path}: a safetensors file, but not a tokenpress selector (no tokenpress header)") from None
+    header = read_file_header(path, "params.selector: ", "selector", "tokenpress calibrate")
     if header.get("format") != FORMAT:
         raise InputError(f"{path}: a tokenpress file of format {header.get('format')!r}, not an ALVTS selector")
     if header.get("version") != VERSION:

@@ -30,11 +30,3 @@ def pool_grid(grid: torch.Tensor, kernel: int, mode: str) -> torch.Tensor:
     else:
         raise ValueError(f"unknown pooling mode {mode!r}")
     return out.permute(0, 2, 3, 1)
-
-
-def cell_assignment(height: int, width: int, kernel: int, device: torch.device | str = "cpu") -> torch.Tensor:
-    """(h * w,) output cell of each input cell, raster order: the window it falls in."""
-    _, out_width = pooled_size(height, width, kernel)
-    rows = torch.arange(height, device=device) // kernel
-    cols = torch.arange(width, device=device) // kernel
-    return (rows.unsqueeze(1) * out_width + cols.unsqueeze(0)).flatten()

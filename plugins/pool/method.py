@@ -8,7 +8,7 @@ import torch
 from pydantic import Field
 
 from tokenpress import Method, MethodConfig, StageContext, TokenState, hookimpl
-from tokenpress_plugins.pool.grid import cell_assignment, pool_grid, pooled_size
+from tokenpress_plugins.pool.grid import pool_grid, pooled_size
 
 
 class PoolConfig(MethodConfig):
@@ -32,35 +32,7 @@ class Pool(Method):
     def _pool(self, tokens: TokenState) -> TokenState:
         if self.config.kernel == 1:
             return tokens
-        kernel, device = self.config.kernel, tokens.embeddings.device
-        # Images may have different grids (Qwen2.5-VL sizes, LLaVA-NeXT tiles): pool each group of
-        # equal grids in one call.
-        sizes = tokens.grid_sizes()
-        groups: dict[tuple[int, int, int], list[int]] = {}
-        for image, size in enumerate(sizes):
-            groups.setdefault(size, []).append(image)
-        out_grids = list(sizes)
-        pooled_rows: dict[int, torch.Tensor] = {}
-        assign = torch.full(tokens.valid.shape, -1, dtype=torch.long, device=device)
-        for (frames, height, width), images in groups.items():
-            grid = torch.stack([tokens.dense_grid(i) for i in images])  # (G, t, h, w, D)
-            dim = grid.shape[-1]
-            pooled = pool_grid(grid.reshape(-1, height, width, dim), kernel, self.config.mode)
-            out_height, out_width = pooled.shape[1:3]
-            pooled = pooled.reshape(len(images), frames * out_height * out_width, dim)
-            per_frame = cell_assignment(height, width, kernel, device)
-            frame_offset = torch.arange(frames, device=device).repeat_interleave(height * width)
-            cells = per_frame.repeat(frames) + frame_offset * out_height * out_width
-            for row, image in enumerate(images):
-                pooled_rows[image] = pooled[row]
-                assign[image, : cells.numel()] = cells
-                out_grids[image] = (frames, out_height, out_width)
-        width = max(row.shape[0] for row in pooled_rows.values())
-        embeddings = torch.stack([
-            torch.nn.functional.pad(pooled_rows[i], (0, 0, 0, width - pooled_rows[i].shape[0]))
-            for i in range(tokens.num_images)
-        ])
-        return tokens.replace(embeddings, grid=out_grids, assign=assign)
+        return tokens.regrid(lambda grid: pool_grid(grid, self.config.kernel, self.config.mode), self.config.kernel)
 
     @hookimpl
     def post_encoder(self, tokens: TokenState, context: StageContext) -> TokenState:

@@ -3,7 +3,7 @@ third parties use to add a family."""
 
 from __future__ import annotations
 
-from tokenpress.adapters.base import AttentionParts, ImageLayout, ImageSpan, ModelAdapter
+from tokenpress.adapters.base import AttentionParts, ImageLayout, ImageSpan, ModelAdapter, ProjectorMLP
 from tokenpress.adapters.llava import LlavaAdapter
 from tokenpress.adapters.llava_next import LlavaNextAdapter
 from tokenpress.adapters.qwen2_5_vl import Qwen2_5_VLAdapter
@@ -16,4 +16,4 @@ def tokenpress_register_adapters() -> list[type[ModelAdapter]]:
 
 
 __all__ = ["AttentionParts", "ImageLayout", "ImageSpan", "LlavaAdapter", "LlavaNextAdapter", "ModelAdapter",
-           "Qwen2_5_VLAdapter"]
+           "ProjectorMLP", "Qwen2_5_VLAdapter"]

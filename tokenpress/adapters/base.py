@@ -67,6 +67,18 @@ class ImageLayout:
     next_position: int
 
 
+@dataclass(frozen=True)
+class ProjectorMLP:
+    """A projector ``second(act(first(norm_each(x))))``: ``norm`` (if any) normalises each
+    ``norm_width``-wide chunk of the token (one patch of a merged unit) before ``first``."""
+
+    first: Any  # nn.Linear
+    act: Any
+    second: Any  # nn.Linear
+    norm: Any = None
+    norm_width: int | None = None
+
+
 class ModelAdapter:
     """Base class of model-family adapters.
 
@@ -150,6 +162,17 @@ class ModelAdapter:
 
     def project(self, tokens: TokenState) -> TokenState:
         """Apply the model's projector to tokens in encoder space."""
+        raise NotImplementedError
+
+    def projector_mlp(self) -> ProjectorMLP | None:
+        """The model's projector when it is a two-layer MLP on each encoder-space token (optionally
+        after a norm of each of its patches: Qwen2.5-VL's merger), else ``None``: what a method that
+        replaces the projector may start from."""
+        return None
+
+    def encoder_width(self) -> int:
+        """Width of a token in encoder space (what the model's projector takes): a method that
+        replaces the projector maps this width to ``text_config.hidden_size``."""
         raise NotImplementedError
 
     def encoder_pixels(self, inputs: dict[str, Any], image: int) -> torch.Tensor:

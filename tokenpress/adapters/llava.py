@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from tokenpress.adapters.base import ModelAdapter
+from tokenpress.adapters.base import ModelAdapter, ProjectorMLP
 from tokenpress.errors import UnsupportedModelError
 from tokenpress.tokens import TokenState
 
@@ -93,6 +93,16 @@ class LlavaAdapter(ModelAdapter):
             layer = signals["cls_attention"] % self.num_encoder_layers()
             found["cls_attention"] = cls_attention(self._encoder_layers()[layer], hidden_states[layer])
         return tokens, found
+
+    def encoder_width(self) -> int:
+        return int(self.model.model.multi_modal_projector.linear_1.in_features)
+
+    def projector_mlp(self) -> ProjectorMLP | None:
+        projector = self.model.model.multi_modal_projector
+        first, act, second = (getattr(projector, name, None) for name in ("linear_1", "act", "linear_2"))
+        if not (isinstance(first, nn.Linear) and isinstance(second, nn.Linear) and act is not None):
+            return None
+        return ProjectorMLP(first, act, second)
 
     def project(self, tokens: TokenState) -> TokenState:
         projector = self.model.model.multi_modal_projector

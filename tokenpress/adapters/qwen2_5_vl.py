@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from tokenpress import compat
-from tokenpress.adapters.base import ImageSpan, ModelAdapter
+from tokenpress.adapters.base import ImageSpan, ModelAdapter, ProjectorMLP
 from tokenpress.errors import CompressionError, UnsupportedModelError
 from tokenpress.tokens import TokenState
 
@@ -122,6 +122,16 @@ class Qwen2_5_VLAdapter(ModelAdapter):
         units = flat.reshape(height // merge, width // merge, merge, merge, -1, temporal, patch, patch)[..., 0, :, :]
         # (unit row, unit col, row in unit, col in unit, C, y, x) -> (C, unit row, row in unit, y, unit col, ...)
         return units.permute(4, 0, 2, 5, 1, 3, 6).reshape(-1, height * patch, width * patch)
+
+    def encoder_width(self) -> int:
+        """A token in encoder space is one merged cell: its merge_size x merge_size patches, concatenated."""
+        return int(self.visual.merger.mlp[0].in_features)
+
+    def projector_mlp(self) -> ProjectorMLP | None:
+        merger = self.visual.merger
+        first, act, second = merger.mlp[0], merger.mlp[1], merger.mlp[2]
+        width = first.in_features // self.merge_size ** 2
+        return ProjectorMLP(first, act, second, norm=merger.ln_q, norm_width=width)
 
     def project(self, tokens: TokenState) -> TokenState:
         merger = self.visual.merger

@@ -1,0 +1,38 @@
+"""What the benchmark scripts share: run stacks given as dicts through one ``tokenpress eval`` run."""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+from pathlib import Path
+
+import yaml
+
+from tokenpress import evaluate
+
+
+def arguments(description: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--model", default="zoo:llava-shapes")
+    parser.add_argument("--n", type=int, default=1000)
+    parser.add_argument("--batch-size", type=int, default=50)
+    parser.add_argument("--json", help="also write the rows as JSON")
+    parser.add_argument("--plot", help="also plot accuracy retained against the FLOPs ratio")
+    return parser.parse_args()
+
+
+def run(stacks: list[dict], args: argparse.Namespace) -> None:
+    """Evaluate ``stacks`` against the baseline in one run; print the table, write JSON and a plot."""
+    with tempfile.TemporaryDirectory() as folder:
+        paths = []
+        for number, stack in enumerate(stacks):
+            path = Path(folder) / f"{number:02d}.yaml"
+            path.write_text(yaml.safe_dump(stack), encoding="utf-8")
+            paths.append(path)
+        rows = evaluate.evaluate(paths, model=args.model, n=args.n, batch_size=args.batch_size)
+    print(f"model {args.model}, {args.n} test questions\n")
+    print(evaluate.format_table(rows))
+    if args.json:
+        Path(args.json).write_text(evaluate.rows_to_json(rows), encoding="utf-8")
+    if args.plot:
+        evaluate.plot_rows(rows, args.plot, title=f"{args.model}, n={args.n}", x="flops")
