@@ -674,6 +674,47 @@ class MethodContract:
             f"the model is {dtype} on {device}")
 
     @torch.no_grad()
+    def test_weights_round_trip_and_follow_the_model(self, contract_family: str, contract_method: str,
+                                                     tmp_path: Path) -> None:
+        """A method with weights: they stay out of the model's state_dict, a saved file gives the same
+        logits, they follow ``model.to()`` made after attaching, and detaching drops them."""
+        from tokenpress import weights as weights_io
+
+        if "weights" not in self.method_class(contract_method).Config.model_fields:
+            pytest.skip(f"{contract_method} has no weights (its Config is not a WeightedConfig)")
+        case = self.case(contract_family)
+        batch = case.batch(2, "left", 5)
+        keys = list(case.model.state_dict())
+        stack = self.stack(contract_method)
+        with tokenpress.compress(case.model, stack) as handle:
+            method = handle.entries[0].method
+            assert method.weights is not None, f"{contract_method}: a WeightedConfig but build_weights gave None"
+            assert list(case.model.state_dict()) == keys, (
+                f"{contract_method} on {contract_family}: its weights appear in the model's state_dict")
+            with torch.no_grad():
+                for parameter in method.weights.parameters():  # not the initial weights: a file must matter
+                    parameter.add_(0.01 * torch.randn_like(parameter))
+            expected = case.model(**batch).logits
+            path = weights_io.save(tmp_path / "weights.safetensors", method.name, method.weights_shaping(),
+                                   weights_io.model_signature(handle.adapter), method.weights)
+            try:
+                case.model.to(torch.float64)
+                doubled = case.model(**_to(batch, dtype=torch.float64)).logits
+                followed = {p.dtype for p in method.weights.parameters()}
+            finally:
+                case.model.to(torch.float32)
+            assert doubled.dtype == torch.float64 and followed == {torch.float64}, (
+                f"{contract_method} on {contract_family}: after model.to(float64) the logits are {doubled.dtype} "
+                f"and its weights {sorted(map(str, followed))}")
+            torch.testing.assert_close(doubled.float(), expected, rtol=1e-3, atol=1e-3, msg=(
+                f"{contract_method} on {contract_family}: after model.to(float64) the logits changed"))
+        assert method.weights is None, f"{contract_method}: detach left its weights (teardown)"
+        params = {**stack["stages"][0]["params"], "weights": str(path)}
+        with tokenpress.compress(case.model, self.stack(contract_method, params)):
+            assert torch.equal(case.model(**batch).logits, expected), (
+                f"{contract_method} on {contract_family}: logits from its saved weights differ from the original")
+
+    @torch.no_grad()
     def test_deterministic_under_seed(self, contract_family: str, contract_method: str) -> None:
         """Two attachments under the same seed select the same tokens and give the same logits."""
         case = self.case(contract_family)
