@@ -266,9 +266,7 @@ def _build_weights(method: Method, adapter: ModelAdapter) -> None:
     module = method.build_weights(adapter)
     if module is None:
         return
-    reference = next((p for p in adapter.model.parameters() if p.is_floating_point()), None)
-    if reference is not None:
-        weights.follow(module, reference)
+    weights.follow(module, adapter.model)
     path = getattr(method.config, "weights", None)
     if path is not None:
         shaping = method.weights_shaping()

@@ -29,6 +29,7 @@ from tokenpress.errors import CompressionError, PluginError
 from tokenpress.scorer import Scorer
 from tokenpress.sequence import Sequence, attention_mask_for, next_positions
 from tokenpress.tokens import TokenState, patch_owner
+from tokenpress.weights import follow
 
 if TYPE_CHECKING:
     from tokenpress.adapters.base import ModelAdapter
@@ -193,13 +194,9 @@ class CompressedForward:
 
     def _follow_the_model(self) -> None:
         """Methods' own weights on the model's current device and dtype (``model.to()`` after attaching)."""
-        owners = [entry.method.weights for entry in self.entries if entry.method.weights is not None]
-        if owners:
-            from tokenpress.weights import follow
-
-            reference = next(p for p in self.adapter.model.parameters() if p.is_floating_point())
-            for module in owners:
-                follow(module, reference)
+        for entry in self.entries:
+            if entry.method.weights is not None:
+                follow(entry.method.weights, self.adapter.model)
 
     def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, use_cache: bool,
                 media: dict[str, Any]) -> Any:

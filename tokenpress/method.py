@@ -140,8 +140,8 @@ class Method:
         Called after :meth:`setup`. The core keeps them outside the model's ``state_dict``, moves
         them to the model's device and dtype before each compressed forward, loads
         ``params.weights`` into them (the config derives from :class:`WeightedConfig`) and drops
-        them on detach. Build them deterministically from ``torch.manual_seed``-free generators so
-        two attaches give the same initial weights.
+        them on detach. Build them deterministically (a seeded generator, not the global random
+        state), so two attaches give the same initial weights.
         """
         return None
 

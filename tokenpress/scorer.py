@@ -8,7 +8,8 @@ input norm, q/k projections and rotary embedding: the cost and memory are O(rows
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -17,6 +18,43 @@ from tokenpress.tokens import pack_index
 
 if TYPE_CHECKING:
     from tokenpress.adapters.base import ModelAdapter
+
+
+def layer_query_key(
+    adapter: ModelAdapter,
+    layer_index: int,
+    sequence: Sequence,
+    query_index: torch.Tensor | None = None,
+    projections: tuple[Callable[[torch.Tensor], torch.Tensor], Callable[[torch.Tensor], torch.Tensor]] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The queries and keys layer ``layer_index`` computes from ``sequence`` (the hidden states
+    entering it), as it computes them: input norm, projections, per-head norms, rotary embedding at
+    the slots' positions. Returns query (B, H, R, d) of the slots ``query_index`` (B, R) (default:
+    every slot) and key (B, H, N, d), repeated for grouped-query attention.
+
+    ``projections`` replaces the layer's ``(q_proj, k_proj)`` (for example low-rank stand-ins).
+    """
+    parts = adapter.attention_parts(layer_index)
+    q_proj, k_proj = projections if projections is not None else (parts.q_proj, parts.k_proj)
+    normed = parts.input_norm(sequence.hidden)
+    cos, sin = adapter.rotary_tables(normed, sequence.positions)
+    query_in, query_cos, query_sin = normed, cos, sin
+    if query_index is not None:
+        def rows(table: torch.Tensor) -> torch.Tensor:
+            return torch.gather(table, 1, query_index.unsqueeze(-1).expand(-1, -1, table.shape[-1]))
+
+        query_in, query_cos, query_sin = rows(normed), rows(cos), rows(sin)
+
+    def heads(projected: torch.Tensor, count: int, norm: Any, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        states = projected.view(*projected.shape[:2], count, parts.head_dim)
+        states = norm(states) if norm is not None else states
+        return adapter.rotate(states.transpose(1, 2), cos, sin)
+
+    query = heads(q_proj(query_in), parts.num_heads, parts.q_norm, query_cos, query_sin)
+    key = heads(k_proj(normed), parts.num_kv_heads, parts.k_norm, cos, sin)
+    if parts.num_kv_heads != parts.num_heads:
+        key = key.repeat_interleave(parts.num_heads // parts.num_kv_heads, dim=1)
+    return query, key
 
 
 def attention_rows(
@@ -33,28 +71,9 @@ def attention_rows(
     Rows whose ``query_valid`` is false are all zero.
     """
     parts = adapter.attention_parts(layer_index)
-    batch, length, dim = sequence.hidden.shape
-    rows = query_index.shape[1]
-    normed = parts.input_norm(sequence.hidden)
-    query_in = torch.gather(normed, 1, query_index.unsqueeze(-1).expand(-1, -1, dim))
-    query = parts.q_proj(query_in).view(batch, rows, parts.num_heads, parts.head_dim)
-    key = parts.k_proj(normed).view(batch, length, parts.num_kv_heads, parts.head_dim)
-    if parts.q_norm is not None:
-        query = parts.q_norm(query)
-    if parts.k_norm is not None:
-        key = parts.k_norm(key)
-    query, key = query.transpose(1, 2), key.transpose(1, 2)
-
-    cos, sin = adapter.rotary_tables(normed, sequence.positions)
-    query_cos = torch.gather(cos, 1, query_index.unsqueeze(-1).expand(-1, -1, cos.shape[-1]))
-    query_sin = torch.gather(sin, 1, query_index.unsqueeze(-1).expand(-1, -1, sin.shape[-1]))
-    query = adapter.rotate(query, query_cos, query_sin)
-    key = adapter.rotate(key, cos, sin)
-    if parts.num_kv_heads != parts.num_heads:
-        key = key.repeat_interleave(parts.num_heads // parts.num_kv_heads, dim=1)
-
+    query, key = layer_query_key(adapter, layer_index, sequence, query_index)
     logits = torch.matmul(query.float(), key.float().transpose(-1, -2)) * parts.scaling  # (B, H, R, N)
-    key_slot = torch.arange(length, device=key.device)
+    key_slot = torch.arange(sequence.hidden.shape[1], device=key.device)
     allowed = sequence.valid.unsqueeze(1) & (key_slot.view(1, 1, -1) <= query_index.unsqueeze(-1))
     logits = logits.masked_fill(~allowed.unsqueeze(1), float("-inf"))
     probs = torch.softmax(logits, dim=-1).mean(dim=1)

@@ -31,8 +31,12 @@ VERSION = 1
 FINGERPRINT_RTOL = 1e-2
 
 
-def follow(module: nn.Module, reference: torch.Tensor) -> None:
-    """Put ``module``'s parameters and buffers on ``reference``'s device, floating ones in its dtype."""
+def follow(module: nn.Module, model: nn.Module) -> None:
+    """Put ``module``'s parameters and buffers on the device of ``model``'s floating parameters,
+    floating ones in their dtype (a no-op when they are there already)."""
+    reference = next((p for p in model.parameters() if p.is_floating_point()), None)
+    if reference is None:
+        return
     for tensor in [*module.parameters(), *module.buffers()]:
         wanted = reference.dtype if tensor.is_floating_point() else tensor.dtype
         if tensor.device != reference.device or tensor.dtype != wanted:

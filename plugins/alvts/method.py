@@ -12,6 +12,7 @@ from pydantic import Field
 
 from tokenpress import DecoderContext, Method, Route, SelectingConfig, hookimpl
 from tokenpress.errors import InputError
+from tokenpress.scorer import layer_query_key
 from tokenpress.select import topk_mask
 from tokenpress.sequence import Sequence
 from tokenpress_plugins.alvts import selector_file
@@ -142,22 +143,9 @@ class ALVTS(Method):
         ``projections`` replaces the selector's (q, k): the layer's own ``q_proj``/``k_proj`` give the
         exact score S*; trainable :class:`LowRank` factors are what calibration optimises.
         """
-        adapter = self.adapter
-        parts = adapter.attention_parts(layer)
-        normed = parts.input_norm(sequence.hidden)
-        q_proj, k_proj = projections if projections is not None else self.projections(layer, normed)
-        batch, length, _ = normed.shape
-        query = q_proj(normed).view(batch, length, parts.num_heads, parts.head_dim)
-        key = k_proj(normed).view(batch, length, parts.num_kv_heads, parts.head_dim)
-        if parts.q_norm is not None:
-            query = parts.q_norm(query)
-        if parts.k_norm is not None:
-            key = parts.k_norm(key)
-        query, key = query.transpose(1, 2), key.transpose(1, 2)
-        cos, sin = adapter.rotary_tables(normed, sequence.positions)
-        query, key = adapter.rotate(query, cos, sin), adapter.rotate(key, cos, sin)
-        if parts.num_kv_heads != parts.num_heads:
-            key = key.repeat_interleave(parts.num_heads // parts.num_kv_heads, dim=1)
+        parts = self.adapter.attention_parts(layer)
+        chosen = projections if projections is not None else self.projections(layer, sequence.hidden)
+        query, key = layer_query_key(self.adapter, layer, sequence, projections=chosen)
         text = sequence.is_prompt & ~sequence.is_visual
         combine = {"product": None, "visual": lambda v, t: v, "text": lambda v, t: t}[self.config.score]
         return importance(query, key, sequence.valid, sequence.is_visual, text, parts.scaling, self.config.chunk,

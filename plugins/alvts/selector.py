@@ -102,13 +102,6 @@ def importance(
     return score * visual
 
 
-def top_fraction(scores: torch.Tensor, candidates: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-    """The ``counts[b]`` best candidates of each row, (B, N) bool (ties: the earlier slot)."""
-    from tokenpress.select import topk_mask
-
-    return topk_mask(scores, candidates, counts)
-
-
 def coverage_curve(scores: torch.Tensor, candidates: torch.Tensor, points: int = 101) -> torch.Tensor:
     """For each sample, the share of the total score held by its best ``f`` candidates, at ``points``
     fractions ``f`` from 0 to 1: (B, points). What ``budget: adaptive`` learns from."""
