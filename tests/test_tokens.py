@@ -77,3 +77,20 @@ def test_keep_count_rounds_and_keeps_at_least_one():
     assert keep_count(torch.tensor([576, 576, 3]), 0.5).tolist() == [288, 288, 2]
     assert keep_count(torch.tensor([576]), 0.11).tolist() == [63]
     assert keep_count(torch.tensor([4]), 0.01).tolist() == [1]
+
+
+def test_pool_bilinear_is_llava_onevisions_interpolation():
+    """``pool`` with ``mode: bilinear`` and kernel 2 is LLaVA-OneVision's own ``apply_pooling`` (its
+    video-frame pooling, ceil(h / 2) x ceil(w / 2), bilinear, corners not aligned), called here from
+    transformers on the same features, on an even and an odd grid."""
+    from types import SimpleNamespace
+
+    from transformers.models.llava_onevision.modeling_llava_onevision import LlavaOnevisionModel
+
+    for side in (6, 7):
+        features = torch.randn(3, side * side, 5, generator=torch.Generator().manual_seed(side))
+        owner = SimpleNamespace(config=SimpleNamespace(vision_config=SimpleNamespace(image_size=side * 14,
+                                                                                     patch_size=14)))
+        expected = LlavaOnevisionModel.apply_pooling(owner, features)
+        ours = pool_grid(features.view(3, side, side, 5), 2, "bilinear").reshape(3, -1, 5)
+        torch.testing.assert_close(ours, expected, rtol=0, atol=0)

@@ -28,7 +28,7 @@ from tokenpress.decisions import Keep, Route
 from tokenpress.errors import CompressionError, PluginError
 from tokenpress.scorer import Scorer
 from tokenpress.sequence import Sequence, attention_mask_for, next_positions
-from tokenpress.tokens import TokenState, patch_owner
+from tokenpress.tokens import TokenState
 from tokenpress.weights import follow
 
 if TYPE_CHECKING:
@@ -227,7 +227,7 @@ class CompressedForward:
         visual_in = _per_sample(tokens.counts(), image_to_sample, batch)
         projected = list(visual_in)
         if self.handle.trace is not None:
-            self.handle.trace.append(("encoder", patch_owner(tokens.source)))
+            self.handle.trace.append(("encoder", tokens.owner))
             self.handle.trace_grids = tokens.original_grid
 
         def project(state: TokenState) -> TokenState:
@@ -257,7 +257,7 @@ class CompressedForward:
                 records.append(StageRecord(entry.stage.label(), entry.stage.method, point, None, before,
                                            _per_sample(tokens.counts(), tokens.image_to_sample, batch)))
                 if self.handle.trace is not None:
-                    self.handle.trace.append((entry.stage.label(), patch_owner(tokens.source)))
+                    self.handle.trace.append((entry.stage.label(), tokens.owner))
 
         sequence = adapter.build_sequence(input_ids, attention_mask, tokens, prompt_length, self.compact)
         entering = sequence.valid & sequence.is_visual  # what the placeholders hold, per sample
@@ -347,12 +347,12 @@ class CompressedForward:
         return result
 
     def _owners(self, sequence: Sequence) -> torch.Tensor:
-        """``patch_owner`` of the visual tokens that ``sequence`` still holds."""
+        """Patch owners among the visual tokens that ``sequence`` still holds."""
         tokens = self._final_tokens
         alive = (sequence.visual_id >= 0) & sequence.valid
-        present = torch.zeros(tokens.num_images * tokens.num_slots, dtype=torch.bool, device=tokens.source.device)
+        present = torch.zeros(tokens.num_images * tokens.num_slots, dtype=torch.bool, device=tokens.owner.device)
         present[sequence.visual_id[alive]] = True
-        return patch_owner(tokens.source, present.view(tokens.num_images, tokens.num_slots))
+        return tokens.patch_owner(present.view(tokens.num_images, tokens.num_slots))
 
     # --- decode ---------------------------------------------------------------------------------
 

@@ -4,9 +4,15 @@ Every image of the batch is one row. Images may hold different numbers of tokens
 (ragged batches); rows are padded and ``valid`` marks the real tokens. Each token carries
 
 * ``grid_index`` - its cell in the image's *current* grid (raster order over ``grid`` = t, h, w);
-  this is what positions are computed from (RoPE index, or M-RoPE's t/h/w),
+  this is what positions are computed from (RoPE index, or M-RoPE's t/h/w). ``-1``
+  (:data:`NO_CELL`) marks a *summary token*, one that stands for the whole image rather than a
+  place in it (a Q-Former's query outputs, :meth:`TokenState.summarize`): it is laid out after the
+  image's grid, one position after another, like text,
 * ``size`` - how many original patches it stands for (ToMe's size, used for weighted merges),
-* ``source`` - which original patches it covers (provenance, for reports and visualisation).
+
+and every original patch has an owner (``owner``, images x patches: linear bookkeeping): the slot of
+the token that stands for it, ``-1`` when it was dropped, :data:`SHARED` when the image's summary
+tokens stand for it together. ``source`` (tokens x patches) is derived from it for reports.
 
 Methods never edit these fields by hand: they call :meth:`TokenState.select`, :meth:`keep`,
 :meth:`merge` or :meth:`replace`, so the bookkeeping is written once, here. All operations are pure
@@ -24,6 +30,11 @@ import torch
 
 Space = Literal["encoder", "llm"]
 
+#: ``grid_index`` of a token that stands for the whole image and has no cell of its grid.
+NO_CELL = -1
+#: ``owner`` of a patch that the image's summary tokens stand for together.
+SHARED = -2
+
 
 @dataclass(frozen=True)
 class TokenState:
@@ -31,10 +42,10 @@ class TokenState:
 
     embeddings: torch.Tensor  # (I, N, D)
     valid: torch.Tensor  # (I, N) bool
-    grid_index: torch.Tensor  # (I, N) long, cell in the current grid
+    grid_index: torch.Tensor  # (I, N) long, cell in the current grid (NO_CELL: a summary token)
     size: torch.Tensor  # (I, N) float, number of original patches merged into the token
-    source: torch.Tensor  # (I, N, P) bool, original patches covered
-    grid: torch.Tensor  # (I, 3) long, current (t, h, w)
+    owner: torch.Tensor  # (I, P) long, slot standing for each original patch (-1 dropped, SHARED)
+    grid: torch.Tensor  # (I, 3) long, current (t, h, w); (0, 0, 0) once only summary tokens remain
     original_grid: torch.Tensor  # (I, 3) long, (t, h, w) of the encoder output
     image_to_sample: torch.Tensor  # (I,) long, batch row each image belongs to
     space: Space = "encoder"
@@ -66,13 +77,13 @@ class TokenState:
             valid = arange.unsqueeze(0) < cells.unsqueeze(1)
         if image_to_sample is None:
             image_to_sample = torch.arange(num_images, device=device)
-        source = torch.eye(num_tokens, dtype=torch.bool, device=device).expand(num_images, -1, -1)
+        slots = arange.expand(num_images, -1)
         return cls(
             embeddings=embeddings,
             valid=valid.clone(),
-            grid_index=arange.expand(num_images, -1).clone(),
+            grid_index=slots.clone(),
             size=valid.to(torch.float32),
-            source=source & valid.unsqueeze(-1),
+            owner=torch.where(valid, slots, -1),
             grid=grid,
             original_grid=grid.clone(),
             image_to_sample=image_to_sample.to(device),
@@ -92,6 +103,30 @@ class TokenState:
         """Number of real tokens per image, (I,) long."""
         return self.valid.sum(-1)
 
+    @property
+    def has_cell(self) -> torch.Tensor:
+        """(I, N) bool: real tokens that sit in a cell of their image's grid (not summary tokens)."""
+        return self.valid & (self.grid_index >= 0)
+
+    @property
+    def source(self) -> torch.Tensor:
+        """(I, N, P) bool: the original patches each token stands for (derived from ``owner``;
+        quadratic, for tests and reports, never used by the core)."""
+        slots = torch.arange(self.num_slots, device=self.owner.device).view(1, -1, 1)
+        owner = self.owner.unsqueeze(1)
+        shared = (owner == SHARED) & (self.valid & (self.grid_index == NO_CELL)).unsqueeze(-1)
+        return ((owner == slots) | shared) & self.valid.unsqueeze(-1)
+
+    def patch_owner(self, present: torch.Tensor | None = None) -> torch.Tensor:
+        """(I, P) long: each original patch's token, -1 when dropped, :data:`SHARED` for summary
+        tokens; ``present`` (I, N) limits the owners to the tokens still present (a decoder layer's)."""
+        if present is None:
+            return self.owner
+        alive = present & self.valid
+        has_summary = (alive & (self.grid_index == NO_CELL)).any(-1, keepdim=True)
+        kept = torch.gather(alive, 1, self.owner.clamp_min(0)) & (self.owner >= 0)
+        return torch.where(kept, self.owner, torch.where((self.owner == SHARED) & has_summary, SHARED, -1))
+
     def is_dense(self, image: int | None = None) -> bool:
         """True when every image (or image ``image``) holds its whole current grid, in raster order."""
         images = range(self.num_images) if image is None else [image]
@@ -103,6 +138,15 @@ class TokenState:
             if not bool((self.grid_index[i, :cells] == arange[:cells]).all()):
                 return False
         return True
+
+    def cell_centres(self) -> torch.Tensor:
+        """(I, N, 2) float: each token's cell centre in its frame, (row, column) scaled to [0, 1];
+        summary tokens sit at the centre (0.5, 0.5). For methods that read the image's layout
+        (a Q-Former's locality), with no host sync."""
+        height, width = self.grid[:, 1:2].clamp_min(1), self.grid[:, 2:3].clamp_min(1)
+        within = self.grid_index.clamp_min(0) % (height * width)
+        centres = torch.stack([(within // width + 0.5) / height, (within % width + 0.5) / width], dim=-1)
+        return torch.where((self.grid_index < 0).unsqueeze(-1), torch.full_like(centres, 0.5), centres)
 
     def grid_sizes(self) -> list[tuple[int, int, int]]:
         """Every image's current ``(t, h, w)`` as Python ints: one read of ``grid`` (a host sync on
@@ -128,15 +172,21 @@ class TokenState:
         if valid is not None:
             gathered_valid = gathered_valid & valid
         dim = self.embeddings.shape[-1]
-        patches = self.source.shape[-1]
+        grid_index = torch.gather(self.grid_index, 1, index)
+        # each old slot's new slot (-1: not kept); invalid picks go to a dump column
+        new_slot = torch.full((self.num_images, self.num_slots + 1), -1, dtype=torch.long, device=index.device)
+        picks = torch.arange(index.shape[1], device=index.device).expand_as(index)
+        new_slot.scatter_(1, torch.where(gathered_valid, index, self.num_slots), picks)
+        owner = torch.where(self.owner >= 0, torch.gather(new_slot, 1, self.owner.clamp_min(0)), self.owner)
+        has_summary = (gathered_valid & (grid_index == NO_CELL)).any(-1, keepdim=True)
+        owner = torch.where((owner == SHARED) & ~has_summary, -1, owner)
         return dc_replace(
             self,
             embeddings=torch.gather(self.embeddings, 1, index.unsqueeze(-1).expand(-1, -1, dim)),
             valid=gathered_valid,
-            grid_index=torch.gather(self.grid_index, 1, index),
+            grid_index=grid_index,
             size=torch.gather(self.size, 1, index) * gathered_valid,
-            source=torch.gather(self.source, 1, index.unsqueeze(-1).expand(-1, -1, patches))
-            & gathered_valid.unsqueeze(-1),
+            owner=owner,
         )
 
     def keep(self, mask: torch.Tensor) -> TokenState:
@@ -154,8 +204,9 @@ class TokenState:
         """Merge tokens: token j of image i goes to output slot ``assign[i, j]`` (-1 drops it).
 
         Embeddings are averaged weighted by ``size``; sizes add up; provenance is the union. A merged
-        token takes the smallest ``grid_index`` of its members (its position), unless a new ``grid``
-        is given: then slot k is cell k of that grid (a re-gridding such as pooling).
+        token takes the smallest ``grid_index`` of its members with a cell (its position; a merge of
+        summary tokens only is a summary token), unless a new ``grid`` is given: then slot k is cell k
+        of that grid (a re-gridding such as pooling).
         """
         num_images, _, dim = self.embeddings.shape
         device = self.embeddings.device
@@ -171,17 +222,15 @@ class TokenState:
         out_valid = out_valid[:, :num_out]
         sizes = sizes[:, :num_out]
         embeddings = sums[:, :num_out] / sizes.clamp_min(1e-12).unsqueeze(-1).to(sums.dtype)
-        patches = self.source.shape[-1]
-        source = torch.zeros(num_images, num_out + 1, patches, dtype=torch.uint8, device=device)
-        source.scatter_reduce_(
-            1, slot.unsqueeze(-1).expand(-1, -1, patches), self.source.to(torch.uint8), reduce="amax"
-        )
-        source = source[:, :num_out].bool() & out_valid.unsqueeze(-1)
+        new_slot = torch.where(slot < num_out, slot, -1)
+        owner = torch.where(self.owner >= 0, torch.gather(new_slot, 1, self.owner.clamp_min(0)), self.owner)
         if grid is None:
             big = torch.iinfo(torch.long).max
             first = torch.full((num_images, num_out + 1), big, dtype=torch.long, device=device)
-            first.scatter_reduce_(1, slot, torch.where(live, self.grid_index, big), reduce="amin")
-            grid_index = torch.where(out_valid, first[:, :num_out], 0)
+            first.scatter_reduce_(1, slot, torch.where(live & (self.grid_index >= 0), self.grid_index, big),
+                                  reduce="amin")
+            first = first[:, :num_out]
+            grid_index = torch.where(out_valid, torch.where(first == big, NO_CELL, first), 0)
             new_grid = self.grid
         else:
             new_grid = _as_grid(grid, num_images, device)
@@ -192,7 +241,7 @@ class TokenState:
             valid=out_valid,
             grid_index=grid_index,
             size=sizes,
-            source=source,
+            owner=owner,
             grid=new_grid,
         )
 
@@ -221,6 +270,25 @@ class TokenState:
         cells = regridded.grid.prod(-1)
         valid = torch.arange(num_out, device=cells.device).unsqueeze(0) < cells.unsqueeze(1)
         return dc_replace(regridded, embeddings=embeddings, valid=valid, space=space or self.space)
+
+    def summarize(self, embeddings: torch.Tensor, *, space: Space | None = None) -> TokenState:
+        """Replace every image's tokens by ``embeddings`` (I, K, D): K summary tokens that stand for
+        the whole image together (no grid cell each, see :data:`NO_CELL`), such as a Q-Former's
+        query outputs. Each carries an equal share of the image's size; every patch the image still
+        covered is owned by its summary tokens together (:data:`SHARED`)."""
+        num_images, count = embeddings.shape[:2]
+        if num_images != self.num_images:
+            raise ValueError(f"summarize(): {num_images} rows of embeddings for {self.num_images} images")
+        device = embeddings.device
+        valid = torch.ones(num_images, count, dtype=torch.bool, device=device)
+        share = (self.size * self.valid).sum(-1, keepdim=True) / max(count, 1)
+        return dc_replace(
+            self, embeddings=embeddings, valid=valid,
+            grid_index=torch.full((num_images, count), NO_CELL, dtype=torch.long, device=device),
+            size=share.expand(-1, count).to(torch.float32).clone(),
+            owner=torch.where(self.owner != -1, SHARED, -1),
+            grid=torch.zeros_like(self.grid), space=space or self.space,
+        )
 
     def regrid(self, transform: Callable[[torch.Tensor], torch.Tensor], window: int,
                space: Space | None = None) -> TokenState:
@@ -265,12 +333,9 @@ class TokenState:
 
 
 def patch_owner(source: torch.Tensor, present: torch.Tensor | None = None) -> torch.Tensor:
-    """(I, P) long: for each original patch, the slot of the token that stands for it, or -1.
-
-    ``source`` is a :class:`TokenState`'s (I, N, P) provenance; ``present`` (I, N) limits the
-    owners to the tokens still present (a decoder layer's). Patches with one owner are a merged
-    token's members; -1 means dropped. Used for traces and ``tokenpress viz``.
-    """
+    """(I, P) long: for each original patch of an (I, N, P) provenance map, the first token that
+    covers it, or -1 (``present`` (I, N) limits it to the tokens still present). The core keeps
+    owners directly (:meth:`TokenState.patch_owner`); this reads a map such as ``source``."""
     if present is not None:
         source = source & present.unsqueeze(-1)
     owner = source.to(torch.uint8).argmax(1)  # a byte per entry: no float copy of the (I, N, P) map

@@ -245,13 +245,15 @@ class ModelAdapter:
         """Positions (R rows) of the kept tokens ``slots`` of TokenState row ``image``, and the next position.
 
         Default (1-D RoPE): ``original`` puts a token at ``start + grid_index`` and the image takes
-        its whole current grid; ``compact`` numbers the kept tokens one after another.
+        its whole current grid, its summary tokens (no cell) following it one after another;
+        ``compact`` numbers the kept tokens one after another.
         """
         if compact:
             return [list(range(start, start + len(slots)))], start + len(slots)
         cells = int(tokens.grid[image].prod())
         grid_index = tokens.grid_index[image, slots]
-        return [(grid_index + start).tolist()], start + cells
+        after, end = summary_positions(grid_index, start + cells)
+        return [torch.where(grid_index >= 0, grid_index + start, after).tolist()], end
 
     def compact_positions(self, sequence: Sequence) -> torch.Tensor:
         """Re-index the sequence's positions one after another (``positions: compact``)."""
@@ -422,3 +424,11 @@ class ModelAdapter:
         """
         return compat.build_output(compat.output_class(self.inner_module()), last_hidden_state, cache,
                                    image_features)
+
+
+def summary_positions(grid_index: torch.Tensor, first: int) -> tuple[torch.Tensor, int]:
+    """Positions of an image's summary tokens (``grid_index`` NO_CELL) one after another from
+    ``first``, in slot order (other entries: ``first``), and the position after the last."""
+    summary = grid_index < 0
+    ranks = torch.cumsum(summary.long(), dim=0) - 1
+    return first + ranks.clamp_min(0), first + int(summary.sum())

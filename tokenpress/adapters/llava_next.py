@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
 
-from tokenpress.adapters.base import ImageLayout, ImageSpan
+from tokenpress.adapters.base import ImageLayout, ImageSpan, summary_positions
 from tokenpress.adapters.llava import LlavaAdapter
 from tokenpress.errors import CompressionError, UnsupportedModelError
 from tokenpress.tokens import TokenState
@@ -107,11 +107,14 @@ class LlavaNextAdapter(LlavaAdapter):
         picks = torch.nonzero(tokens.valid[base_row]).flatten()
         sources = (base_row * tokens.num_slots + picks).tolist()
         base_cells = int(tokens.grid[base_row].prod())
-        positions = (tokens.grid_index[base_row, picks] + start).tolist()
+        base_index = tokens.grid_index[base_row, picks]
+        after, high_start = summary_positions(base_index, start + base_cells)  # summary tokens follow the grid
+        positions = torch.where(base_index >= 0, base_index + start, after).tolist()
 
         _, height, width = (int(v) for v in tokens.grid[high_row])
-        high_start = start + base_cells
-        kept = torch.nonzero(tokens.valid[high_row]).flatten()
+        valid = tokens.valid[high_row]
+        kept = torch.nonzero(valid & (tokens.grid_index[high_row] >= 0)).flatten()
+        summary = torch.nonzero(valid & (tokens.grid_index[high_row] < 0)).flatten().tolist()
         cells = tokens.grid_index[high_row, kept]
         order = torch.argsort(cells, stable=True)
         kept, cells = kept[order].tolist(), cells[order].tolist()
@@ -122,6 +125,9 @@ class LlavaNextAdapter(LlavaAdapter):
             if i + 1 == len(cells) or cells[i + 1] // width != row:  # last kept token of its row
                 sources.append(-1)  # extra embedding 0: the image newline
                 positions.append(high_start + row * (width + 1) + width)
+        end = high_start + height * (width + 1)
+        sources += [high_row * tokens.num_slots + slot for slot in summary]  # after the grid, no newlines
+        positions += list(range(end, end + len(summary)))
         if compact:
             return ImageLayout(sources, [list(range(start, start + len(sources)))], start + len(sources))
-        return ImageLayout(sources, [positions], high_start + height * (width + 1))
+        return ImageLayout(sources, [positions], end + len(summary))

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from tokenpress import compat
-from tokenpress.adapters.base import ImageSpan, ModelAdapter, ProjectorMLP
+from tokenpress.adapters.base import ImageSpan, ModelAdapter, ProjectorMLP, summary_positions
 from tokenpress.errors import CompressionError, UnsupportedModelError
 from tokenpress.tokens import TokenState
 
@@ -164,12 +164,16 @@ class Qwen2_5_VLAdapter(ModelAdapter):
             ranks = list(range(start, start + len(slots)))
             return [ranks, ranks, ranks], start + len(slots)
         grid_index = tokens.grid_index[image, slots]
-        frame = grid_index // (h * w)
-        row = (grid_index % (h * w)) // w
-        col = grid_index % w
+        cell = grid_index.clamp_min(0)
+        frame = cell // max(h * w, 1)
+        row = (cell % max(h * w, 1)) // max(w, 1)
+        col = cell % max(w, 1)
         interval = tokens.meta.get("time_interval", [1.0] * tokens.num_images)[image]
         temporal = (frame.double() * interval).long() + start
-        return [temporal.tolist(), (row + start).tolist(), (col + start).tolist()], start + max(h, w)
+        # summary tokens (no cell) follow the grid like text: the same position on all three axes
+        after, end = summary_positions(grid_index, start + max(h, w))
+        gridded = grid_index >= 0
+        return [torch.where(gridded, axis, after).tolist() for axis in (temporal, row + start, col + start)], end
 
     def call_layer(self, layer_index, hidden, attention_mask, positions, position_embeddings, cache):
         return self._run_layer(layer_index, hidden, attention_mask, None, position_embeddings, cache)
