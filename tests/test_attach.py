@@ -115,6 +115,15 @@ class WantsSignal(tokenpress.Method):
         return tokens.keep(topk_mask(attention, tokens.valid, counts))
 
 
+class WantsSignalElsewhere(WantsSignal):
+    """The same signal, from encoder layer 1."""
+
+    name = "test-wants-signal-elsewhere"
+
+    def required_signals(self):
+        return {"cls_attention": 1}
+
+
 class BadSignature(tokenpress.Method):
     name = "test-bad-signature"
     Config = tokenpress.MethodConfig
@@ -130,7 +139,7 @@ def test_methods():
     class Plugin:
         @tokenpress.hookimpl
         def tokenpress_register_methods(self):
-            return [Explodes, ExplodesAtSetup, WantsSignal, BadSignature]
+            return [Explodes, ExplodesAtSetup, WantsSignal, WantsSignalElsewhere, BadSignature]
 
     tokenpress.get_registry().register_plugin(Plugin(), name="test-attach-methods")
     yield
@@ -173,6 +182,16 @@ def test_encoder_signals_reach_the_stage(model_and_batch, test_methods):
     # a distribution over the patches with the CLS column removed: positive, sums to less than 1
     assert bool((attention > 0).all()) and bool((attention.sum(-1) < 1).all())
     assert handle.report().records[0].tokens_out == [18, 18]
+
+
+def test_two_stages_asking_one_signal_differently_are_refused(model_and_batch, test_methods):
+    model, _, _ = model_and_batch
+    before = set(model.__dict__)
+    stack = {"name": "x", "stages": [{"method": "test-wants-signal"}, {"method": "test-wants-signal-elsewhere"}]}
+    with pytest.raises(tokenpress.StackError, match=r"stages\[1\] \(test-wants-signal-elsewhere\) asks for encoder "
+                                                    r"signal 'cls_attention' with 1, stages\[0\] with 0"):
+        tokenpress.compress(model, stack)
+    assert set(model.__dict__) == before
 
 
 def test_attaching_twice_is_refused(model_and_batch):

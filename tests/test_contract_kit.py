@@ -26,6 +26,8 @@ import pytest
 import torch
 
 import tokenpress
+import tokenpress.attach  # noqa: F401  imported here, so pytester's in-process runs never import a second copy
+import tokenpress.flops  # noqa: F401  (their Stack classes would differ)
 from tokenpress import DecoderContext, Keep, StageContext, TokenState, keep_count
 from tokenpress.select import seeded_uniform, topk_mask
 from tokenpress.testing import MethodContract
@@ -153,6 +155,9 @@ class BrokenQuadratic(_Selecting):
         scores = similarity.masked_fill(~tokens.valid.unsqueeze(1), 0).sum(-1)
         return tokens.keep(topk_mask(scores, tokens.valid, self.counts(tokens).to(scores.device)))
 
+    def stage_flops(self, shape: object) -> float:
+        return 2.0 * shape.tokens_in ** 2 * shape.encoder_width  # declared: only its memory is wrong
+
 
 class BrokenDtype(_Selecting):
     """Returns float32 embeddings whatever the model's dtype."""
@@ -181,6 +186,37 @@ class BrokenSeed(_Selecting):
         return tokens.keep(topk_mask(scores, tokens.valid, self.counts(tokens).to(device)))
 
 
+class BrokenGrid(tokenpress.Method):
+    """Average-pools 2x2 windows but declares that the grid keeps its size."""
+
+    name = "broken-grid"
+    Config = tokenpress.MethodConfig
+    points = ("post_encoder",)
+
+    @tokenpress.hookimpl
+    def post_encoder(self, tokens: TokenState, context: StageContext) -> TokenState:
+        def pool(grid: torch.Tensor) -> torch.Tensor:
+            pooled = torch.nn.functional.avg_pool2d(grid.permute(0, 3, 1, 2), 2, ceil_mode=True)
+            return pooled.permute(0, 2, 3, 1)
+
+        return tokens.regrid(pool, 2)
+
+    def expected_grid(self, height: int, width: int) -> tuple[int, int]:
+        return height, width
+
+
+class BrokenFlops(_Selecting):
+    """Scores tokens with a matrix product against their mean and declares no cost for it."""
+
+    name = "broken-flops"
+
+    @tokenpress.hookimpl
+    def post_encoder(self, tokens: TokenState, context: StageContext) -> TokenState:
+        x = tokens.embeddings
+        scores = (x @ x.mean(1, keepdim=True).transpose(1, 2)).squeeze(-1)
+        return tokens.keep(topk_mask(scores, tokens.valid, self.counts(tokens).to(scores.device)))
+
+
 class _Provides:
     """A plugin object registering one method class."""
 
@@ -192,7 +228,8 @@ class _Provides:
         return [self.method_class]
 
 
-CHECKS = ("test_tokens_match_promise", "test_identity_at_ratio_one", "test_batch_invariance",
+CHECKS = ("test_tokens_match_promise", "test_grid_matches_expected_grid", "test_declared_flops_match_the_counter",
+          "test_identity_at_ratio_one", "test_batch_invariance",
           "test_cache_and_no_cache_agree", "test_no_quadratic_allocations", "test_dtype_and_device_kept",
           "test_weights_round_trip_and_follow_the_model", "test_deterministic_under_seed", "test_no_host_device_sync")
 
@@ -217,26 +254,36 @@ def _author_test_file(pytester: pytest.Pytester, method: str) -> None:
         """)
 
 
-@pytest.mark.parametrize(("method_class", "check", "message"), [
-    pytest.param(method_class, check, message, id=method_class.name) for method_class, check, message in [
-        (BrokenPromise, "test_tokens_match_promise", "does not keep what it promises"),
-        (BrokenIdentity, "test_identity_at_ratio_one", "identity_params {'keep_ratio': 1.0} changes the logits"),
-        (BrokenBatch, "test_batch_invariance", "differ from the same sample run alone"),
-        (BrokenCache, "test_cache_and_no_cache_agree", "greedy generate with the KV cache gave"),
-        (BrokenQuadratic, "test_no_quadratic_allocations", "x N attention or similarity matrix"),
-        (BrokenDtype, "test_dtype_and_device_kept", "returned torch.float32 embeddings (received torch.float64)"),
-        (BrokenSeed, "test_deterministic_under_seed", "is not deterministic under seed 0"),
+#: Checks every broken method skips: it has no weights, and (but broken-grid) does not re-grid.
+SKIPPED_BY_BROKEN = 2
+
+
+@pytest.mark.parametrize(("method_class", "check", "message", "skipped"), [
+    pytest.param(method_class, check, message, skipped, id=method_class.name)
+    for method_class, check, message, skipped in [
+        (BrokenPromise, "test_tokens_match_promise", "does not keep what it promises", SKIPPED_BY_BROKEN),
+        (BrokenIdentity, "test_identity_at_ratio_one", "identity_params {'keep_ratio': 1.0} changes the logits",
+         SKIPPED_BY_BROKEN),
+        (BrokenBatch, "test_batch_invariance", "differ from the same sample run alone", SKIPPED_BY_BROKEN),
+        (BrokenCache, "test_cache_and_no_cache_agree", "greedy generate with the KV cache gave", SKIPPED_BY_BROKEN),
+        (BrokenQuadratic, "test_no_quadratic_allocations", "x N attention or similarity matrix", SKIPPED_BY_BROKEN),
+        (BrokenDtype, "test_dtype_and_device_kept", "returned torch.float32 embeddings (received torch.float64)",
+         SKIPPED_BY_BROKEN),
+        (BrokenSeed, "test_deterministic_under_seed", "is not deterministic under seed 0", SKIPPED_BY_BROKEN),
+        # no weights, no promise, no identity setting
+        (BrokenGrid, "test_grid_matches_expected_grid", "6x6 became 3x3, expected_grid says 6x6", 3),
+        (BrokenFlops, "test_declared_flops_match_the_counter", "the FLOPs model with the method's declared costs",
+         SKIPPED_BY_BROKEN),
     ]
 ])
 def test_the_kit_fails_a_broken_method_on_its_check_only(pytester: pytest.Pytester, restore_registry,
                                                          method_class: type[tokenpress.Method], check: str,
-                                                         message: str) -> None:
+                                                         message: str, skipped: int) -> None:
     restore_registry.register_plugin(_Provides(method_class), name=f"plugin-{method_class.name}")
     _author_test_file(pytester, method_class.name)
     result = pytester.runpytest("-p", "no:cacheprovider", "-rfs")
     cuda = torch.cuda.is_available()
-    # the weights check skips methods without weights (none of the broken ones has any)
-    result.assert_outcomes(failed=1, passed=len(CHECKS) - 2 - (not cuda), skipped=1 + int(not cuda))
+    result.assert_outcomes(failed=1, passed=len(CHECKS) - 1 - skipped - (not cuda), skipped=skipped + int(not cuda))
     result.stdout.fnmatch_lines([f"FAILED test_author.py::TestAuthor::{check}?llava-{method_class.name}?*"])
     assert message in result.stdout.str(), result.stdout.str()
 

@@ -1,8 +1,9 @@
 """Analytical prefill FLOPs (tokenpress.flops) against torch's FlopCounterMode and FastV's published number.
 
-* every tiny family x {empty, fastv K=2 R=50%, pool 2x2, random 25%}: the FLOPs counted during the real
-  (compressed) prefill equal the analytical number from the measured token counts and from the config
-  alone (LLaVA-NeXT: up to the projector work on padding slots, checked to the FLOP);
+* every tiny family x {empty, fastv K=2 R=50%, pool 2x2, random 25%, alvts, and the projector
+  replacements pixel_unshuffle, ldp and qformer (their own modules, no model projector)}: the FLOPs
+  counted during the real (compressed) prefill equal the analytical number from the measured token
+  counts and from the config alone (LLaVA-NeXT: up to the projector work on padding slots, checked to the FLOP);
 * the full-size LLaVA-1.5-7B parts, built on the meta device, match the formulas exactly;
 * FastV's "45% fewer FLOPs" at K=2, R=50% is reproduced from the 7B config alone;
 * ``tokenpress flops`` prints the same numbers.
@@ -24,7 +25,7 @@ from tokenpress import compat, flops
 from tokenpress.cli import main
 from tokenpress.errors import StackError, UnsupportedModelError
 from tokenpress.method import Method, MethodConfig
-from tokenpress.stack import Stack, Stage
+from tokenpress.stack import Stack, Stage, load_stack
 from tokenpress.testing.families import FAMILIES
 from tokenpress.testing.models import IMAGE_TOKEN_ID, QWEN_IMAGE_TOKEN_ID, Prompt
 
@@ -38,6 +39,10 @@ STACKS = {
     "random": [{"method": "random", "params": {"keep_ratio": 0.25}}],
     "alvts": [{"method": "alvts", "params": {"keep_ratio": 0.25}}],  # routes at every layer, scoring included
     "alvts-full-rank": [{"method": "alvts", "params": {"keep_ratio": 0.25, "rank": 4096}}],  # rank clamped per q/k
+    # replace the projector (not charged) with their own modules (counted)
+    "pixel_unshuffle": [{"method": "pixel_unshuffle", "params": {"ratio": 2}}],
+    "ldp": [{"method": "ldp", "params": {"stride": 2}}],
+    "qformer": [{"method": "qformer", "params": {"queries": 6, "heads": 2}}],
 }
 PROMPT = Prompt([1, 5, 6, 7], [8, 9, 10, 11, 12])
 #: Text tokens of a LLaVA-1.5 prompt: the vicuna_v1 chat template (system prompt, "USER:", "ASSISTANT:",
@@ -93,7 +98,8 @@ def _counted(model, batch: dict, stack: dict) -> tuple[int, flops.Costs]:
 #: grid, 8x8 for a 64x64 image) padded to the wider row: these slots cost projector FLOPs that the
 #: analytical model (valid tokens only) leaves out. Per stack: rows x widest row - real tokens.
 NEXT_PADDING_SLOTS = {"empty": 0, "fastv": 2 * 64 - (16 + 64), "pool": 2 * 16 - (4 + 16), "random": 2 * 16 - (4 + 16),
-                     "alvts": 2 * 64 - (16 + 64), "alvts-full-rank": 2 * 64 - (16 + 64)}
+                     "alvts": 2 * 64 - (16 + 64), "alvts-full-rank": 2 * 64 - (16 + 64),
+                     "pixel_unshuffle": 0, "ldp": 0, "qformer": 0}
 
 
 @pytest.mark.parametrize("stack_name", list(STACKS))
@@ -109,6 +115,12 @@ def test_analytical_matches_flop_counter(models: dict, family: str, stack_name: 
     padding = 0.0
     if family == "llava-next":
         padding = NEXT_PADDING_SLOTS[stack_name] * flops.llava_shapes(model.config)[0].projector_flops(1)
+        if stack_name == "qformer":  # its queries also read the base row's padding slots (4x4 padded to 8x8)
+            widths = flops._family(model.config, _image_size(family, batch)).widths()
+            stage = load_stack(stack).stages[0]
+            method = stage.method_class(stage.config, stage.layers)
+            padded, real = (flops.stage_flops(method, [count], [6], widths)[0] for count in (64, 16))
+            padding += padded - real
     assert costs.total == pytest.approx(counted - padding, rel=1e-9)  # mode (a): measured counts
     assert abs(costs.total / counted - 1) < 0.05
 

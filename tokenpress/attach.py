@@ -215,6 +215,7 @@ def check_stack(stack: Stack, adapter: ModelAdapter) -> list[Method]:
     checker = pluggy.PluginManager(hookspecs.PROJECT)
     checker.add_hookspecs(hookspecs)
     methods = []
+    asked: dict[str, tuple[Any, int]] = {}  # signal -> (argument, the stage that asked first)
     for stage in stack.stages:
         method = stage.method_class(stage.config, stage.layers)
         try:
@@ -225,6 +226,11 @@ def check_stack(stack: Stack, adapter: ModelAdapter) -> list[Method]:
             problem = adapter.check_signal(signal, value)
             if problem:
                 raise UnsupportedModelError(f"{stack.source}: stages[{stage.index}] ({stage.method}): {problem}")
+            first = asked.setdefault(signal, (value, stage.index))
+            if first[0] != value:  # the encoder runs once: both stages would silently get the first value
+                raise StackError(f"{stack.source}: stages[{stage.index}] ({stage.method}) asks for encoder signal "
+                                 f"{signal!r} with {value!r}, stages[{first[1]}] with {first[0]!r}; one prefill "
+                                 "computes each signal once, so the stages must agree")
         methods.append(method)
     return methods
 

@@ -26,6 +26,8 @@ from tokenpress.cache import CompressedCache, DecodeState
 from tokenpress.context import DecoderContext, StageContext
 from tokenpress.decisions import Keep, Route
 from tokenpress.errors import CompressionError, PluginError
+from tokenpress.flops import adapter_widths, stage_flops
+from tokenpress.method import PRE_LLM_POINTS, Method
 from tokenpress.scorer import Scorer
 from tokenpress.sequence import Sequence, attention_mask_for, next_positions
 from tokenpress.tokens import TokenState
@@ -49,6 +51,7 @@ class StageRecord:
     tokens_in: list[int]
     tokens_out: list[int]
     action: str = "transform"  # transform | keep | route
+    own_flops: list[float] = field(default_factory=list)  # per sample: the stage's own modules (pre-LLM)
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -225,7 +228,7 @@ class CompressedForward:
         image_rank = torch.tensor(row_rank, dtype=torch.long, device=device)
         tokens = dc_replace(tokens, image_to_sample=image_to_sample)
         visual_in = _per_sample(tokens.counts(), image_to_sample, batch)
-        projected = list(visual_in)
+        projected = [0] * batch  # a stage that replaces the projector leaves it at zero
         if self.handle.trace is not None:
             self.handle.trace.append(("encoder", tokens.owner))
             self.handle.trace_grids = tokens.original_grid
@@ -240,7 +243,7 @@ class CompressedForward:
         context = StageContext(stage=None, signals=signals, project=project, sample_keys=sample_keys,
                                image_rank=image_rank)  # type: ignore[arg-type]
 
-        for point in ("post_encoder", "projector", "query_conditioned"):
+        for point in PRE_LLM_POINTS:
             if point == "query_conditioned":
                 tokens = project(tokens)
                 context.prompt_embeddings = self._prompt_embeddings(input_ids, valid_in, prompt_length, tokens)
@@ -248,14 +251,16 @@ class CompressedForward:
                 if entry.stage.point != point:
                     continue
                 context.stage = entry.stage
-                before = _per_sample(tokens.counts(), tokens.image_to_sample, batch)
+                rows_before = tokens.counts()
+                before = _per_sample(rows_before, tokens.image_to_sample, batch)
                 hook = entry.hook(point)
                 tokens = self._run_stage(entry, point, tokens,
                                          lambda state, hook=hook: hook(tokens=state, context=context))
                 if not isinstance(tokens, TokenState):
                     raise PluginError(f"stage {entry.stage.label()} returned {type(tokens).__name__}, not a TokenState")
                 records.append(StageRecord(entry.stage.label(), entry.stage.method, point, None, before,
-                                           _per_sample(tokens.counts(), tokens.image_to_sample, batch)))
+                                           _per_sample(tokens.counts(), tokens.image_to_sample, batch),
+                                           own_flops=self._own_flops(entry.method, rows_before, tokens, batch)))
                 if self.handle.trace is not None:
                     self.handle.trace.append((entry.stage.label(), tokens.owner))
 
@@ -281,6 +286,17 @@ class CompressedForward:
             visual_in, projected, [valid.sum(-1).tolist() for valid in result.key_valid],
             [count.tolist() for count in result.visual_per_layer])
         return adapter.make_output(output, cache, image_features, position_offset)
+
+    def _own_flops(self, method: Method, rows_before: torch.Tensor, tokens: TokenState, batch: int) -> list[float]:
+        """Per sample: FLOPs of a pre-LLM stage's own modules (``Method.stage_flops``) at this prefill."""
+        totals = [0.0] * batch
+        if type(method).stage_flops is Method.stage_flops:
+            return totals
+        widths = adapter_widths(self.adapter)
+        per_row = stage_flops(method, rows_before.tolist(), tokens.counts().tolist(), widths)
+        for sample, flops in zip(tokens.image_to_sample.tolist(), per_row, strict=True):
+            totals[sample] += flops
+        return totals
 
     def _prompt_embeddings(self, input_ids: torch.Tensor, valid: torch.Tensor, prompt_length: int,
                            tokens: TokenState) -> Callable[[int], torch.Tensor]:

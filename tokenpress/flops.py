@@ -10,7 +10,10 @@
 * the ``lm_head`` on the **last position only** (the logits a prefill needs: call the model with
   ``logits_to_keep=1`` to compare with a counter);
 * the method's own scoring cost (FastV's scorer: the q projection of the query row(s), the k
-  projection of the N tokens entering the scored layer and the rows x N attention logits).
+  projection of the N tokens entering the scored layer and the rows x N attention logits), and the
+  method's own modules at pre-LLM points (``ldp``'s convolutions, ``qformer``'s query blocks); a
+  stage that replaces the projector is not charged the model's projector. Each method declares
+  these through :class:`~tokenpress.Method` (``scoring_flops``, ``stage_flops``).
 
 Counted like :class:`torch.utils.flop_counter.FlopCounterMode`: a multiply-add is 2 FLOPs and
 only matrix products and convolutions count (norms, activations, softmax, rotary embeddings,
@@ -40,13 +43,13 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from tokenpress.errors import StackError, TokenpressError, UnsupportedModelError
+from tokenpress.method import PRE_LLM_POINTS
 
 if TYPE_CHECKING:
     from tokenpress.attach import Handle
     from tokenpress.engine import PrefillStats, StageRecord
     from tokenpress.stack import Stack, Stage
 
-PRE_LLM_POINTS = ("post_encoder", "projector", "query_conditioned")
 #: Model types the config-only simulation understands.
 SIMULATED_FAMILIES = {"llava": "LLaVA-1.5", "llava_next": "LLaVA-NeXT", "qwen2_5_vl": "Qwen2.5-VL"}
 
@@ -167,9 +170,6 @@ class ScoringInput:
     text_tokens: int  # prompt text tokens (non-visual)
 
 
-ScoringCost = Callable[[ScoringInput], float]
-
-
 def scorer_flops(decoder: DecoderShape, rows: int, keys: int) -> float:
     """:func:`tokenpress.scorer.attention_rows`: q projection of ``rows`` rows, k projection of ``keys``
     tokens, and the rows x keys logits over every head (keys repeated for grouped-query attention)."""
@@ -179,30 +179,38 @@ def scorer_flops(decoder: DecoderShape, rows: int, keys: int) -> float:
     return q + k + logits
 
 
-def _fastv_scoring(item: ScoringInput) -> float:
-    config = item.stage.config
-    use_previous = getattr(config, "score_layer", "previous") == "previous" and item.layer > 0
-    keys = item.previous_tokens if use_previous and item.previous_tokens is not None else item.tokens
-    rows = item.text_tokens if getattr(config, "query", "last") == "text" else 1
-    return scorer_flops(item.decoder, rows, keys)
+@dataclass(frozen=True)
+class StageShape:
+    """What a pre-LLM stage's own modules cost on one image row depends on (see ``Method.stage_flops``)."""
+
+    tokens_in: int
+    tokens_out: int
+    encoder_width: int  # a token in encoder space (what the model's projector takes)
+    llm_width: int
+    projector_hidden: int | None  # hidden width of the model's projector MLP (None: not a two-layer MLP)
 
 
-#: Scoring cost of a method at a decoder layer, by method name. A method class may instead define
-#: ``scoring_flops(self, item: ScoringInput) -> float``. Methods in neither place cost nothing extra.
-SCORING_COSTS: dict[str, ScoringCost] = {"fastv": _fastv_scoring}
-
-
-def register_scoring_cost(method: str, cost: ScoringCost) -> None:
-    """Declare the scoring FLOPs of a (third-party) decoder-layer method."""
-    SCORING_COSTS[method] = cost
+def _method(stage: Stage) -> Any:
+    return stage.method_class(stage.config, stage.layers)
 
 
 def _scoring(item: ScoringInput) -> float:
-    rule = getattr(item.stage.method_class, "scoring_flops", None)
-    if rule is not None:
-        return float(rule(item.stage.method_class(item.stage.config, item.stage.layers), item))
-    rule = SCORING_COSTS.get(item.stage.method)
-    return float(rule(item)) if rule is not None else 0.0
+    return float(_method(item.stage).scoring_flops(item))
+
+
+def adapter_widths(adapter: Any) -> tuple[int, int, int | None]:
+    """(encoder width, LLM width, projector hidden width) of an attached model, for :class:`StageShape`."""
+    projector = adapter.projector_mlp()
+    return (adapter.encoder_width(), int(adapter.text_config.hidden_size),
+            int(projector.first.out_features) if projector is not None else None)
+
+
+def stage_flops(method: Any, rows_in: list[int], rows_out: list[int],
+                widths: tuple[int, int, int | None]) -> list[float]:
+    """``method.stage_flops`` of each image row (``rows_in``/``rows_out``: its token counts)."""
+    encoder_width, llm_width, hidden = widths
+    return [float(method.stage_flops(StageShape(int(n), int(m), encoder_width, llm_width, hidden)))
+            for n, m in zip(rows_in, rows_out, strict=True)]
 
 
 # --- results ---------------------------------------------------------------------------------------------
@@ -217,10 +225,11 @@ class Costs:
     decoder: float = 0.0
     lm_head: float = 0.0
     scoring: float = 0.0
+    stages: float = 0.0  # the pre-LLM stages' own modules, and the encoder signals they ask for
 
     @property
     def total(self) -> float:
-        return self.encoder + self.projector + self.decoder + self.lm_head + self.scoring
+        return self.encoder + self.projector + self.decoder + self.lm_head + self.scoring + self.stages
 
     def __add__(self, other: Costs) -> Costs:
         return Costs(*(a + b for a, b in zip(asdict(self).values(), asdict(other).values(), strict=True)))
@@ -237,7 +246,7 @@ class StageCost:
     tokens_in: int  # visual tokens per sample
     tokens_out: int
     flops_saved: float  # net: the prefill FLOPs this application removes (negative: it adds)
-    scoring_flops: float  # its own cost, already netted in flops_saved
+    scoring_flops: float  # its own cost (scoring, or its modules before the LLM), already netted in flops_saved
 
 
 @dataclass
@@ -302,6 +311,7 @@ class _Row:
     count: int
     dense: bool = True
     high_res: bool = False  # LLaVA-NeXT's high-resolution grid (its rows end with a newline token)
+    summary: bool = False  # tokens that stand for the whole image (no grid cell, no newlines)
 
 
 class _Family:
@@ -320,6 +330,14 @@ class _Family:
 
     def baseline_projected(self) -> int:
         return sum(row.count for row in self.rows())
+
+    def widths(self) -> tuple[int, int, int | None]:
+        """(encoder width, LLM width, projector hidden width): see :class:`StageShape`."""
+        raise NotImplementedError
+
+    def signal_flops(self, name: str, value: Any) -> float:
+        """FLOPs of computing encoder signal ``name`` (asked with ``value``) for one image."""
+        return 0.0
 
     def decoder_visual(self, rows: list[_Row], stage_label: str | None = None) -> int:
         return sum(row.count for row in rows)
@@ -342,6 +360,16 @@ class _Llava(_Family):
 
     def projector_flops(self, tokens: int) -> float:
         return self.shape.projector_flops(tokens)
+
+    def widths(self) -> tuple[int, int, int | None]:
+        return self.shape.projector_in, self.decoder.hidden, self.shape.projector_hidden
+
+    def signal_flops(self, name: str, value: Any) -> float:
+        if name != "cls_attention":
+            return 0.0
+        # the CLS row's q projection, every token's k projection, and the CLS x tokens logits
+        tokens, width = self.side ** 2 + 1, self.shape.hidden
+        return 2.0 * width * width * (1 + tokens) + 2.0 * tokens * width
 
 
 class _LlavaNext(_Llava):
@@ -376,7 +404,7 @@ class _LlavaNext(_Llava):
         total = 0
         for row in rows:
             total += row.count
-            if row.high_res:
+            if row.high_res and not row.summary:
                 if not row.dense:
                     raise FlopsError(f"stage {stage_label}: after a selection on LLaVA-NeXT's high-resolution grid "
                                      "the number of image-newline tokens depends on which tokens survive; the "
@@ -411,6 +439,10 @@ class _Qwen2_5_VL(_Family):
     def projector_flops(self, tokens: int) -> float:
         unit = self.vision.hidden_size * self.merge ** 2
         return 2.0 * tokens * unit * (unit + self.vision.out_hidden_size)
+
+    def widths(self) -> tuple[int, int, int | None]:
+        unit = self.vision.hidden_size * self.merge ** 2
+        return unit, self.decoder.hidden, unit
 
 
 def qwen_vision_flops(vision: Any, frames: int, grid_h: int, grid_w: int) -> float:
@@ -460,32 +492,38 @@ class _Path:
 
 
 def _promise(stage: Stage, counts: list[int]) -> list[int]:
-    method = stage.method_class(stage.config, stage.layers)
+    method = _method(stage)
     promised = method.promised_count(torch.tensor(counts, dtype=torch.long))
     if promised is None:
         raise FlopsError(f"stage {stage.label()}: method {stage.method!r} makes no promise about how many tokens "
                          "it keeps (promised_count() is None and it has no expected_grid), so its FLOPs cannot be "
                          "derived from the config; measure a real prefill instead")
-    return [min(int(out), count) for out, count in zip(torch.as_tensor(promised).reshape(-1).tolist(), counts,
-                                                       strict=True)]
+    promised = [int(out) for out in torch.as_tensor(promised).reshape(-1).tolist()]
+    if stage.point != "decoder_layer":
+        return promised  # a pre-LLM stage may also make tokens (a qformer with more queries than patches)
+    return [min(out, count) for out, count in zip(promised, counts, strict=True)]
 
 
-def _apply_pre_llm(stage: Stage, rows: list[_Row]) -> list[_Row]:
-    method = stage.method_class(stage.config, stage.layers)
-    expected_grid = getattr(method, "expected_grid", None)
-    if expected_grid is not None:
-        out = []
-        for row in rows:
-            if not row.dense:
-                raise FlopsError(f"stage {stage.label()}: {stage.method!r} re-grids the full patch grid, but an "
-                                 "earlier stage already selected tokens (the forward pass would fail too)")
-            frames, height, width = row.grid
-            new_h, new_w = expected_grid(height, width)
-            out.append(_Row((frames, new_h, new_w), frames * new_h * new_w, True, row.high_res))
-        return out
+def _apply_pre_llm(stage: Stage, rows: list[_Row], widths: tuple[int, int, int | None]) -> tuple[list[_Row], float]:
+    """The rows after a pre-LLM stage, and the FLOPs of the stage's own modules."""
+    method = _method(stage)
+    out = []
+    for row in rows:
+        frames, height, width = row.grid
+        new_grid = method.expected_grid(height, width)
+        if new_grid is None:
+            break
+        if not row.dense:
+            raise FlopsError(f"stage {stage.label()}: {stage.method!r} re-grids the full patch grid, but an "
+                             "earlier stage already selected tokens (the forward pass would fail too)")
+        out.append(_Row((frames, *new_grid), frames * new_grid[0] * new_grid[1], True, row.high_res))
+    else:
+        return out, sum(stage_flops(method, [row.count for row in rows], [row.count for row in out], widths))
     counts = _promise(stage, [row.count for row in rows])
-    return [_Row(row.grid, count, row.dense and count == row.count, row.high_res)
-            for row, count in zip(rows, counts, strict=True)]
+    summary = stage.method_class.summary_tokens
+    out = [_Row(row.grid, count, not summary and row.dense and count == row.count, row.high_res,
+                summary or row.summary) for row, count in zip(rows, counts, strict=True)]
+    return out, sum(stage_flops(method, [row.count for row in rows], counts, widths))
 
 
 def _run(family: _Family, stack: Stack, text_tokens: int, limit: int | None) -> _Path:
@@ -497,23 +535,34 @@ def _run(family: _Family, stack: Stack, text_tokens: int, limit: int | None) -> 
     def allowed() -> bool:
         return limit is None or len(applications) < limit
 
-    projected: int | None = None
+    projected: int | None = None  # tokens through the model's projector
+    replaced = False  # a stage that replaces the projector ran on encoder-space tokens
+    own = 0.0
+    charged: set[str] = set()
     last_label: str | None = None
     for point in PRE_LLM_POINTS:
         if point == "projector" or (point == "query_conditioned" and projected is None):
-            projected = sum(row.count for row in rows)
+            projected = 0 if replaced else sum(row.count for row in rows)
         for stage in (s for s in stack.stages if s.point == point):
             if not allowed():
                 continue
             before = sum(row.count for row in rows)
-            rows = _apply_pre_llm(stage, rows)
-            applications.append((stage, None, before, sum(row.count for row in rows), 0.0))
+            rows, stage_cost = _apply_pre_llm(stage, rows, family.widths())
+            for name, value in _method(stage).required_signals().items():
+                if name not in charged:  # the encoder computes each signal once per prefill
+                    charged.add(name)
+                    stage_cost += family.signal_flops(name, value)
+            if stage.method_class.replaces_projector and point == "projector" and projected is not None \
+                    and not replaced:
+                replaced, projected = True, 0
+            own += stage_cost
+            applications.append((stage, None, before, sum(row.count for row in rows), stage_cost))
             last_label = stage.label()
     assert projected is not None
     visual = family.decoder_visual(rows, last_label)
 
     costs = Costs(encoder=family.encoder_flops(), projector=family.projector_flops(projected),
-                  lm_head=decoder.lm_head_flops(1))
+                  lm_head=decoder.lm_head_flops(1), stages=own)
     layer_tokens: list[int] = []
     for layer in range(decoder.layers):
         routed: int | None = None  # a Route sends only these through this layer; the rest come back after it
@@ -597,6 +646,18 @@ def simulate(config: Any, stack: Stack | str | Path | dict, text_tokens: int,
 # --- measured counts --------------------------------------------------------------------------------------
 
 
+def _signal_flops(config: Any, inputs: Mapping[str, Any], stack: Stack | None) -> float:
+    """FLOPs of the encoder signals a stack's stages ask for, over a batch's images."""
+    if stack is None or getattr(config, "model_type", None) != "llava":  # the only family with signals
+        return 0.0
+    family, images = _Llava(config), int(inputs["pixel_values"].shape[0])
+    requested: dict[str, Any] = {}
+    for stage in stack.stages:
+        for name, value in _method(stage).required_signals().items():
+            requested.setdefault(name, value)
+    return images * sum(family.signal_flops(name, value) for name, value in requested.items())
+
+
 def _encoder_from_inputs(config: Any, inputs: Mapping[str, Any]) -> tuple[float, list[int]]:
     """Encoder FLOPs of a batch's images, and the tokens the unmodified model projects per image."""
     model_type = getattr(config, "model_type", None)
@@ -647,11 +708,14 @@ def measured(config: Any, inputs: Mapping[str, Any], stats: PrefillStats | None 
     else:
         layer_tokens, layer_visual, projected = stats.layer_tokens, stats.layer_visual, sum(stats.projected)
     batch = len(layer_tokens[0])
-    costs = Costs(encoder=encoder, projector=family_shape(projected), lm_head=decoder.lm_head_flops(batch))
+    if stack is not None:
+        stack = load_stack(stack).resolved(decoder.layers)
+    own = sum(sum(record.own_flops) for record in records or [] if record.layer is None)
+    costs = Costs(encoder=encoder, projector=family_shape(projected), lm_head=decoder.lm_head_flops(batch),
+                  stages=own + (_signal_flops(config, inputs, stack) if stats is not None else 0.0))
     for per_layer in zip(*layer_tokens, strict=True):
         costs.decoder += decoder_prefill_flops(decoder, list(per_layer))
     if stack is not None and stats is not None and layer_visual is not None:
-        stack = load_stack(stack).resolved(decoder.layers)
         for sample in range(batch):
             text = layer_tokens[0][sample] - layer_visual[0][sample]
             for stage in stack.stages:
@@ -749,8 +813,8 @@ def format_breakdown(breakdown: Breakdown) -> str:
 
 
 __all__ = [
-    "SCORING_COSTS", "SIMULATED_FAMILIES", "Breakdown", "Costs", "DecoderShape", "EncoderShape", "FlopsError",
-    "ScoringInput", "StageCost", "decoder_prefill_flops", "fastv_paper_flops", "format_breakdown", "format_flops",
-    "llava_shapes", "load_config", "measured", "measured_from_handle", "parse_image_size", "qwen_vision_flops",
-    "register_scoring_cost", "scorer_flops", "simulate",
+    "SIMULATED_FAMILIES", "Breakdown", "Costs", "DecoderShape", "EncoderShape", "FlopsError", "ScoringInput",
+    "StageCost", "StageShape", "adapter_widths", "decoder_prefill_flops", "fastv_paper_flops", "format_breakdown",
+    "format_flops", "llava_shapes", "load_config", "measured", "measured_from_handle", "parse_image_size",
+    "qwen_vision_flops", "scorer_flops", "simulate", "stage_flops",
 ]

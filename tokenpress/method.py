@@ -7,7 +7,17 @@ from typing import Annotated, Any, ClassVar
 import torch
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
-POINTS: tuple[str, ...] = ("post_encoder", "projector", "query_conditioned", "decoder_layer")
+#: The insertion points, in the order the compressed forward runs them, each with whether it acts
+#: before the LLM (on a :class:`~tokenpress.TokenState`) or inside it (on each decoder layer). The
+#: stack schema, the engine's order and the FLOPs model are all derived from this one table.
+POINT_TABLE: tuple[tuple[str, bool], ...] = (
+    ("post_encoder", True),  # the encoder's features, in encoder space
+    ("projector", True),  # at the projector: encoder space in, a stage may project (or replace it)
+    ("query_conditioned", True),  # projected tokens, with the prompt's text embeddings
+    ("decoder_layer", False),  # before chosen decoder layers, at prefill
+)
+POINTS: tuple[str, ...] = tuple(name for name, _ in POINT_TABLE)
+PRE_LLM_POINTS: tuple[str, ...] = tuple(name for name, before_llm in POINT_TABLE if before_llm)
 
 
 class MethodConfig(BaseModel):
@@ -92,6 +102,13 @@ class Method:
     #: counts its promise at that layer only.
     routes: ClassVar[bool] = False
 
+    #: True when the method's ``projector`` hook maps encoder-space tokens to the LLM's width itself, so
+    #: the model's projector never runs (the FLOPs models then charge the method's own modules instead).
+    replaces_projector: ClassVar[bool] = False
+    #: True when the method's output tokens stand for the whole image (no grid cell, like ``qformer``'s):
+    #: laid out after the image like text, so LLaVA-NeXT adds no row newlines after them.
+    summary_tokens: ClassVar[bool] = False
+
     @classmethod
     def default_layers(cls, config: MethodConfig, num_layers: int) -> tuple[int, ...] | None:
         """Decoder layers of a ``decoder_layer`` stage that lists none (``None``: it must list them).
@@ -128,6 +145,24 @@ class Method:
         checks the promise against what the stage really did.
         """
         return None
+
+    def expected_grid(self, height: int, width: int) -> tuple[int, int] | None:
+        """The grid an image row of ``height`` x ``width`` cells becomes, for a method that re-grids
+        it (``pool``, ``ldp``, ``pixel_unshuffle``); ``None`` for one that selects or summarises. The
+        FLOPs model uses it, and the profiling contract checks it against what the stage did."""
+        return None
+
+    def scoring_flops(self, item: Any) -> float:
+        """FLOPs a ``decoder_layer`` stage spends deciding at one layer (``item``: a
+        :class:`tokenpress.flops.ScoringInput`), e.g. FastV's attention scores; counted like
+        :class:`torch.utils.flop_counter.FlopCounterMode` (matrix products, 2 per multiply-add)."""
+        return 0.0
+
+    def stage_flops(self, shape: Any) -> float:
+        """FLOPs of the method's own modules on one image row at a pre-LLM point (``shape``: a
+        :class:`tokenpress.flops.StageShape`), counted like ``scoring_flops``. A method that replaces
+        the projector declares its replacement here; the contract kit checks it against a counter."""
+        return 0.0
 
     def setup(self, adapter: Any) -> None:
         """Called once when the stack is attached, before any forward pass, with the model's

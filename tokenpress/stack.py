@@ -32,7 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from tokenpress.errors import StackError
 from tokenpress.method import POINTS, Method, MethodConfig
 
-Point = Literal["post_encoder", "projector", "query_conditioned", "decoder_layer"]
+Point = Literal[POINTS]  # type: ignore[valid-type]  # one of POINTS (a tuple subscript spells them out)
 
 
 class StageSpec(BaseModel):

@@ -102,6 +102,30 @@ def projector_copy(projector: Any, windows: int = 1) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
+def seeded_mlp(in_width: int, hidden: int, out_width: int, seed: int) -> nn.Sequential:
+    """Linear -> GELU -> Linear with uniform(+-1/sqrt(fan_in)) weights from ``seed`` and zero biases: the
+    start of a method's MLP where the model's projector cannot be copied. Seeded so that two attaches
+    start from the same weights; the global RNG is not touched."""
+    generator = torch.Generator().manual_seed(seed)
+    mlp = nn.Sequential(nn.Linear(in_width, hidden), nn.GELU(), nn.Linear(hidden, out_width))
+    with torch.no_grad():
+        for layer in (mlp[0], mlp[2]):
+            bound = layer.in_features ** -0.5
+            layer.weight.copy_(torch.empty_like(layer.weight).uniform_(-bound, bound, generator=generator))
+            layer.bias.zero_()
+    return mlp
+
+
+def starting_projector(adapter: Any, seed: int) -> nn.Sequential:
+    """What a method that replaces the projector maps encoder tokens to the LLM with at first: a copy of
+    the model's own projector where it is a two-layer MLP to the LLM width, else :func:`seeded_mlp`."""
+    llm_width = adapter.text_config.hidden_size
+    projector = adapter.projector_mlp()
+    if projector is not None and projector.second.out_features == llm_width:
+        return projector_copy(projector)
+    return seeded_mlp(adapter.encoder_width(), llm_width, llm_width, seed)
+
+
 def model_signature(adapter: Any) -> dict[str, Any]:
     """The sizes a method's weights depend on, and a fingerprint of the model's own embeddings."""
     text = adapter.text_config

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from pydantic import Field
 
 from tokenpress import DecoderContext, Keep, Method, SelectingConfig, hookimpl, keep_count
+from tokenpress.flops import scorer_flops
 from tokenpress.select import topk_mask
 
 
@@ -41,3 +42,10 @@ class FastV(Method):
 
     def promised_count(self, tokens_in: torch.Tensor) -> torch.Tensor:
         return keep_count(tokens_in, self.config.keep_ratio)
+
+    def scoring_flops(self, item: Any) -> float:
+        """The scorer's q projection of the query row(s), k projection of the keys and the logits."""
+        use_previous = self.config.score_layer == "previous" and item.layer > 0
+        keys = item.previous_tokens if use_previous and item.previous_tokens is not None else item.tokens
+        rows = item.text_tokens if self.config.query == "text" else 1
+        return scorer_flops(item.decoder, rows, keys)

@@ -12,8 +12,8 @@ from pydantic import Field
 from torch import nn
 
 from tokenpress import Method, StageContext, TokenState, WeightedConfig, hookimpl
-from tokenpress.errors import CompressionError
-from tokenpress.weights import projector_copy
+from tokenpress.flops import StageShape
+from tokenpress.weights import starting_projector
 from tokenpress_plugins.ldp.projector import LDPModule
 
 
@@ -33,34 +33,21 @@ class LDP(Method):
     description = "MobileVLM's lightweight downsample projector: pointwise + depthwise convs, stride 2."
     identity_params = None
     example_params = {"stride": 2}
+    replaces_projector = True
     config: LDPConfig
 
     def build_weights(self, adapter: Any) -> nn.Module:
-        llm_width = adapter.text_config.hidden_size
-        projector = adapter.projector_mlp()
-        if projector is not None and projector.second.out_features == llm_width:
-            mlp = projector_copy(projector)  # start as the model's own projector
-        else:
-            generator = torch.Generator().manual_seed(self.config.seed)
-            mlp = nn.Sequential(nn.Linear(adapter.encoder_width(), llm_width), nn.GELU(),
-                                nn.Linear(llm_width, llm_width))
-            with torch.no_grad():
-                for layer in (mlp[0], mlp[2]):
-                    bound = layer.in_features ** -0.5
-                    layer.weight.copy_(torch.empty_like(layer.weight).uniform_(-bound, bound, generator=generator))
-                    layer.bias.zero_()
+        mlp = starting_projector(adapter, self.config.seed)
         with torch.random.fork_rng():  # the convolutions' default initialisation, reproducible, global RNG untouched
             torch.manual_seed(self.config.seed)
-            return LDPModule(mlp, llm_width, self.config.stride)
+            return LDPModule(mlp, adapter.text_config.hidden_size, self.config.stride)
 
     def weights_shaping(self) -> dict[str, Any]:
         return {"stride": self.config.stride}
 
     @hookimpl
     def projector(self, tokens: TokenState, context: StageContext) -> TokenState:
-        if tokens.space != "encoder":
-            raise CompressionError(f"{context.stage.label()}: ldp replaces the projector and needs tokens in "
-                                   "encoder space; put it before any stage that projects them")
+        context.require_encoder_space(tokens, self.name)
         assert self.weights is not None
         return tokens.regrid(self.weights, self.config.stride, space="llm")
 
@@ -70,3 +57,12 @@ class LDP(Method):
 
     def expected_grid(self, height: int, width: int) -> tuple[int, int]:
         return -(-height // self.config.stride), -(-width // self.config.stride)
+
+    def stage_flops(self, shape: StageShape) -> float:
+        """The pointwise MLP and the 3x3 depthwise block on every token, the strided block on the output."""
+        hidden = shape.projector_hidden or shape.llm_width
+        width, kernel = shape.llm_width, 2 * self.config.stride - 1
+        pointwise = 2.0 * shape.tokens_in * (shape.encoder_width * hidden + hidden * width)
+        mix = 2.0 * shape.tokens_in * (width * 9 + width * width)
+        down = 2.0 * shape.tokens_out * (width * kernel ** 2 + width * width)
+        return pointwise + mix + down

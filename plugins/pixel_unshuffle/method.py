@@ -7,13 +7,13 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-import torch
 from pydantic import Field
 from torch import nn
 
 from tokenpress import Method, StageContext, TokenState, WeightedConfig, hookimpl
-from tokenpress.errors import CompressionError, InputError
-from tokenpress.weights import projector_copy
+from tokenpress.errors import InputError
+from tokenpress.flops import StageShape
+from tokenpress.weights import projector_copy, seeded_mlp
 from tokenpress_plugins.pixel_unshuffle.grid import unshuffle, unshuffled_size
 
 
@@ -37,6 +37,7 @@ class PixelUnshuffle(Method):
     points = ("projector",)
     description = "Fold r x r patch windows into one wider token; the method's own MLP projects it (InternVL2)."
     identity_params = None  # its own projector: no setting reproduces the model
+    replaces_projector = True
     example_params = {"ratio": 2}
     config: PixelUnshuffleConfig
 
@@ -52,24 +53,14 @@ class PixelUnshuffle(Method):
         if projector is not None:
             return projector_copy(projector, self.config.ratio ** 2)
         hidden = self.config.hidden or llm_width
-        generator = torch.Generator().manual_seed(self.config.seed)
-        mlp = nn.Sequential(nn.Linear(self.config.ratio ** 2 * encoder_width, hidden), nn.GELU(),
-                            nn.Linear(hidden, llm_width))
-        with torch.no_grad():
-            for layer in (mlp[0], mlp[2]):  # seeded, so two attaches start from the same weights
-                bound = layer.in_features ** -0.5
-                layer.weight.copy_(torch.empty_like(layer.weight).uniform_(-bound, bound, generator=generator))
-                layer.bias.zero_()
-        return mlp
+        return seeded_mlp(self.config.ratio ** 2 * encoder_width, hidden, llm_width, self.config.seed)
 
     def weights_shaping(self) -> dict[str, Any]:
         return {"ratio": self.config.ratio, "hidden": self.config.hidden}
 
     @hookimpl
     def projector(self, tokens: TokenState, context: StageContext) -> TokenState:
-        if tokens.space != "encoder":
-            raise CompressionError(f"{context.stage.label()}: pixel_unshuffle replaces the projector and needs "
-                                   "tokens in encoder space; put it before any stage that projects them")
+        context.require_encoder_space(tokens, self.name)
         assert self.weights is not None
         mlp, ratio = self.weights, self.config.ratio
         return tokens.regrid(lambda grid: mlp(unshuffle(grid, ratio)), ratio, space="llm")
@@ -80,3 +71,12 @@ class PixelUnshuffle(Method):
 
     def expected_grid(self, height: int, width: int) -> tuple[int, int]:
         return unshuffled_size(height, width, self.config.ratio)
+
+    def stage_flops(self, shape: StageShape) -> float:
+        """The MLP on each folded token (r*r encoder tokens wide)."""
+        hidden = self.config.hidden or shape.llm_width
+        copied = self.config.init != "random" and shape.projector_hidden is not None
+        if copied and self.config.hidden in (None, shape.projector_hidden):
+            hidden = shape.projector_hidden
+        unit = self.config.ratio ** 2 * shape.encoder_width
+        return 2.0 * shape.tokens_out * (unit * hidden + hidden * shape.llm_width)

@@ -12,8 +12,9 @@ from pydantic import Field
 from torch import nn
 
 from tokenpress import Method, StageContext, TokenState, WeightedConfig, hookimpl
-from tokenpress.errors import CompressionError, InputError
-from tokenpress.weights import projector_copy
+from tokenpress.errors import InputError
+from tokenpress.flops import StageShape
+from tokenpress.weights import starting_projector
 from tokenpress_plugins.qformer.module import QFormerModule
 
 
@@ -35,6 +36,8 @@ class QFormer(Method):
     description = "Learned queries read the image by cross-attention and replace its tokens (BLIP-2's Q-Former)."
     identity_params = None
     example_params = {"queries": 8}
+    replaces_projector = True
+    summary_tokens = True
     config: QFormerConfig
 
     def setup(self, adapter: Any) -> None:
@@ -43,33 +46,30 @@ class QFormer(Method):
             raise InputError(f"params.heads: {self.config.heads} does not divide the encoder width {width}")
 
     def build_weights(self, adapter: Any) -> nn.Module:
-        width, llm_width = adapter.encoder_width(), adapter.text_config.hidden_size
-        projector = adapter.projector_mlp()
-        if projector is not None and projector.second.out_features == llm_width:
-            head = projector_copy(projector)
-        else:
-            generator = torch.Generator().manual_seed(self.config.seed)
-            head = nn.Sequential(nn.Linear(width, llm_width), nn.GELU(), nn.Linear(llm_width, llm_width))
-            with torch.no_grad():
-                for layer in (head[0], head[2]):
-                    bound = layer.in_features ** -0.5
-                    layer.weight.copy_(torch.empty_like(layer.weight).uniform_(-bound, bound, generator=generator))
-                    layer.bias.zero_()
+        head = starting_projector(adapter, self.config.seed)
         with torch.random.fork_rng():  # the key projections' default init, reproducible, global RNG untouched
             torch.manual_seed(self.config.seed)
-            return QFormerModule(head, width, self.config.queries, self.config.heads, self.config.layers)
+            config = self.config
+            return QFormerModule(head, adapter.encoder_width(), config.queries, config.heads, config.layers)
 
     def weights_shaping(self) -> dict[str, Any]:
         return {"queries": self.config.queries, "heads": self.config.heads, "layers": self.config.layers}
 
     @hookimpl
     def projector(self, tokens: TokenState, context: StageContext) -> TokenState:
-        if tokens.space != "encoder":
-            raise CompressionError(f"{context.stage.label()}: qformer replaces the projector and needs tokens in "
-                                   "encoder space; put it before any stage that projects them")
+        context.require_encoder_space(tokens, self.name)
         assert self.weights is not None
         out = self.weights(tokens.embeddings, tokens.valid, tokens.cell_centres())
         return tokens.summarize(out, space="llm")
 
     def promised_count(self, tokens_in: torch.Tensor) -> torch.Tensor | None:
         return torch.full_like(tokens_in, self.config.queries)
+
+    def stage_flops(self, shape: StageShape) -> float:
+        """Per block: key/value projections of the tokens, query/output projections and the MLP of the
+        queries, and queries x tokens logits and reads; then the projector on the queries."""
+        tokens, queries, width = shape.tokens_in, shape.tokens_out, shape.encoder_width
+        block = 4.0 * tokens * width ** 2 + 12.0 * queries * width ** 2 + 4.0 * queries * tokens * width
+        hidden = shape.projector_hidden or shape.llm_width
+        head = 2.0 * queries * (width * hidden + hidden * shape.llm_width)
+        return self.config.layers * block + head

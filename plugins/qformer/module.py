@@ -87,8 +87,10 @@ class QFormerModule(nn.Module):
 
     def forward(self, tokens: torch.Tensor, valid: torch.Tensor, centres: torch.Tensor) -> torch.Tensor:
         """``tokens`` (I, N, C) encoder-space, ``valid`` (I, N), ``centres`` (I, N, 2) -> (I, K, D)."""
-        state = self.queries.to(tokens.dtype).expand(tokens.shape[0], -1, -1)
-        homes = self.homes.to(tokens.dtype).expand(tokens.shape[0], -1, -1)
+        # copies, not expanded views: a view of a parameter requires grad even under no_grad, which
+        # module hooks (FlopCounterMode's tracker) refuse
+        state = self.queries.to(tokens.dtype).repeat(tokens.shape[0], 1, 1)
+        homes = self.homes.to(tokens.dtype).repeat(tokens.shape[0], 1, 1)
         centres = centres.to(tokens.dtype)
         for block in self.blocks:
             state = block(state, tokens, valid, centres, homes)

@@ -307,6 +307,8 @@ class StageCall:
     float_bytes: int = 0
     largest: list[tuple[int, str, tuple[int, ...], torch.dtype]] = field(default_factory=list)
     syncs: list[SyncEvent] = field(default_factory=list)
+    grids_in: list[tuple[int, int, int]] = field(default_factory=list)  # per image row (pre-LLM points)
+    grids_out: list[tuple[int, int, int]] = field(default_factory=list)
 
 
 def _describe(stage: Any, point: str, payload: Any, result: Any) -> StageCall:
@@ -332,8 +334,9 @@ def _describe(stage: Any, point: str, payload: Any, result: Any) -> StageCall:
     if not isinstance(result, TokenState):
         return StageCall(label, point, None, tokens_in, [], samples, dtype_in, None, set(), type(result).__name__)
     devices = {str(value.device) for value in vars(result).values() if isinstance(value, torch.Tensor)}
+    grids_in = payload.grid_sizes() if isinstance(payload, TokenState) else []
     return StageCall(label, point, None, tokens_in, result.counts().tolist(), samples, dtype_in,
-                     result.embeddings.dtype, devices, "TokenState")
+                     result.embeddings.dtype, devices, "TokenState", grids_in=grids_in, grids_out=result.grid_sizes())
 
 
 class StageObserver:
@@ -503,20 +506,25 @@ class MethodContract:
         except tokenpress.UnsupportedModelError as exc:
             pytest.skip(f"{method} cannot run on {family}: {exc}")
 
+    def _observed_mixed_batch(self, family: str, name: str) -> tuple[StageObserver, list[Any], Method]:
+        """One compressed forward of three prompts (images of different sizes where the family has
+        them): the method's observed calls, the handle's stage records, and the stage's method."""
+        case = self.case(family)
+        spec = case.family
+        batch = spec.mixed_batch(case.model, prompts(3)) if spec.mixed_batch else case.batch(3, "left", 0)
+        with observing(StageObserver(name)) as observer, tokenpress.compress(case.model, self.stack(name)) as handle:
+            case.model(**batch)
+            records = handle.report().records
+            method = handle.entries[0].method
+        self._ran(observer, name)
+        return observer, records, method
+
     # --- the checks -----------------------------------------------------------------------------
 
     @torch.no_grad()
     def test_tokens_match_promise(self, contract_family: str, contract_method: str) -> None:
         """Tokens out == ``promised_count(tokens in)`` for every image (every sample at decoder layers)."""
-        case = self.case(contract_family)
-        spec = case.family
-        batch = spec.mixed_batch(case.model, prompts(3)) if spec.mixed_batch else case.batch(3, "left", 0)
-        with observing(StageObserver(contract_method)) as observer, \
-                tokenpress.compress(case.model, self.stack(contract_method)) as handle:
-            case.model(**batch)
-            records = handle.report().records
-            method = handle.entries[0].method
-        self._ran(observer, contract_method)
+        observer, records, method = self._observed_mixed_batch(contract_family, contract_method)
         if method.promised_count(torch.tensor(observer.calls[0].tokens_in or [1])) is None:
             pytest.skip(f"{contract_method} makes no promise on its token count (promised_count returns None)")
         problems = []
@@ -546,6 +554,50 @@ class MethodContract:
         assert not problems, (f"{contract_method} on {contract_family} does not keep what it promises "
                               f"(params {self.stack(contract_method)['stages'][0]['params']}):\n  "
                               + "\n  ".join(problems))
+
+    @torch.no_grad()
+    def test_grid_matches_expected_grid(self, contract_family: str, contract_method: str) -> None:
+        """A method that re-grids (``expected_grid`` is not None) turns every image row's grid into it."""
+        observer, _, method = self._observed_mixed_batch(contract_family, contract_method)
+        calls = [call for call in observer.calls if call.grids_in]
+        if not calls or method.expected_grid(*calls[0].grids_in[0][1:]) is None:
+            pytest.skip(f"{contract_method} does not re-grid (expected_grid returns None)")
+        problems = []
+        for call in calls:
+            for row, ((frames, height, width), got) in enumerate(zip(call.grids_in, call.grids_out, strict=True)):
+                expected = (frames, *method.expected_grid(height, width))
+                if tuple(got) != expected:
+                    problems.append(f"{call.label} image row {row}: {height}x{width} became {got[1]}x{got[2]}, "
+                                    f"expected_grid says {expected[1]}x{expected[2]}")
+        assert not problems, f"{contract_method} on {contract_family}:\n  " + "\n  ".join(problems)
+
+    @torch.no_grad()
+    def test_declared_flops_match_the_counter(self, contract_family: str, contract_method: str) -> None:
+        """torch's FLOP counter over a compressed prefill equals the FLOPs model fed with that prefill's
+        token counts and the method's declared ``scoring_flops``/``stage_flops`` (a family that does
+        work on padding slots, LLaVA-NeXT, may count more, within 5%)."""
+        from torch.utils.flop_counter import FlopCounterMode
+
+        from tokenpress import compat, flops
+
+        # eager attention: torch's counter does not see the CPU flash kernel SDPA picks
+        case = FamilyCase(contract_family, FAMILIES[contract_family], tiny_model(contract_family, "eager"))
+        if getattr(case.model.config, "model_type", None) not in flops.SIMULATED_FAMILIES:
+            pytest.skip(f"the FLOPs model does not cover {contract_family}")
+        batch = case.batch(1, "left", 0)
+        with observing(StageObserver(contract_method)) as observer, \
+                tokenpress.compress(case.model, self.stack(contract_method)) as handle:
+            with FlopCounterMode(display=False) as counter:
+                case.model(**batch, logits_to_keep=1, use_cache=False)
+            declared = flops.measured_from_handle(handle, batch)
+        self._ran(observer, contract_method)
+        counted = compat.counted_flops(counter)
+        where = (f"{contract_method} on {contract_family}: torch counts {counted:.6g} FLOPs, the FLOPs model with "
+                 f"the method's declared costs {declared.total:.6g} ({declared})")
+        if case.family.flops_exact:
+            assert declared.total == pytest.approx(counted, rel=1e-9), where
+        else:
+            assert declared.total <= counted * (1 + 1e-9) and declared.total >= 0.95 * counted, where
 
     @torch.no_grad()
     def test_identity_at_ratio_one(self, contract_family: str, contract_method: str) -> None:
