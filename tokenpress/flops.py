@@ -30,15 +30,19 @@ Two ways to get the numbers:
 * :func:`simulate` - from a config alone (no weights, no forward pass): the token count entering
   every layer is derived from each stage's promise (``expected_grid`` for re-gridding methods such
   as ``pool``, ``promised_count`` for the others, e.g. ``keep_count(n, keep_ratio)``).
+
+What is particular to a family (its encoder, its projector, its encoder signals, the visual tokens its
+decoder sees) is its :class:`FamilyCosts`, which its adapter names (``ModelAdapter.cost_model``): this
+module finds it among the registered adapters by ``config.model_type``.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
@@ -49,9 +53,6 @@ if TYPE_CHECKING:
     from tokenpress.attach import Handle
     from tokenpress.engine import PrefillStats, StageRecord
     from tokenpress.stack import Stack, Stage
-
-#: Model types the config-only simulation understands.
-SIMULATED_FAMILIES = {"llava": "LLaVA-1.5", "llava_next": "LLaVA-NeXT", "qwen2_5_vl": "Qwen2.5-VL"}
 
 
 class FlopsError(TokenpressError, ValueError):
@@ -304,7 +305,7 @@ class Breakdown:
 
 
 @dataclass
-class _Row:
+class SimulatedRow:
     """A TokenState row in the simulation: its current grid, token count, and whether it is the full grid."""
 
     grid: tuple[int, int, int]
@@ -314,22 +315,47 @@ class _Row:
     summary: bool = False  # tokens that stand for the whole image (no grid cell, no newlines)
 
 
-class _Family:
-    """Config-derived costs of one model family (one image)."""
+@dataclass(frozen=True)
+class ImageCosts:
+    """One image as the unmodified model sees it (what :meth:`FamilyCosts.image` gives the simulation)."""
 
-    decoder: DecoderShape
+    rows: list[SimulatedRow]  # its TokenState rows, uncompressed
+    encoder: float  # encoder FLOPs (every tile)
+    projected: int  # tokens the unmodified model runs its projector over
+    notes: tuple[str, ...] = ()  # said in the breakdown (an image size the family ignores, say)
 
-    def rows(self) -> list[_Row]:
+
+class FamilyCosts:
+    """The cost model of one model family, named by its adapter (``ModelAdapter.cost_model``).
+
+    Built from a config alone: the measured mode reads a batch's inputs (:meth:`batch_encoder`), the
+    config-only simulation asks for one image of a given size (:meth:`image`). The decoder is Llama-style
+    (:class:`DecoderShape`); a subclass sets :attr:`model_type` and :attr:`label` and gives the rest.
+    """
+
+    #: The ``config.model_type`` this cost model serves.
+    model_type: ClassVar[str] = ""
+    #: The family's name in a breakdown, e.g. ``"LLaVA-1.5"``.
+    label: ClassVar[str] = ""
+
+    def __init__(self, config: Any) -> None:
+        self.config = config
+        self.decoder = DecoderShape.from_config(config.get_text_config())
+
+    def image(self, image_size: tuple[int, int] | None) -> ImageCosts:
+        """One image of ``image_size`` (height, width in pixels; None when not given), for :func:`simulate`.
+
+        Raises :class:`FlopsError` when the family's token count depends on a size it was not given.
+        """
         raise NotImplementedError
 
-    def encoder_flops(self) -> float:
+    def batch_encoder(self, inputs: Mapping[str, Any]) -> tuple[float, list[int]]:
+        """Encoder FLOPs of a batch's images, and the tokens the unmodified model projects per image."""
         raise NotImplementedError
 
     def projector_flops(self, tokens: int) -> float:
+        """The model's projector over ``tokens`` tokens."""
         raise NotImplementedError
-
-    def baseline_projected(self) -> int:
-        return sum(row.count for row in self.rows())
 
     def widths(self) -> tuple[int, int, int | None]:
         """(encoder width, LLM width, projector hidden width): see :class:`StageShape`."""
@@ -339,110 +365,9 @@ class _Family:
         """FLOPs of computing encoder signal ``name`` (asked with ``value``) for one image."""
         return 0.0
 
-    def decoder_visual(self, rows: list[_Row], stage_label: str | None = None) -> int:
+    def decoder_visual(self, rows: list[SimulatedRow], stage_label: str | None = None) -> int:
+        """Visual tokens the decoder sees for an image of these rows (``stage_label``: the last stage, for errors)."""
         return sum(row.count for row in rows)
-
-
-class _Llava(_Family):
-    def __init__(self, config: Any) -> None:
-        if getattr(config, "vision_feature_select_strategy", "default") != "default":
-            raise UnsupportedModelError("tokenpress supports LLaVA configs with vision_feature_select_strategy="
-                                        f"'default', this one has {config.vision_feature_select_strategy!r}")
-        self.shape, self.decoder = llava_shapes(config)
-        vision = config.vision_config
-        self.side = vision.image_size // vision.patch_size
-
-    def rows(self) -> list[_Row]:
-        return [_Row((1, self.side, self.side), self.side ** 2)]
-
-    def encoder_flops(self) -> float:
-        return self.shape.encoder_flops(self.side ** 2)
-
-    def projector_flops(self, tokens: int) -> float:
-        return self.shape.projector_flops(tokens)
-
-    def widths(self) -> tuple[int, int, int | None]:
-        return self.shape.projector_in, self.decoder.hidden, self.shape.projector_hidden
-
-    def signal_flops(self, name: str, value: Any) -> float:
-        if name != "cls_attention":
-            return 0.0
-        # the CLS row's q projection, every token's k projection, and the CLS x tokens logits
-        tokens, width = self.side ** 2 + 1, self.shape.hidden
-        return 2.0 * width * width * (1 + tokens) + 2.0 * tokens * width
-
-
-class _LlavaNext(_Llava):
-    def __init__(self, config: Any, image_size: tuple[int, int] | None) -> None:
-        from transformers.models.llava_next.modeling_llava_next import (
-            get_anyres_image_grid_shape,
-            image_size_to_num_patches,
-            unpad_image,
-        )
-
-        super().__init__(config)
-        if image_size is None:
-            raise FlopsError("LLaVA-NeXT's token count depends on the image: give its size (height x width in "
-                             "pixels, e.g. --image-size 672x672)")
-        tile = config.vision_config.image_size
-        self.tiles = image_size_to_num_patches(list(image_size), config.image_grid_pinpoints, tile)
-        crops_high, crops_wide = get_anyres_image_grid_shape(list(image_size), config.image_grid_pinpoints, tile)
-        grid = torch.zeros(1, crops_high * self.side, crops_wide * self.side)
-        self.height, self.width = unpad_image(grid, list(image_size)).shape[1:]
-
-    def rows(self) -> list[_Row]:
-        return [_Row((1, self.side, self.side), self.side ** 2),
-                _Row((1, self.height, self.width), self.height * self.width, high_res=True)]
-
-    def encoder_flops(self) -> float:
-        return self.tiles * self.shape.encoder_flops(self.side ** 2)
-
-    def baseline_projected(self) -> int:
-        return self.tiles * self.side ** 2  # the model projects every tile before unpadding
-
-    def decoder_visual(self, rows: list[_Row], stage_label: str | None = None) -> int:
-        total = 0
-        for row in rows:
-            total += row.count
-            if row.high_res and not row.summary:
-                if not row.dense:
-                    raise FlopsError(f"stage {stage_label}: after a selection on LLaVA-NeXT's high-resolution grid "
-                                     "the number of image-newline tokens depends on which tokens survive; the "
-                                     "config-only FLOPs cannot predict it (use the measured mode instead)")
-                total += row.grid[0] * row.grid[1]  # one newline per grid row
-        return total
-
-
-class _Qwen2_5_VL(_Family):
-    def __init__(self, config: Any, image_size: tuple[int, int] | None) -> None:
-        vision = config.vision_config
-        self.vision = vision
-        self.decoder = DecoderShape.from_config(config.get_text_config())
-        self.merge = vision.spatial_merge_size
-        factor = vision.patch_size * self.merge
-        if image_size is None:
-            raise FlopsError("Qwen2.5-VL's token count depends on the image: give its size after the processor's "
-                             f"resize (height x width in pixels, multiples of {factor}, e.g. --image-size 448x448)")
-        height, width = image_size
-        if height % factor or width % factor or height <= 0 or width <= 0:
-            raise FlopsError(f"Qwen2.5-VL image sizes are multiples of {factor} pixels (patch {vision.patch_size} x "
-                             f"merge {self.merge}); got {height}x{width}")
-        self.grid_h, self.grid_w = height // vision.patch_size, width // vision.patch_size
-
-    def rows(self) -> list[_Row]:
-        height, width = self.grid_h // self.merge, self.grid_w // self.merge
-        return [_Row((1, height, width), height * width)]
-
-    def encoder_flops(self) -> float:
-        return qwen_vision_flops(self.vision, 1, self.grid_h, self.grid_w)
-
-    def projector_flops(self, tokens: int) -> float:
-        unit = self.vision.hidden_size * self.merge ** 2
-        return 2.0 * tokens * unit * (unit + self.vision.out_hidden_size)
-
-    def widths(self) -> tuple[int, int, int | None]:
-        unit = self.vision.hidden_size * self.merge ** 2
-        return unit, self.decoder.hidden, unit
 
 
 def qwen_vision_flops(vision: Any, frames: int, grid_h: int, grid_w: int) -> float:
@@ -468,17 +393,46 @@ def _config_of(model_or_config: Any) -> Any:
     return model_or_config if not isinstance(model_or_config, torch.nn.Module) else model_or_config.config
 
 
-def _family(config: Any, image_size: tuple[int, int] | None) -> _Family:
+def _cost_models() -> dict[str, type[FamilyCosts]]:
+    """model_type -> cost model, of the registered adapters (the first one registered for a type wins)."""
+    from tokenpress.registry import get_registry
+
+    models: dict[str, type[FamilyCosts]] = {}
+    for adapter in get_registry().adapters:
+        if adapter.cost_model is not None:
+            models.setdefault(adapter.cost_model.model_type, adapter.cost_model)
+    return models
+
+
+class _SimulatedFamilies(Mapping[str, str]):
+    """``{model_type: label}`` of the registered cost models, read from the registry on every use."""
+
+    def __getitem__(self, model_type: str) -> str:
+        return _cost_models()[model_type].label
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(_cost_models())
+
+    def __len__(self) -> int:
+        return len(_cost_models())
+
+    def __repr__(self) -> str:
+        return repr(dict(self))
+
+
+#: Model types the FLOPs model understands, and their labels (from the registered adapters' cost models).
+SIMULATED_FAMILIES: Mapping[str, str] = _SimulatedFamilies()
+
+
+def _family(config: Any) -> FamilyCosts:
+    """The cost model of ``config``'s family, built from it."""
     model_type = getattr(config, "model_type", None)
-    if model_type == "llava":
-        return _Llava(config)
-    if model_type == "llava_next":
-        return _LlavaNext(config, image_size)
-    if model_type == "qwen2_5_vl":
-        return _Qwen2_5_VL(config, image_size)
-    supported = ", ".join(f"{key} ({name})" for key, name in SIMULATED_FAMILIES.items())
-    raise UnsupportedModelError(f"config-only FLOPs support model_type {supported}; this config has "
-                                f"model_type {model_type!r}")
+    cost_model = _cost_models().get(model_type)
+    if cost_model is None:
+        supported = ", ".join(f"{key} ({name})" for key, name in SIMULATED_FAMILIES.items())
+        raise UnsupportedModelError(f"config-only FLOPs support model_type {supported}; this config has "
+                                    f"model_type {model_type!r}")
+    return cost_model(config)
 
 
 # --- config-only simulation ------------------------------------------------------------------------------
@@ -504,7 +458,8 @@ def _promise(stage: Stage, counts: list[int]) -> list[int]:
     return [min(out, count) for out, count in zip(promised, counts, strict=True)]
 
 
-def _apply_pre_llm(stage: Stage, rows: list[_Row], widths: tuple[int, int, int | None]) -> tuple[list[_Row], float]:
+def _apply_pre_llm(stage: Stage, rows: list[SimulatedRow],
+                   widths: tuple[int, int, int | None]) -> tuple[list[SimulatedRow], float]:
     """The rows after a pre-LLM stage, and the FLOPs of the stage's own modules."""
     method = _method(stage)
     out = []
@@ -516,20 +471,20 @@ def _apply_pre_llm(stage: Stage, rows: list[_Row], widths: tuple[int, int, int |
         if not row.dense:
             raise FlopsError(f"stage {stage.label()}: {stage.method!r} re-grids the full patch grid, but an "
                              "earlier stage already selected tokens (the forward pass would fail too)")
-        out.append(_Row((frames, *new_grid), frames * new_grid[0] * new_grid[1], True, row.high_res))
+        out.append(SimulatedRow((frames, *new_grid), frames * new_grid[0] * new_grid[1], True, row.high_res))
     else:
         return out, sum(stage_flops(method, [row.count for row in rows], [row.count for row in out], widths))
     counts = _promise(stage, [row.count for row in rows])
     summary = stage.method_class.summary_tokens
-    out = [_Row(row.grid, count, not summary and row.dense and count == row.count, row.high_res,
-                summary or row.summary) for row, count in zip(rows, counts, strict=True)]
+    out = [SimulatedRow(row.grid, count, not summary and row.dense and count == row.count, row.high_res,
+                        summary or row.summary) for row, count in zip(rows, counts, strict=True)]
     return out, sum(stage_flops(method, [row.count for row in rows], counts, widths))
 
 
-def _run(family: _Family, stack: Stack, text_tokens: int, limit: int | None) -> _Path:
-    """The compressed forward with the first ``limit`` stage applications (all when None)."""
+def _run(family: FamilyCosts, image: ImageCosts, stack: Stack, text_tokens: int, limit: int | None) -> _Path:
+    """The compressed forward of ``image`` with the first ``limit`` stage applications (all when None)."""
     decoder = family.decoder
-    rows = family.rows()
+    rows = image.rows
     applications: list[tuple[Stage, int | None, int, int, float]] = []
 
     def allowed() -> bool:
@@ -561,7 +516,7 @@ def _run(family: _Family, stack: Stack, text_tokens: int, limit: int | None) -> 
     assert projected is not None
     visual = family.decoder_visual(rows, last_label)
 
-    costs = Costs(encoder=family.encoder_flops(), projector=family.projector_flops(projected),
+    costs = Costs(encoder=image.encoder, projector=family.projector_flops(projected),
                   lm_head=decoder.lm_head_flops(1), stages=own)
     layer_tokens: list[int] = []
     for layer in range(decoder.layers):
@@ -610,32 +565,30 @@ def simulate(config: Any, stack: Stack | str | Path | dict, text_tokens: int,
     stack = load_stack(stack)
     if text_tokens < 0:
         raise FlopsError(f"text_tokens must be >= 0, got {text_tokens}")
-    family = _family(config, image_size)
+    family = _family(config)
+    image = family.image(image_size)
     decoder = family.decoder
     stack = stack.resolved(decoder.layers)
     _check_layers(stack, decoder.layers)
 
-    visual = family.decoder_visual(family.rows())
+    visual = family.decoder_visual(image.rows)
     baseline_layers = [text_tokens + visual] * decoder.layers
-    baseline = Costs(encoder=family.encoder_flops(), projector=family.projector_flops(family.baseline_projected()),
+    baseline = Costs(encoder=image.encoder, projector=family.projector_flops(image.projected),
                      decoder=decoder_prefill_flops(decoder, baseline_layers), lm_head=decoder.lm_head_flops(1))
-    notes = []
-    if image_size is not None and config.model_type == "llava":
-        side = config.vision_config.image_size
-        notes.append(f"image size ignored: LLaVA-1.5 resizes every image to {side}x{side}")
+    notes = list(image.notes)
     if not stack.stages:
         return Breakdown(config.model_type, stack.name, text_tokens, visual, baseline, baseline, [],
                          baseline_layers, baseline_layers, decoder, notes)
 
-    full = _run(family, stack, text_tokens, None)
-    previous = _run(family, stack, text_tokens, 0).costs.total
+    full = _run(family, image, stack, text_tokens, None)
+    previous = _run(family, image, stack, text_tokens, 0).costs.total
     if previous != baseline.total:
         notes.append(f"the compressed forward itself saves {format_flops(baseline.total - previous)} before any "
                      "stage acts (LLaVA-NeXT: it projects the base tile and the unpadded grid, not every tile); "
                      "the stages' savings do not include it")
     stages = []
     for index, (stage, layer, tokens_in, tokens_out, scoring) in enumerate(full.applications):
-        total = _run(family, stack, text_tokens, index + 1).costs.total
+        total = _run(family, image, stack, text_tokens, index + 1).costs.total
         stages.append(StageCost(stage.label(), stage.method, stage.point, layer, tokens_in, tokens_out,
                                 previous - total, scoring))
         previous = total
@@ -646,41 +599,15 @@ def simulate(config: Any, stack: Stack | str | Path | dict, text_tokens: int,
 # --- measured counts --------------------------------------------------------------------------------------
 
 
-def _signal_flops(config: Any, inputs: Mapping[str, Any], stack: Stack | None) -> float:
-    """FLOPs of the encoder signals a stack's stages ask for, over a batch's images."""
-    if stack is None or getattr(config, "model_type", None) != "llava":  # the only family with signals
+def _signal_flops(family: FamilyCosts, images: int, stack: Stack | None) -> float:
+    """FLOPs of the encoder signals a stack's stages ask for, over a batch's ``images`` images."""
+    if stack is None:
         return 0.0
-    family, images = _Llava(config), int(inputs["pixel_values"].shape[0])
     requested: dict[str, Any] = {}
     for stage in stack.stages:
         for name, value in _method(stage).required_signals().items():
             requested.setdefault(name, value)
     return images * sum(family.signal_flops(name, value) for name, value in requested.items())
-
-
-def _encoder_from_inputs(config: Any, inputs: Mapping[str, Any]) -> tuple[float, list[int]]:
-    """Encoder FLOPs of a batch's images, and the tokens the unmodified model projects per image."""
-    model_type = getattr(config, "model_type", None)
-    if model_type == "llava":
-        family = _Llava(config)
-        images = int(inputs["pixel_values"].shape[0])
-        return images * family.encoder_flops(), [family.side ** 2] * images
-    if model_type == "llava_next":
-        if inputs.get("image_sizes") is None:
-            raise FlopsError("LLaVA-NeXT FLOPs need the batch's image_sizes")
-        sizes = [tuple(int(v) for v in size) for size in inputs["image_sizes"]]
-        families = [_LlavaNext(config, size) for size in sizes]
-        return sum(f.encoder_flops() for f in families), [f.baseline_projected() for f in families]
-    if model_type == "qwen2_5_vl":
-        vision, merge = config.vision_config, config.vision_config.spatial_merge_size
-        grids = [inputs[key] for key in ("image_grid_thw", "video_grid_thw") if inputs.get(key) is not None]
-        if not grids:
-            raise FlopsError("Qwen2.5-VL FLOPs need the batch's image_grid_thw (or video_grid_thw)")
-        rows = [[int(v) for v in row] for grid in grids for row in grid]
-        return (sum(qwen_vision_flops(vision, t, h, w) for t, h, w in rows),
-                [t * (h // merge) * (w // merge) for t, h, w in rows])
-    _family(config, None)  # raises the unsupported-model error
-    raise AssertionError("unreachable")
 
 
 def measured(config: Any, inputs: Mapping[str, Any], stats: PrefillStats | None = None,
@@ -695,9 +622,9 @@ def measured(config: Any, inputs: Mapping[str, Any], stats: PrefillStats | None 
     from tokenpress.stack import load_stack
 
     config = _config_of(config)
-    decoder = DecoderShape.from_config(config.get_text_config())
-    encoder, projected_per_image = _encoder_from_inputs(config, inputs)
-    family_shape = _family_projector(config)
+    family = _family(config)
+    decoder = family.decoder
+    encoder, projected_per_image = family.batch_encoder(inputs)
     if stats is None:
         mask = inputs.get("attention_mask")
         ids = inputs["input_ids"]
@@ -711,8 +638,9 @@ def measured(config: Any, inputs: Mapping[str, Any], stats: PrefillStats | None 
     if stack is not None:
         stack = load_stack(stack).resolved(decoder.layers)
     own = sum(sum(record.own_flops) for record in records or [] if record.layer is None)
-    costs = Costs(encoder=encoder, projector=family_shape(projected), lm_head=decoder.lm_head_flops(batch),
-                  stages=own + (_signal_flops(config, inputs, stack) if stats is not None else 0.0))
+    signals = _signal_flops(family, len(projected_per_image), stack) if stats is not None else 0.0
+    costs = Costs(encoder=encoder, projector=family.projector_flops(projected), lm_head=decoder.lm_head_flops(batch),
+                  stages=own + signals)
     for per_layer in zip(*layer_tokens, strict=True):
         costs.decoder += decoder_prefill_flops(decoder, list(per_layer))
     if stack is not None and stats is not None and layer_visual is not None:
@@ -737,15 +665,6 @@ def measured(config: Any, inputs: Mapping[str, Any], stats: PrefillStats | None 
 def measured_from_handle(handle: Handle, inputs: Mapping[str, Any]) -> Costs:
     """:func:`measured` for the last prefill of an attached stack (unmodified model when it had no stage)."""
     return measured(handle.model.config, inputs, handle.prefill_stats, handle.stack, handle.records)
-
-
-def _family_projector(config: Any) -> Callable[[int], float]:
-    model_type = getattr(config, "model_type", None)
-    if model_type in ("llava", "llava_next"):
-        return llava_shapes(config)[0].projector_flops
-    vision = config.vision_config
-    unit = vision.hidden_size * vision.spatial_merge_size ** 2
-    return lambda tokens: 2.0 * tokens * unit * (unit + vision.out_hidden_size)
 
 
 def load_config(path: str | Path) -> Any:
@@ -813,8 +732,8 @@ def format_breakdown(breakdown: Breakdown) -> str:
 
 
 __all__ = [
-    "SIMULATED_FAMILIES", "Breakdown", "Costs", "DecoderShape", "EncoderShape", "FlopsError", "ScoringInput",
-    "StageCost", "StageShape", "adapter_widths", "decoder_prefill_flops", "fastv_paper_flops", "format_breakdown",
-    "format_flops", "llava_shapes", "load_config", "measured", "measured_from_handle", "parse_image_size",
-    "qwen_vision_flops", "scorer_flops", "simulate", "stage_flops",
+    "SIMULATED_FAMILIES", "Breakdown", "Costs", "DecoderShape", "EncoderShape", "FamilyCosts", "FlopsError",
+    "ImageCosts", "ScoringInput", "SimulatedRow", "StageCost", "StageShape", "adapter_widths", "decoder_prefill_flops",
+    "fastv_paper_flops", "format_breakdown", "format_flops", "llava_shapes", "load_config", "measured",
+    "measured_from_handle", "parse_image_size", "qwen_vision_flops", "scorer_flops", "simulate", "stage_flops",
 ]

@@ -1,5 +1,8 @@
-"""Model adapters shipped with the core (one module per family), registered through the same hook
-third parties use to add a family."""
+"""Model adapters shipped with the core, registered through the same hook third parties use to add a family.
+
+A family is one module: its adapter (a :class:`ModelAdapter`) and its FLOPs model (a
+:class:`~tokenpress.flops.FamilyCosts`, the adapter's ``cost_model``); the adapter also names its tiny test
+model (``test_family``, a record of :mod:`tokenpress.testing.families`)."""
 
 from __future__ import annotations
 

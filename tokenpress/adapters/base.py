@@ -7,13 +7,14 @@ fit Llama-style decoders (``layers``, ``norm``, ``rotary_emb``, ``embed_tokens``
 ``input_layernorm`` and ``self_attn.q_proj/k_proj``); a family overrides what differs.
 
 A third party adds a family by subclassing this and returning the class from the
-``tokenpress_register_adapters`` hook.
+``tokenpress_register_adapters`` hook. The family brings its FLOPs model with it
+(:attr:`ModelAdapter.cost_model`) and names its tiny test model (:attr:`ModelAdapter.test_family`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import nn
@@ -22,6 +23,9 @@ from tokenpress import compat
 from tokenpress.errors import CompressionError
 from tokenpress.sequence import Sequence
 from tokenpress.tokens import TokenState
+
+if TYPE_CHECKING:
+    from tokenpress.flops import FamilyCosts
 
 
 @dataclass(frozen=True)
@@ -92,6 +96,11 @@ class ModelAdapter:
     position_rank: ClassVar[int] = 1
     #: Encoder signals the family can provide, e.g. ("cls_attention",).
     signals: ClassVar[tuple[str, ...]] = ()
+    #: The family's prefill FLOPs model (``tokenpress flops``, ``eval``'s FLOPs); None: not covered.
+    cost_model: ClassVar[type[FamilyCosts] | None] = None
+    #: ``"module:attribute"`` of the family's :class:`~tokenpress.testing.families.Family` (its tiny
+    #: test model), imported only by the testing suites; None: no tiny model.
+    test_family: ClassVar[str | None] = None
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model

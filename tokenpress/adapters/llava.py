@@ -3,6 +3,7 @@ Llama-style decoder, one run of ``image_token_id`` placeholders per image."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -10,6 +11,7 @@ from torch import nn
 
 from tokenpress.adapters.base import ModelAdapter, ProjectorMLP
 from tokenpress.errors import UnsupportedModelError
+from tokenpress.flops import FamilyCosts, ImageCosts, SimulatedRow, llava_shapes
 from tokenpress.tokens import TokenState
 
 
@@ -29,11 +31,54 @@ def cls_attention(encoder_layer: nn.Module, layer_input: torch.Tensor) -> torch.
     return torch.softmax(logits, dim=-1).mean(dim=1)[:, 0, 1:]
 
 
+class LlavaCosts(FamilyCosts):
+    """LLaVA-1.5's prefill costs: a CLIP-style encoder over one tile, the 2-layer MLP projector."""
+
+    model_type = "llava"
+    label = "LLaVA-1.5"
+
+    def __init__(self, config: Any) -> None:
+        if getattr(config, "vision_feature_select_strategy", "default") != "default":
+            raise UnsupportedModelError("tokenpress supports LLaVA configs with vision_feature_select_strategy="
+                                        f"'default', this one has {config.vision_feature_select_strategy!r}")
+        super().__init__(config)
+        self.shape = llava_shapes(config)[0]
+        vision = config.vision_config
+        self.side = vision.image_size // vision.patch_size
+
+    def image(self, image_size: tuple[int, int] | None) -> ImageCosts:
+        """Every image is resized to the encoder's size: ``image_size`` only adds a note."""
+        side = self.config.vision_config.image_size
+        notes = () if image_size is None else (f"image size ignored: LLaVA-1.5 resizes every image to {side}x{side}",)
+        tokens = self.side ** 2
+        return ImageCosts([SimulatedRow((1, self.side, self.side), tokens)], self.shape.encoder_flops(tokens), tokens,
+                          notes)
+
+    def batch_encoder(self, inputs: Mapping[str, Any]) -> tuple[float, list[int]]:
+        image, images = self.image(None), int(inputs["pixel_values"].shape[0])
+        return images * image.encoder, [image.projected] * images
+
+    def projector_flops(self, tokens: int) -> float:
+        return self.shape.projector_flops(tokens)
+
+    def widths(self) -> tuple[int, int, int | None]:
+        return self.shape.projector_in, self.decoder.hidden, self.shape.projector_hidden
+
+    def signal_flops(self, name: str, value: Any) -> float:
+        if name != "cls_attention":
+            return 0.0
+        # the CLS row's q projection, every token's k projection, and the CLS x tokens logits
+        tokens, width = self.side ** 2 + 1, self.shape.hidden
+        return 2.0 * width * width * (1 + tokens) + 2.0 * tokens * width
+
+
 class LlavaAdapter(ModelAdapter):
     """Adapter for ``LlavaForConditionalGeneration`` (LLaVA-1.5 and its relatives)."""
 
     family = "llava"
     signals = ("cls_attention",)
+    cost_model = LlavaCosts
+    test_family = "tokenpress.testing.families:LLAVA"
 
     @classmethod
     def supports(cls, model: nn.Module) -> bool:

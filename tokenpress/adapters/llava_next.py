@@ -15,16 +15,63 @@ With ``positions: original`` everything keeps the position it has in the uncompr
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 from torch import nn
-from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+from transformers.models.llava_next.modeling_llava_next import (
+    get_anyres_image_grid_shape,
+    image_size_to_num_patches,
+    unpad_image,
+)
 
 from tokenpress.adapters.base import ImageLayout, ImageSpan, summary_positions
-from tokenpress.adapters.llava import LlavaAdapter
+from tokenpress.adapters.llava import LlavaAdapter, LlavaCosts
 from tokenpress.errors import CompressionError, UnsupportedModelError
+from tokenpress.flops import FlopsError, ImageCosts, SimulatedRow
 from tokenpress.tokens import TokenState
+
+
+class LlavaNextCosts(LlavaCosts):
+    """LLaVA-NeXT's prefill costs: the encoder over every tile, the projector over every tile's tokens,
+    and one image-newline token per row of the high-resolution grid."""
+
+    model_type = "llava_next"
+    label = "LLaVA-NeXT"
+
+    def image(self, image_size: tuple[int, int] | None) -> ImageCosts:
+        """``image_size`` is the original size: it picks the tiling."""
+        if image_size is None:
+            raise FlopsError("LLaVA-NeXT's token count depends on the image: give its size (height x width in "
+                             "pixels, e.g. --image-size 672x672)")
+        config, side = self.config, self.side
+        tile = config.vision_config.image_size
+        tiles = image_size_to_num_patches(list(image_size), config.image_grid_pinpoints, tile)
+        crops_high, crops_wide = get_anyres_image_grid_shape(list(image_size), config.image_grid_pinpoints, tile)
+        height, width = unpad_image(torch.zeros(1, crops_high * side, crops_wide * side), list(image_size)).shape[1:]
+        rows = [SimulatedRow((1, side, side), side ** 2),
+                SimulatedRow((1, height, width), height * width, high_res=True)]
+        # the model projects every tile before unpadding
+        return ImageCosts(rows, tiles * self.shape.encoder_flops(side ** 2), tiles * side ** 2)
+
+    def batch_encoder(self, inputs: Mapping[str, Any]) -> tuple[float, list[int]]:
+        if inputs.get("image_sizes") is None:
+            raise FlopsError("LLaVA-NeXT FLOPs need the batch's image_sizes")
+        images = [self.image(tuple(int(v) for v in size)) for size in inputs["image_sizes"]]
+        return sum(image.encoder for image in images), [image.projected for image in images]
+
+    def decoder_visual(self, rows: list[SimulatedRow], stage_label: str | None = None) -> int:
+        total = 0
+        for row in rows:
+            total += row.count
+            if row.high_res and not row.summary:
+                if not row.dense:
+                    raise FlopsError(f"stage {stage_label}: after a selection on LLaVA-NeXT's high-resolution grid "
+                                     "the number of image-newline tokens depends on which tokens survive; the "
+                                     "config-only FLOPs cannot predict it (use the measured mode instead)")
+                total += row.grid[0] * row.grid[1]  # one newline per grid row
+        return total
 
 
 class LlavaNextAdapter(LlavaAdapter):
@@ -32,6 +79,8 @@ class LlavaNextAdapter(LlavaAdapter):
 
     family = "llava-next"
     signals = ()  # CLS attention per tile does not map onto the stitched grid yet
+    cost_model = LlavaNextCosts
+    test_family = "tokenpress.testing.families:LLAVA_NEXT"
 
     @classmethod
     def supports(cls, model: nn.Module) -> bool:
@@ -43,8 +92,6 @@ class LlavaNextAdapter(LlavaAdapter):
             raise UnsupportedModelError("the llava-next adapter needs a model with an image_newline embedding")
 
     def encode_images(self, inputs: dict[str, Any], signals: dict[str, Any]) -> tuple[TokenState, dict[str, Any]]:
-        from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape, unpad_image
-
         config = self.model.config
         pixel_values, image_sizes = inputs["pixel_values"], inputs.get("image_sizes")
         if image_sizes is None:

@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -20,6 +21,7 @@ from torch import nn
 from tokenpress import compat
 from tokenpress.adapters.base import ImageSpan, ModelAdapter, ProjectorMLP, summary_positions
 from tokenpress.errors import CompressionError, UnsupportedModelError
+from tokenpress.flops import FamilyCosts, FlopsError, ImageCosts, SimulatedRow, qwen_vision_flops
 from tokenpress.tokens import TokenState
 
 
@@ -34,11 +36,56 @@ class _GroupUnits(nn.Module):
         return hidden.reshape(-1, self.unit * hidden.shape[-1])
 
 
+class Qwen2_5_VLCosts(FamilyCosts):
+    """Qwen2.5-VL's prefill costs: the window-attention ViT over the image's patches, the 2x2 patch merger."""
+
+    model_type = "qwen2_5_vl"
+    label = "Qwen2.5-VL"
+
+    def __init__(self, config: Any) -> None:
+        super().__init__(config)
+        self.vision = config.vision_config
+        self.merge = self.vision.spatial_merge_size
+        self.unit = self.vision.hidden_size * self.merge ** 2  # a merged cell: merge x merge patches, concatenated
+
+    def image(self, image_size: tuple[int, int] | None) -> ImageCosts:
+        """``image_size`` is the size after the processor's resize."""
+        patch = self.vision.patch_size
+        factor = patch * self.merge
+        if image_size is None:
+            raise FlopsError("Qwen2.5-VL's token count depends on the image: give its size after the processor's "
+                             f"resize (height x width in pixels, multiples of {factor}, e.g. --image-size 448x448)")
+        height, width = image_size
+        if height % factor or width % factor or height <= 0 or width <= 0:
+            raise FlopsError(f"Qwen2.5-VL image sizes are multiples of {factor} pixels (patch {patch} x "
+                             f"merge {self.merge}); got {height}x{width}")
+        grid_h, grid_w = height // patch, width // patch
+        rows, cols = grid_h // self.merge, grid_w // self.merge
+        return ImageCosts([SimulatedRow((1, rows, cols), rows * cols)],
+                          qwen_vision_flops(self.vision, 1, grid_h, grid_w), rows * cols)
+
+    def batch_encoder(self, inputs: Mapping[str, Any]) -> tuple[float, list[int]]:
+        grids = [inputs[key] for key in ("image_grid_thw", "video_grid_thw") if inputs.get(key) is not None]
+        if not grids:
+            raise FlopsError("Qwen2.5-VL FLOPs need the batch's image_grid_thw (or video_grid_thw)")
+        rows = [[int(v) for v in row] for grid in grids for row in grid]
+        return (sum(qwen_vision_flops(self.vision, t, h, w) for t, h, w in rows),
+                [t * (h // self.merge) * (w // self.merge) for t, h, w in rows])
+
+    def projector_flops(self, tokens: int) -> float:
+        return 2.0 * tokens * self.unit * (self.unit + self.vision.out_hidden_size)
+
+    def widths(self) -> tuple[int, int, int | None]:
+        return self.unit, self.decoder.hidden, self.unit
+
+
 class Qwen2_5_VLAdapter(ModelAdapter):
     """Adapter for ``Qwen2_5_VLForConditionalGeneration`` (images; videos go through pre-LLM points)."""
 
     family = "qwen2.5-vl"
     position_rank = 3
+    cost_model = Qwen2_5_VLCosts
+    test_family = "tokenpress.testing.families:QWEN2_5_VL"
 
     @classmethod
     def supports(cls, model: nn.Module) -> bool:

@@ -32,7 +32,6 @@ only the method's own hook calls are measured. Tiny models are built once per se
 from __future__ import annotations
 
 import contextlib
-import copy
 import random
 import traceback
 import warnings
@@ -53,15 +52,8 @@ from tokenpress.context import DecoderContext
 from tokenpress.hookspecs import hookimpl
 from tokenpress.method import Method
 from tokenpress.profiling import observing
-from tokenpress.testing.families import FAMILIES, Family, prompts
+from tokenpress.testing.families import FAMILIES, Family, ScaledInputs, prompts
 from tokenpress.testing.memory import AllocationTracker, growth_exponent
-from tokenpress.testing.models import (
-    llava_batch,
-    llava_next_batch,
-    qwen_batch,
-    sample_prompts,
-    tiny_llava,
-)
 from tokenpress.tokens import TokenState
 
 __all__ = [
@@ -123,48 +115,10 @@ class FamilyCase:
 
 # --- inputs with a growing number of visual tokens (for the N x N check) -------------------------
 
-ScaledInputs = Callable[[int], tuple[Any, dict[str, torch.Tensor]]]  # step (0, 1, 2) -> (model, batch of one)
-
-
-def _llava_scaled(step: int) -> tuple[Any, dict[str, torch.Tensor]]:
-    size = (64, 128, 256)[step]  # patch 8: 64, 256, 1024 visual tokens
-    model = _cached(("llava-scaled", size), lambda: tiny_llava("sdpa", image_size=size))
-    return model, llava_batch(model, sample_prompts(1))
-
-
-def _llava_next_scaled(step: int) -> tuple[Any, dict[str, torch.Tensor]]:
-    tile = (32, 64, 128)[step]  # one pinpoint of one tile: base + crop, 2 x (tile / 8)^2 tokens
-
-    def build() -> Any:
-        from transformers import LlavaNextForConditionalGeneration
-
-        base = tiny_model("llava-next")
-        config = copy.deepcopy(base.config)
-        config.vision_config.image_size = tile
-        config.image_grid_pinpoints = [[tile, tile]]
-        torch.manual_seed(0)
-        model = LlavaNextForConditionalGeneration(config).eval()
-        with torch.no_grad():
-            model.model.image_newline.normal_()
-        model.generation_config.pad_token_id = base.generation_config.pad_token_id
-        return model
-
-    model = _cached(("llava-next-scaled", tile), build)
-    return model, llava_next_batch(model, sample_prompts(1), sizes=[(tile, tile)])
-
-
-def _qwen_scaled(step: int) -> tuple[Any, dict[str, torch.Tensor]]:
-    grid = ((8, 8), (16, 16), (32, 32))[step]  # 2x2 merge: 16, 64, 256 visual tokens
-    model = tiny_model("qwen2.5-vl")
-    return model, qwen_batch(model, sample_prompts(1), grids=[grid])
-
-
-#: Family name -> inputs at three growing visual token counts. A third-party family adds its own.
-SCALED_INPUTS: dict[str, ScaledInputs] = {
-    "llava": _llava_scaled,
-    "llava-next": _llava_next_scaled,
-    "qwen2.5-vl": _qwen_scaled,
-}
+#: Family name -> inputs at three growing visual token counts: each family's own (``Family.scaled``), and
+#: what a third-party family adds here (an entry here wins over its record's).
+SCALED_INPUTS: dict[str, ScaledInputs] = {name: family.scaled for name, family in FAMILIES.items()
+                                          if family.scaled is not None}
 
 # --- observing the method's own hook calls ------------------------------------------------------
 
@@ -668,10 +622,11 @@ class MethodContract:
     @torch.no_grad()
     def test_no_quadratic_allocations(self, contract_family: str, contract_method: str) -> None:
         """The peak float memory the hook calls hold grows ~linearly with the visual tokens (no N x N matrix)."""
-        scaled = SCALED_INPUTS.get(contract_family)
+        family = FAMILIES.get(contract_family)
+        scaled = SCALED_INPUTS.get(contract_family, family.scaled if family is not None else None)
         if scaled is None:
-            pytest.skip(f"no inputs of growing size for family {contract_family!r} (tokenpress.testing.contract."
-                        "SCALED_INPUTS)")
+            pytest.skip(f"no inputs of growing size for family {contract_family!r} (Family.scaled, or "
+                        "tokenpress.testing.contract.SCALED_INPUTS)")
         sizes, allocated, largest = [], [], []
         for step in range(3):
             model, batch = scaled(step)

@@ -1,16 +1,21 @@
 """Tiny models of every supported family, with inputs, for suites that run over all families.
 
-A third-party adapter adds its family with :func:`register_family` (from its own test setup).
+An adapter names its family's record (``ModelAdapter.test_family``, ``"module:attribute"``, imported
+here only): :data:`FAMILIES` holds the records the registered adapters name. A third-party family
+does the same, or adds its record with :func:`register_family` (from its own test setup).
 """
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from dataclasses import dataclass
+from importlib import import_module
 from typing import Any
 
 import torch
 
+from tokenpress.registry import get_registry
 from tokenpress.testing.models import (
     Prompt,
     llava_batch,
@@ -25,6 +30,9 @@ from tokenpress.testing.models import (
     tiny_qwen2_5_vl,
 )
 
+#: Inputs at three growing visual token counts: step (0, 1, 2) -> (model, batch of one).
+ScaledInputs = Callable[[int], tuple[Any, dict[str, torch.Tensor]]]
+
 
 @dataclass(frozen=True)
 class Family:
@@ -38,6 +46,8 @@ class Family:
     #: The compressed prefill of one prompt does no work on padding slots, so torch's FLOP counter equals
     #: the FLOPs model exactly (LLaVA-NeXT pads its base-tile row to its high-resolution row: it does).
     flops_exact: bool = True
+    #: Inputs of a growing number of visual tokens, for the contract's N x N check (None: the check skips).
+    scaled: ScaledInputs | None = None
 
 
 def _llava_batch(model: Any, prompts: list[Prompt], padding_side: str = "left", seed: int = 0) -> dict:
@@ -62,12 +72,66 @@ def _next_mixed(model: Any, prompts: list[Prompt]) -> dict:
     return llava_next_batch(model, prompts, sizes=[sizes[i % len(sizes)] for i in range(len(prompts))])
 
 
-FAMILIES: dict[str, Family] = {
-    "llava": Family("llava", tiny_llava, _llava_batch, select_rows),
-    "llava-next": Family("llava-next", tiny_llava_next, _next_batch, select_llava_next_rows, _next_mixed,
-                         flops_exact=False),
-    "qwen2.5-vl": Family("qwen2.5-vl", tiny_qwen2_5_vl, _qwen_batch, select_qwen_rows, _qwen_mixed),
-}
+def _llava_scaled(step: int) -> tuple[Any, dict[str, torch.Tensor]]:
+    # the scaled inputs share the contract's session cache of models (imported here: the contract imports us)
+    from tokenpress.testing.contract import _cached
+
+    size = (64, 128, 256)[step]  # patch 8: 64, 256, 1024 visual tokens
+    model = _cached(("llava-scaled", size), lambda: tiny_llava("sdpa", image_size=size))
+    return model, llava_batch(model, sample_prompts(1))
+
+
+def _next_scaled(step: int) -> tuple[Any, dict[str, torch.Tensor]]:
+    from tokenpress.testing.contract import _cached, tiny_model
+
+    tile = (32, 64, 128)[step]  # one pinpoint of one tile: base + crop, 2 x (tile / 8)^2 tokens
+
+    def build() -> Any:
+        from transformers import LlavaNextForConditionalGeneration
+
+        base = tiny_model("llava-next")
+        config = copy.deepcopy(base.config)
+        config.vision_config.image_size = tile
+        config.image_grid_pinpoints = [[tile, tile]]
+        torch.manual_seed(0)
+        model = LlavaNextForConditionalGeneration(config).eval()
+        with torch.no_grad():
+            model.model.image_newline.normal_()
+        model.generation_config.pad_token_id = base.generation_config.pad_token_id
+        return model
+
+    model = _cached(("llava-next-scaled", tile), build)
+    return model, llava_next_batch(model, sample_prompts(1), sizes=[(tile, tile)])
+
+
+def _qwen_scaled(step: int) -> tuple[Any, dict[str, torch.Tensor]]:
+    from tokenpress.testing.contract import tiny_model
+
+    grid = ((8, 8), (16, 16), (32, 32))[step]  # 2x2 merge: 16, 64, 256 visual tokens
+    model = tiny_model("qwen2.5-vl")
+    return model, qwen_batch(model, sample_prompts(1), grids=[grid])
+
+
+LLAVA = Family("llava", tiny_llava, _llava_batch, select_rows, scaled=_llava_scaled)
+LLAVA_NEXT = Family("llava-next", tiny_llava_next, _next_batch, select_llava_next_rows, _next_mixed,
+                    flops_exact=False, scaled=_next_scaled)
+QWEN2_5_VL = Family("qwen2.5-vl", tiny_qwen2_5_vl, _qwen_batch, select_qwen_rows, _qwen_mixed, scaled=_qwen_scaled)
+
+
+def _named_by_adapters() -> dict[str, Family]:
+    """The records the registered adapters name, in their order (the first one for a name wins)."""
+    families: dict[str, Family] = {}
+    for adapter in get_registry().adapters:
+        if adapter.test_family is not None:
+            module, _, attribute = adapter.test_family.partition(":")
+            # this module's own records are defined above, so naming them while it loads works
+            family = getattr(import_module(module), attribute)
+            families.setdefault(family.name, family)
+    return families
+
+
+#: Family name -> its record: those the registered adapters name, then those added by register_family.
+FAMILIES: dict[str, Family] = _named_by_adapters()
 
 
 def register_family(family: Family) -> None:
