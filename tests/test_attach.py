@@ -101,6 +101,7 @@ class WantsSignal(tokenpress.Method):
     Config = tokenpress.MethodConfig
     points = ("post_encoder",)
     seen: list = []
+    adapters: list = []
 
     def required_signals(self):
         return {"cls_attention": 0}
@@ -109,6 +110,7 @@ class WantsSignal(tokenpress.Method):
     def post_encoder(self, tokens, context):
         attention = context.signals["cls_attention"]
         WantsSignal.seen.append(attention)
+        WantsSignal.adapters.append(context.adapter)
         counts = tokenpress.keep_count(tokens.counts(), 0.5)
         from tokenpress.select import topk_mask
 
@@ -182,6 +184,7 @@ def test_encoder_signals_reach_the_stage(model_and_batch, test_methods):
     # a distribution over the patches with the CLS column removed: positive, sums to less than 1
     assert bool((attention > 0).all()) and bool((attention.sum(-1) < 1).all())
     assert handle.report().records[0].tokens_out == [18, 18]
+    assert WantsSignal.adapters[-1] is handle.adapter  # the stage context carries the model's adapter
 
 
 def test_two_stages_asking_one_signal_differently_are_refused(model_and_batch, test_methods):

@@ -13,7 +13,7 @@ import tokenpress
 from tokenpress import TokenState
 from tokenpress.testing.families import FAMILIES, prompts
 from tokenpress.tokens import NO_CELL, SHARED
-from tokenpress_plugins.qformer.module import QFormerModule
+from tokenpress_plugins.qformer.module import QFormerModule, query_homes
 
 
 def qformer(queries: int = 4) -> dict:
@@ -107,3 +107,30 @@ def test_a_heads_count_that_does_not_divide_the_width_is_refused_in_one_sentence
     stack = {"name": "q", "stages": [{"method": "qformer", "params": {"heads": 7}}]}
     with pytest.raises(tokenpress.errors.TokenpressError, match=r"stages\[0\].*heads: 7 does not divide"):
         tokenpress.compress(model, stack)
+
+
+def test_fitting_a_qformer_is_reproducible_and_moves_its_homes(tmp_path, checkpoint):
+    """Two fits from one seed write byte-identical files; fitting changes the queries' homes."""
+    from PIL import Image
+    from safetensors.torch import load_file
+
+    from tokenpress.calibration import PromptedImage
+    from tokenpress.fit import fit
+    from tokenpress.loading import load_model_and_processor
+
+    generator = torch.Generator().manual_seed(0)
+
+    def picture() -> Image.Image:
+        return Image.fromarray(torch.randint(0, 255, (48, 48, 3), generator=generator, dtype=torch.uint8).numpy())
+
+    train = [PromptedImage(picture(), f"w{5 + i} w{9 + i}") for i in range(4)]
+    held = [PromptedImage(picture(), "w7 w8")]
+    files = []
+    for run in range(2):
+        model, processor = load_model_and_processor(checkpoint)
+        fit(model, processor, qformer(4), train, held, tmp_path / f"run{run}", steps=3, batch_size=2, lr=1e-2,
+            seed=0, progress=False)
+        files.append(tmp_path / f"run{run}" / "qformer-heads4-layers2-queries4.safetensors")
+    assert files[0].read_bytes() == files[1].read_bytes()
+    homes = load_file(str(files[0]))["homes"]
+    assert not torch.equal(homes, query_homes(4)[0])

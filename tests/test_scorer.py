@@ -7,7 +7,7 @@ import torch
 
 import tokenpress
 from tokenpress.adapters.llava import cls_attention
-from tokenpress.scorer import attention_rows
+from tokenpress.scorer import Scorer, attention_rows
 from tokenpress.sequence import Sequence
 from tokenpress.testing import Prompt, llava_batch, tiny_llava
 from tokenpress.testing.families import FAMILIES
@@ -78,7 +78,7 @@ def test_scorer_memory_grows_linearly_with_visual_tokens(llava_eager):
     scorer_bytes, scorer_largest, eager_largest = [], [], []
     for visual in sizes:
         sequence = _synthetic_sequence(model, visual)
-        scorer = tokenpress.engine.Scorer(adapter, 2, sequence, sequence)
+        scorer = Scorer(adapter, 2, sequence, sequence)
         with AllocationTracker() as tracker:
             scorer.attention_to_tokens(query="last", layer="current")
         scorer_bytes.append(tracker.stats.total_bytes)
@@ -102,7 +102,7 @@ def test_scorer_memory_is_linear_on_every_family(family):
     for visual in sizes:
         sequence = _synthetic_sequence(model, visual, adapter.position_rank)
         with AllocationTracker() as tracker:
-            tokenpress.engine.Scorer(adapter, 1, sequence, sequence).attention_to_tokens(query="text")
+            Scorer(adapter, 1, sequence, sequence).attention_to_tokens(query="text")
         allocated.append(tracker.stats.total_bytes)
     assert growth_exponent(sizes, allocated) < 1.15, allocated
 

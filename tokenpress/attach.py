@@ -27,9 +27,10 @@ from torch import nn
 
 from tokenpress import compat, hookspecs
 from tokenpress.adapters.base import ModelAdapter
-from tokenpress.engine import CompressedForward, DeferredEncoding, PrefillStats, StageEntry, StageRecord
+from tokenpress.engine import CompressedForward, DeferredEncoding
 from tokenpress.errors import CompressionError, PluginError, StackError, TokenpressError, UnsupportedModelError
 from tokenpress.method import Method
+from tokenpress.prefill import PrefillOutcome, PrefillStats, StageEntry, StageRecord
 from tokenpress.registry import Registry, get_registry
 from tokenpress.stack import Stack, load_stack
 
@@ -88,8 +89,8 @@ class Handle:
         self.adapter = adapter
         self.entries = entries
         self.registry = registry
-        self.records: list[StageRecord] = []
-        self.prefill_stats: PrefillStats | None = None
+        #: What the last compressed prefill did (None before the first).
+        self.outcome: PrefillOutcome | None = None
         #: Set to a list to record, at the next prefills, which original patches each stage (and each
         #: decoder layer with a stage) still represents: ``(label, (images, patches) bool)`` pairs.
         self.trace: list[tuple[str, Any]] | None = None
@@ -184,6 +185,23 @@ class Handle:
         self.detach()
 
     # --- reporting ------------------------------------------------------------------------------
+
+    def store(self, outcome: PrefillOutcome) -> None:
+        """Keep a prefill's outcome (the compressed forward calls this after each prefill)."""
+        self.outcome = outcome
+        if self.trace is not None and outcome.trace is not None:
+            self.trace.extend(outcome.trace)
+            self.trace_grids = outcome.trace_grids
+
+    @property
+    def records(self) -> list[StageRecord]:
+        """What each stage did at the last compressed prefill."""
+        return self.outcome.records if self.outcome is not None else []
+
+    @property
+    def prefill_stats(self) -> PrefillStats | None:
+        """Token counts of the last compressed prefill (what the FLOPs model's measured mode reads)."""
+        return self.outcome.stats if self.outcome is not None else None
 
     def report(self) -> Report:
         """What each stage did at the last compressed prefill."""

@@ -27,6 +27,9 @@ class StageContext:
     image_rank: torch.Tensor  # (I,) long: the image's place among its sample's images
     prompt_embeddings: Callable[[int], torch.Tensor] | None = None
     extras: dict[str, Any] = field(default_factory=dict)
+    #: The model's :class:`~tokenpress.adapters.ModelAdapter`: widths, projector, encoder layers, without
+    #: branching on the family.
+    adapter: Any = None
 
     def text_embeddings(self, image_index: int) -> torch.Tensor:
         """Embedded prompt text (T, D) of the sample image ``image_index`` belongs to."""
@@ -59,6 +62,7 @@ class DecoderContext:
     sequence: Sequence
     scorer: Scorer
     sample_keys: torch.Tensor
+    adapter: Any = None  # the model's ModelAdapter, as in StageContext
 
     @property
     def is_visual(self) -> torch.Tensor:

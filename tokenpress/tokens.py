@@ -22,7 +22,7 @@ Methods never edit these fields by hand: they call :meth:`TokenState.select`, :m
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from dataclasses import replace as dc_replace
 from typing import Literal
 
@@ -49,7 +49,6 @@ class TokenState:
     original_grid: torch.Tensor  # (I, 3) long, (t, h, w) of the encoder output
     image_to_sample: torch.Tensor  # (I,) long, batch row each image belongs to
     space: Space = "encoder"
-    meta: dict = field(default_factory=dict)
 
     # --- construction ---------------------------------------------------------------------------
 

@@ -104,6 +104,10 @@ class ModelAdapter:
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
+        #: What :meth:`encode_images` learned about the current prefill's media that only this adapter
+        #: reads later in the same prefill (Qwen2.5-VL: which rows are videos, their time intervals):
+        #: kept here, out of the stages' :class:`TokenState`.
+        self.media: dict[str, Any] = {}
 
     # --- identification -------------------------------------------------------------------------
 

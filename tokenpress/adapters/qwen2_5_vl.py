@@ -150,10 +150,8 @@ class Qwen2_5_VLAdapter(ModelAdapter):
         rows = [torch.nn.functional.pad(chunk, (0, 0, 0, width - chunk.shape[0]))
                 for chunk in torch.split(units, counts)]
         tokens = TokenState.from_dense(torch.stack(rows), llm_grids)
-        tokens.meta["time_interval"] = intervals
-        tokens.meta["is_video"] = [False] * (len(inputs["image_grid_thw"]) if inputs.get("pixel_values") is not None
-                                             else 0) + [True] * (len(intervals) - (len(inputs["image_grid_thw"])
-                                                                 if inputs.get("pixel_values") is not None else 0))
+        images = len(inputs["image_grid_thw"]) if inputs.get("pixel_values") is not None else 0
+        self.media = {"time_interval": intervals, "is_video": [False] * images + [True] * (len(intervals) - images)}
         return tokens, {}
 
     def encoder_pixels(self, inputs: dict[str, Any], image: int) -> torch.Tensor:
@@ -190,7 +188,7 @@ class Qwen2_5_VLAdapter(ModelAdapter):
     def image_spans(self, input_ids: torch.Tensor, valid: torch.Tensor, tokens: TokenState) -> list[ImageSpan]:
         """Images first (in order), then videos: each kind has its own placeholder id."""
         config = self.model.config
-        is_video = tokens.meta.get("is_video", [False] * tokens.num_images)
+        is_video = self.media.get("is_video", [False] * tokens.num_images)
         spans: list[ImageSpan] = []
         for kind, token_id in ((False, config.image_token_id), (True, config.video_token_id)):
             indices = [i for i, video in enumerate(is_video) if video == kind]
@@ -215,7 +213,7 @@ class Qwen2_5_VLAdapter(ModelAdapter):
         frame = cell // max(h * w, 1)
         row = (cell % max(h * w, 1)) // max(w, 1)
         col = cell % max(w, 1)
-        interval = tokens.meta.get("time_interval", [1.0] * tokens.num_images)[image]
+        interval = self.media.get("time_interval", [1.0] * tokens.num_images)[image]
         temporal = (frame.double() * interval).long() + start
         # summary tokens (no cell) follow the grid like text: the same position on all three axes
         after, end = summary_positions(grid_index, start + max(h, w))

@@ -1,0 +1,296 @@
+"""One compressed prefill, as a plain object: the pre-LLM pipeline (encoder -> ``post_encoder`` ->
+projector -> ``query_conditioned``), the packed sequence, and the decoder layers with the
+``decoder_layer`` stages deciding before each what is dropped (``Keep``) or routed around it
+(``Route``). :meth:`Prefill.run` returns the model's output and a :class:`PrefillOutcome` (what each
+stage did, the token counts cost models need, the trace); it keeps nothing once it returns, and
+knows nothing of how it was reached (:mod:`tokenpress.engine` intercepts the model's forward and
+stores the outcome on the handle).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from dataclasses import replace as dc_replace
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from tokenpress.cache import CompressedCache, DecodeState
+from tokenpress.context import DecoderContext, StageContext
+from tokenpress.decisions import Keep, Route
+from tokenpress.errors import PluginError
+from tokenpress.flops import adapter_widths, stage_flops
+from tokenpress.method import PRE_LLM_POINTS, Method
+from tokenpress.scorer import Scorer
+from tokenpress.sequence import Sequence, attention_mask_for, next_positions
+from tokenpress.tokens import TokenState
+from tokenpress.weights import follow
+
+if TYPE_CHECKING:
+    from tokenpress.adapters.base import ModelAdapter
+    from tokenpress.stack import Stage
+
+
+@dataclass
+class StageRecord:
+    """What one stage did at the last prefill: tokens in and out per sample (visual tokens)."""
+
+    stage: str
+    method: str
+    point: str
+    layer: int | None
+    tokens_in: list[int]
+    tokens_out: list[int]
+    action: str = "transform"  # transform | keep | route
+    own_flops: list[float] = field(default_factory=list)  # per sample: the stage's own modules (pre-LLM)
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+@dataclass
+class StageEntry:
+    """An attached stage: its validated spec and its method instance."""
+
+    stage: Stage
+    method: Method
+
+    def hook(self, point: str) -> Callable[..., Any]:
+        return getattr(self.method, point)
+
+
+@dataclass
+class PrefillResult:
+    sequence: Sequence
+    key_valid: list[torch.Tensor] = field(default_factory=list)
+    next_position: list[torch.Tensor] = field(default_factory=list)
+    visual_per_layer: list[torch.Tensor] = field(default_factory=list)
+
+
+@dataclass
+class PrefillStats:
+    """Token counts of the last compressed prefill, per sample: what cost models need."""
+
+    visual_in: list[int]  # visual tokens the encoder produced
+    projected: list[int]  # tokens that went through the projector
+    layer_tokens: list[list[int]]  # [layer][sample]: tokens (text + visual) each decoder layer processed
+    layer_visual: list[list[int]]  # [layer][sample]: visual tokens each decoder layer processed
+
+
+def prompt_fingerprints(input_ids: torch.Tensor, valid: torch.Tensor, prompt_length: int) -> torch.Tensor:
+    """A number per sample that depends only on its real prompt tokens (so alone == batched)."""
+    keys = []
+    for ids, mask in zip(input_ids[:, :prompt_length].tolist(), valid[:, :prompt_length].tolist(), strict=True):
+        key = 1469598103934665603
+        for token, real in zip(ids, mask, strict=True):
+            if real:
+                key = ((key ^ (token + 1)) * 1099511628211) % (2**61 - 1)
+        keys.append(key)
+    return torch.tensor(keys, dtype=torch.long)
+
+
+@dataclass
+class PrefillOutcome:
+    """What one compressed prefill did (the handle keeps the last one)."""
+
+    records: list[StageRecord]  # what each stage did, in order
+    stats: PrefillStats
+    trace: list[tuple[str, torch.Tensor]] | None = None  # (label, patch owners) at each step, when traced
+    trace_grids: torch.Tensor | None = None  # (images, 3) original (t, h, w) grids of the traced prefill
+
+
+class Prefill:
+    """One compressed prefill of ``entries`` (the attached stages) on ``adapter``'s model.
+
+    ``run_stage`` calls a stage's hook (through the observers' ``tokenpress_run_stage`` wrappers);
+    ``compact`` lays out positions compactly; ``trace`` records patch owners at every step.
+    """
+
+    def __init__(self, adapter: ModelAdapter, entries: list[StageEntry],
+                 run_stage: Callable[[StageEntry, str, Any, Callable[[Any], Any]], Any], *, compact: bool = False,
+                 trace: bool = False) -> None:
+        self.adapter = adapter
+        self.entries = entries
+        self._run_stage = run_stage
+        self.compact = compact
+        self.trace: list[tuple[str, torch.Tensor]] | None = [] if trace else None
+        self.final_tokens: TokenState | None = None
+
+    def run(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, use_cache: bool,
+            media: dict[str, Any], prompt_length: int | None) -> tuple[Any, PrefillOutcome]:
+        """The model's output for the prompt (hidden states, cache) and what the prefill did."""
+        adapter = self.adapter
+        for entry in self.entries:  # the methods' own weights on the model's current device and dtype
+            if entry.method.weights is not None:
+                follow(entry.method.weights, adapter.model)
+        batch, columns = input_ids.shape
+        device = input_ids.device
+        records: list[StageRecord] = []
+        valid_in = attention_mask.bool() if attention_mask is not None else torch.ones_like(input_ids, dtype=torch.bool)
+        prompt_length = min(prompt_length or columns, columns)
+        sample_keys = prompt_fingerprints(input_ids, valid_in, prompt_length).to(device)
+
+        requested: dict[str, Any] = {}
+        for entry in self.entries:
+            requested.update(entry.method.required_signals())
+        tokens, signals = adapter.encode_images(media, requested)
+        spans = sorted(adapter.image_spans(input_ids, valid_in, tokens), key=lambda span: span.image)
+        row_sample = [0] * tokens.num_images
+        row_rank = [0] * tokens.num_images
+        for index, span in enumerate(spans):
+            rank = sum(1 for other in spans[:index] if other.sample == span.sample)
+            for part, row in enumerate(span.rows):
+                row_sample[row] = span.sample
+                row_rank[row] = rank * 16 + part  # an image's rows (tiles) draw differently
+        image_to_sample = torch.tensor(row_sample, dtype=torch.long, device=device)
+        image_rank = torch.tensor(row_rank, dtype=torch.long, device=device)
+        tokens = dc_replace(tokens, image_to_sample=image_to_sample)
+        visual_in = _per_sample(tokens.counts(), image_to_sample, batch)
+        projected = [0] * batch  # a stage that replaces the projector leaves it at zero
+        trace_grids = None
+        if self.trace is not None:
+            self.trace.append(("encoder", tokens.owner))
+            trace_grids = tokens.original_grid
+
+        def project(state: TokenState) -> TokenState:
+            """The model's projector, applied once (tokens already in LLM space pass through)."""
+            if state.space == "llm":
+                return state
+            projected[:] = _per_sample(state.counts(), state.image_to_sample, batch)
+            return adapter.project(state)
+
+        context = StageContext(stage=None, signals=signals, project=project, sample_keys=sample_keys,
+                               image_rank=image_rank, adapter=adapter)  # type: ignore[arg-type]
+
+        for point in PRE_LLM_POINTS:
+            if point == "query_conditioned":
+                tokens = project(tokens)
+                context.prompt_embeddings = self._prompt_embeddings(input_ids, valid_in, prompt_length, tokens)
+            for entry in self.entries:
+                if entry.stage.point != point:
+                    continue
+                context.stage = entry.stage
+                rows_before = tokens.counts()
+                before = _per_sample(rows_before, tokens.image_to_sample, batch)
+                hook = entry.hook(point)
+                tokens = self._run_stage(entry, point, tokens,
+                                         lambda state, hook=hook: hook(tokens=state, context=context))
+                if not isinstance(tokens, TokenState):
+                    raise PluginError(f"stage {entry.stage.label()} returned {type(tokens).__name__}, not a TokenState")
+                records.append(StageRecord(entry.stage.label(), entry.stage.method, point, None, before,
+                                           _per_sample(tokens.counts(), tokens.image_to_sample, batch),
+                                           own_flops=self._own_flops(entry.method, rows_before, tokens, batch)))
+                if self.trace is not None:
+                    self.trace.append((entry.stage.label(), tokens.owner))
+
+        sequence = adapter.build_sequence(input_ids, attention_mask, tokens, prompt_length, self.compact)
+        entering = sequence.valid & sequence.is_visual  # what the placeholders hold, per sample
+        image_features = list(torch.split(sequence.hidden[entering], entering.sum(-1).tolist()))
+        cache = CompressedCache() if use_cache else None
+        self.final_tokens = tokens
+        result = self.run_decoder(sequence, cache, sample_keys, records)
+        final = result.sequence
+        hidden = adapter.final_norm(final.hidden)
+
+        position_offset = result.next_position[0] - valid_in.sum(-1)
+        output = hidden.new_zeros(batch, columns, hidden.shape[-1])
+        columns_out = torch.where(final.valid, final.column, columns)  # padding slots go to a dump column
+        output = torch.cat([output, output.new_zeros(batch, 1, hidden.shape[-1])], dim=1)
+        output.scatter_(1, columns_out.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]), hidden)
+        output = output[:, :columns]
+        if cache is not None:
+            cache.tokenpress_state = DecodeState(result.key_valid, result.next_position, columns, position_offset)
+        stats = PrefillStats(visual_in, projected, [valid.sum(-1).tolist() for valid in result.key_valid],
+                             [count.tolist() for count in result.visual_per_layer])
+        outcome = PrefillOutcome(records, stats, self.trace, trace_grids)
+        return adapter.make_output(output, cache, image_features, position_offset), outcome
+
+    def _own_flops(self, method: Method, rows_before: torch.Tensor, tokens: TokenState, batch: int) -> list[float]:
+        """Per sample: FLOPs of a pre-LLM stage's own modules (``Method.stage_flops``) at this prefill."""
+        totals = [0.0] * batch
+        if type(method).stage_flops is Method.stage_flops:
+            return totals
+        widths = adapter_widths(self.adapter)
+        per_row = stage_flops(method, rows_before.tolist(), tokens.counts().tolist(), widths)
+        for sample, flops in zip(tokens.image_to_sample.tolist(), per_row, strict=True):
+            totals[sample] += flops
+        return totals
+
+    def _prompt_embeddings(self, input_ids: torch.Tensor, valid: torch.Tensor, prompt_length: int,
+                           tokens: TokenState) -> Callable[[int], torch.Tensor]:
+        text = valid & ~torch.isin(input_ids, torch.tensor(self.adapter.placeholder_ids(), device=input_ids.device))
+        text[:, prompt_length:] = False
+        embeds = self.adapter.embed(input_ids)
+
+        def lookup(image_index: int) -> torch.Tensor:
+            sample = int(tokens.image_to_sample[image_index])
+            return embeds[sample][text[sample]]
+
+        return lookup
+
+    def run_decoder(self, sequence: Sequence, cache: CompressedCache | None, sample_keys: torch.Tensor,
+                    records: list[StageRecord]) -> PrefillResult:
+        """Run every decoder layer at prefill, applying the decoder_layer stages before each."""
+        adapter = self.adapter
+        implementation = adapter.attention_implementation
+        result = PrefillResult(sequence)
+        previous: Sequence | None = None
+        for layer in range(adapter.num_layers):
+            route: torch.Tensor | None = None
+            for entry in self.entries:
+                if entry.stage.point != "decoder_layer" or layer not in entry.stage.layers:
+                    continue
+                context = DecoderContext(entry.stage, layer, adapter.num_layers, sequence,
+                                         Scorer(adapter, layer, sequence, previous), sample_keys, adapter)
+                before = sequence.visual_counts().tolist()
+                hook = entry.hook("decoder_layer")
+                decision = self._run_stage(entry, "decoder_layer", context, lambda ctx, hook=hook: hook(context=ctx))
+                if decision is None:
+                    continue
+                if isinstance(decision, Keep):
+                    sequence, kept, picked = sequence.pack(decision.mask.bool() | ~sequence.is_visual)
+                    if route is not None:  # an earlier stage at this layer routed: carry its choice over
+                        route = torch.gather(route, 1, kept) & picked
+                    if self.compact:
+                        sequence = sequence.with_positions(adapter.compact_positions(sequence))
+                    records.append(StageRecord(entry.stage.label(), entry.stage.method, "decoder_layer", layer,
+                                               before, sequence.visual_counts().tolist(), "keep"))
+                elif isinstance(decision, Route):
+                    chosen = decision.mask.bool() | ~sequence.is_visual
+                    route = chosen if route is None else route & chosen
+                    processed = (route & sequence.is_visual & sequence.valid).sum(-1).tolist()
+                    records.append(StageRecord(entry.stage.label(), entry.stage.method, "decoder_layer", layer,
+                                               before, processed, "route"))
+                else:
+                    raise PluginError(f"stage {entry.stage.label()} returned {type(decision).__name__}; "
+                                      "a decoder_layer hook returns Keep, Route or None")
+            processed_seq, index, picked = (sequence, None, None) if route is None else sequence.pack(route)
+            if self.trace is not None and any(
+                    layer in e.stage.layers for e in self.entries if e.stage.point == "decoder_layer"):
+                self.trace.append((f"layer {layer}", self._owners(processed_seq)))
+            mask = attention_mask_for(implementation, processed_seq.valid, processed_seq.length,
+                                      processed_seq.hidden.dtype)
+            embeddings = adapter.position_embeddings(processed_seq.hidden, processed_seq.positions)
+            out = adapter.call_layer(layer, processed_seq.hidden, mask, processed_seq.positions, embeddings, cache)
+            result.key_valid.append(processed_seq.valid)
+            result.visual_per_layer.append((processed_seq.valid & processed_seq.is_visual).sum(-1))
+            result.next_position.append(next_positions(processed_seq.positions, processed_seq.valid))
+            previous = sequence
+            sequence = sequence.with_hidden(out) if index is None else sequence.scatter_hidden(index, picked, out)
+        result.sequence = sequence
+        return result
+
+    def _owners(self, sequence: Sequence) -> torch.Tensor:
+        """Patch owners among the visual tokens that ``sequence`` still holds."""
+        tokens = self.final_tokens
+        alive = (sequence.visual_id >= 0) & sequence.valid
+        present = torch.zeros(tokens.num_images * tokens.num_slots, dtype=torch.bool, device=tokens.owner.device)
+        present[sequence.visual_id[alive]] = True
+        return tokens.patch_owner(present.view(tokens.num_images, tokens.num_slots))
+
+
+def _per_sample(counts: torch.Tensor, image_to_sample: torch.Tensor, batch: int) -> list[int]:
+    totals = torch.zeros(batch, dtype=torch.long, device=counts.device)
+    totals.index_add_(0, image_to_sample, counts.long())
+    return totals.tolist()
