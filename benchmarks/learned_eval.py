@@ -1,11 +1,14 @@
-"""The methods with weights (pixel_unshuffle, ldp) before and after ``tokenpress fit``, against pool
-and random at the same token count (25%), in one ``tokenpress eval`` run.
+"""The methods with weights (pixel_unshuffle, ldp at 25% of the tokens; qformer at 16 and 32 queries)
+before and after ``tokenpress fit``, against pool and random at the same token counts, in one
+``tokenpress eval`` run.
 
     python benchmarks/learned_eval.py --model zoo:llava-shapes --n 1000
     python benchmarks/learned_eval.py --model zoo:qwen2.5-vl-shapes --n 1000
 
 "fitted" rows use the weights shipped beside the proxy (``weights: zoo``), made by
-``tokenpress fit`` (the commands are in docs/methods/pixel_unshuffle.md and ldp.md).
+``tokenpress fit`` (the commands are in docs/methods/pixel_unshuffle.md, ldp.md and qformer.md).
+pool appears where a kernel gives the same count (LLaVA-1.5 proxy: 12x12 -> 4x4 = 16 at kernel 3;
+the Qwen2.5-VL proxy's 6x6 grid has no kernel that gives 16 or 32).
 """
 
 from __future__ import annotations
@@ -14,12 +17,16 @@ import sys
 
 import common
 
+#: Visual tokens per image of each shipped proxy (LLaVA-1.5: 96 px / patch 8; Qwen2.5-VL: 96 px, 2x2 merge).
+PROXY_TOKENS = {"zoo:llava-shapes": 144, "zoo:qwen2.5-vl-shapes": 36}
 
-def stacks() -> list[dict]:
-    def one(name: str, method: str, **params) -> dict:
-        return {"name": name, "stages": [{"method": method, "params": params}]}
 
-    return [
+def one(name: str, method: str, **params) -> dict:
+    return {"name": name, "stages": [{"method": method, "params": params}]}
+
+
+def stacks(tokens: int) -> list[dict]:
+    rows = [
         one("pixel_unshuffle r=2 (unfitted)", "pixel_unshuffle", ratio=2),
         one("pixel_unshuffle r=2 (fitted)", "pixel_unshuffle", ratio=2, weights="zoo"),
         one("ldp stride 2 (unfitted)", "ldp", stride=2),
@@ -27,10 +34,25 @@ def stacks() -> list[dict]:
         one("pool k=2", "pool", kernel=2),
         one("random 25%", "random", keep_ratio=0.25),
     ]
+    side = round(tokens ** 0.5)
+    for queries in (16, 32):
+        rows += [one(f"qformer {queries} (unfitted)", "qformer", queries=queries),
+                 one(f"qformer {queries} (fitted)", "qformer", queries=queries, weights="zoo")]
+        kernel = next((k for k in range(2, side + 1) if (-(-side // k)) ** 2 == queries), None)
+        if kernel is not None:
+            rows.append(one(f"pool k={kernel} ({queries})", "pool", kernel=kernel))
+        if queries < tokens:
+            rows.append(one(f"random {queries}", "random", keep_ratio=queries / tokens))
+    return rows
 
 
 def main() -> int:
-    common.run(stacks(), common.arguments(__doc__.splitlines()[0]))
+    args = common.arguments(__doc__.splitlines()[0])
+    if args.model not in PROXY_TOKENS:
+        print("learned_eval compares at the shipped proxies' token counts; --model is one of "
+              + ", ".join(PROXY_TOKENS))
+        return 2
+    common.run(stacks(PROXY_TOKENS[args.model]), args)
     return 0
 
 
