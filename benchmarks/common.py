@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import yaml
@@ -11,8 +12,11 @@ import yaml
 from tokenpress import evaluate
 
 
-def arguments(description: str) -> argparse.Namespace:
+def arguments(description: str, extra: Callable[[argparse.ArgumentParser], None] | None = None) -> argparse.Namespace:
+    """The shared options (model, n, batch size, JSON, plot), and a script's own through ``extra``."""
     parser = argparse.ArgumentParser(description=description)
+    if extra is not None:
+        extra(parser)
     parser.add_argument("--model", default="zoo:llava-shapes")
     parser.add_argument("--n", type=int, default=1000)
     parser.add_argument("--batch-size", type=int, default=50)

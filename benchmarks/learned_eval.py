@@ -6,7 +6,9 @@ before and after ``tokenpress fit``, against pool and random at the same token c
     python benchmarks/learned_eval.py --model zoo:qwen2.5-vl-shapes --n 1000
 
 "fitted" rows use the weights shipped beside the proxy (``weights: zoo``), made by
-``tokenpress fit`` (the commands are in docs/methods/pixel_unshuffle.md, ldp.md and qformer.md).
+``tokenpress fit`` (the commands are in docs/methods/pixel_unshuffle.md, ldp.md and qformer.md);
+``--fitted DIR`` takes each file found in that folder of ``tokenpress fit`` outputs instead (the
+qformer weights for the Qwen2.5-VL proxy are not shipped, fitting made them worse: see qformer.md).
 pool appears where a kernel gives the same count (LLaVA-1.5 proxy: 12x12 -> 4x4 = 16 at kernel 3;
 the Qwen2.5-VL proxy's 6x6 grid has no kernel that gives 16 or 32).
 """
@@ -14,6 +16,7 @@ the Qwen2.5-VL proxy's 6x6 grid has no kernel that gives 16 or 32).
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import common
 
@@ -25,19 +28,25 @@ def one(name: str, method: str, **params) -> dict:
     return {"name": name, "stages": [{"method": method, "params": params}]}
 
 
-def stacks(tokens: int) -> list[dict]:
+def stacks(tokens: int, fitted: str | None = None) -> list[dict]:
+    def weights(name: str) -> str:
+        path = Path(fitted or "") / name
+        return str(path) if fitted is not None and path.is_file() else "zoo"
+
     rows = [
         one("pixel_unshuffle r=2 (unfitted)", "pixel_unshuffle", ratio=2),
-        one("pixel_unshuffle r=2 (fitted)", "pixel_unshuffle", ratio=2, weights="zoo"),
+        one("pixel_unshuffle r=2 (fitted)", "pixel_unshuffle", ratio=2,
+            weights=weights("pixel_unshuffle-ratio2.safetensors")),
         one("ldp stride 2 (unfitted)", "ldp", stride=2),
-        one("ldp stride 2 (fitted)", "ldp", stride=2, weights="zoo"),
+        one("ldp stride 2 (fitted)", "ldp", stride=2, weights=weights("ldp-stride2.safetensors")),
         one("pool k=2", "pool", kernel=2),
         one("random 25%", "random", keep_ratio=0.25),
     ]
     side = round(tokens ** 0.5)
     for queries in (16, 32):
         rows += [one(f"qformer {queries} (unfitted)", "qformer", queries=queries),
-                 one(f"qformer {queries} (fitted)", "qformer", queries=queries, weights="zoo")]
+                 one(f"qformer {queries} (fitted)", "qformer", queries=queries,
+                     weights=weights(f"qformer-heads4-layers2-queries{queries}.safetensors"))]
         kernel = next((k for k in range(2, side + 1) if (-(-side // k)) ** 2 == queries), None)
         if kernel is not None:
             rows.append(one(f"pool k={kernel} ({queries})", "pool", kernel=kernel))
@@ -47,12 +56,13 @@ def stacks(tokens: int) -> list[dict]:
 
 
 def main() -> int:
-    args = common.arguments(__doc__.splitlines()[0])
+    args = common.arguments(__doc__.splitlines()[0], lambda parser: parser.add_argument(
+        "--fitted", metavar="DIR", help="fitted weights found in DIR (tokenpress fit's files) instead of the zoo's"))
     if args.model not in PROXY_TOKENS:
         print("learned_eval compares at the shipped proxies' token counts; --model is one of "
               + ", ".join(PROXY_TOKENS))
         return 2
-    common.run(stacks(PROXY_TOKENS[args.model]), args)
+    common.run(stacks(PROXY_TOKENS[args.model], args.fitted), args)
     return 0
 
 
