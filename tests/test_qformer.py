@@ -134,3 +134,16 @@ def test_fitting_a_qformer_is_reproducible_and_moves_its_homes(tmp_path, checkpo
     assert files[0].read_bytes() == files[1].read_bytes()
     homes = load_file(str(files[0]))["homes"]
     assert not torch.equal(homes, query_homes(4)[0])
+
+
+def test_a_projector_replacement_after_another_is_refused_in_one_sentence():
+    family = FAMILIES["llava"]
+    model = family.build("eager")
+    batch = family.batch(model, prompts(1), "left", 0)
+    stack = {"name": "twice", "stages": [{"method": "qformer", "params": {"queries": 4}},
+                                         {"method": "ldp", "params": {"stride": 2}}]}
+    with tokenpress.compress(model, stack), torch.no_grad(), pytest.raises(tokenpress.CompressionError) as error:
+        model(**batch)
+    message = str(error.value)
+    assert message.startswith("1:ldp(projector): ldp replaces the projector and needs tokens in encoder space")
+    assert "\n" not in message

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from tokenpress.errors import CompressionError
 from tokenpress.scorer import Scorer
 from tokenpress.sequence import Sequence
 
@@ -37,13 +38,11 @@ class StageContext:
             raise RuntimeError("text embeddings are only available at the query_conditioned point")
         return self.prompt_embeddings(image_index)
 
-    def require_encoder_space(self, tokens: TokenState, method: str) -> None:
+    def require_encoder_space(self, tokens: TokenState) -> None:
         """Refuse, in one sentence naming the stage, tokens a stage that replaces the projector cannot take."""
         if tokens.space != "encoder":
-            from tokenpress.errors import CompressionError
-
-            raise CompressionError(f"{self.stage.label()}: {method} replaces the projector and needs tokens in "
-                                   "encoder space; put it before any stage that projects them")
+            raise CompressionError(f"{self.stage.label()}: {self.stage.method} replaces the projector and needs "
+                                   "tokens in encoder space; put it before any stage that projects them")
 
     def random_key(self, image_index: int, image_to_sample: torch.Tensor, seed: int) -> int:
         """A seed for one image that depends on ``seed``, the prompt and the image's place in it -

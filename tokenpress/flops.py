@@ -462,23 +462,22 @@ def _apply_pre_llm(stage: Stage, rows: list[SimulatedRow],
                    widths: tuple[int, int, int | None]) -> tuple[list[SimulatedRow], float]:
     """The rows after a pre-LLM stage, and the FLOPs of the stage's own modules."""
     method = _method(stage)
-    out = []
-    for row in rows:
-        frames, height, width = row.grid
-        new_grid = method.expected_grid(height, width)
-        if new_grid is None:
-            break
-        if not row.dense:
-            raise FlopsError(f"stage {stage.label()}: {stage.method!r} re-grids the full patch grid, but an "
-                             "earlier stage already selected tokens (the forward pass would fail too)")
-        out.append(SimulatedRow((frames, *new_grid), frames * new_grid[0] * new_grid[1], True, row.high_res))
-    else:
-        return out, sum(stage_flops(method, [row.count for row in rows], [row.count for row in out], widths))
-    counts = _promise(stage, [row.count for row in rows])
+    counts_in = [row.count for row in rows]
+    grids = [method.expected_grid(*row.grid[1:]) for row in rows]
+    if all(grid is not None for grid in grids):
+        out = []
+        for row, (height, width) in zip(rows, grids, strict=True):
+            if not row.dense:
+                raise FlopsError(f"stage {stage.label()}: {stage.method!r} re-grids the full patch grid, but an "
+                                 "earlier stage already selected tokens (the forward pass would fail too)")
+            frames = row.grid[0]
+            out.append(SimulatedRow((frames, height, width), frames * height * width, True, row.high_res))
+        return out, sum(stage_flops(method, counts_in, [row.count for row in out], widths))
+    counts = _promise(stage, counts_in)
     summary = stage.method_class.summary_tokens
     out = [SimulatedRow(row.grid, count, not summary and row.dense and count == row.count, row.high_res,
                         summary or row.summary) for row, count in zip(rows, counts, strict=True)]
-    return out, sum(stage_flops(method, [row.count for row in rows], counts, widths))
+    return out, sum(stage_flops(method, counts_in, counts, widths))
 
 
 def _run(family: FamilyCosts, image: ImageCosts, stack: Stack, text_tokens: int, limit: int | None) -> _Path:
@@ -490,14 +489,13 @@ def _run(family: FamilyCosts, image: ImageCosts, stack: Stack, text_tokens: int,
     def allowed() -> bool:
         return limit is None or len(applications) < limit
 
-    projected: int | None = None  # tokens through the model's projector
-    replaced = False  # a stage that replaces the projector ran on encoder-space tokens
+    projected = 0  # tokens through the model's projector
     own = 0.0
     charged: set[str] = set()
     last_label: str | None = None
     for point in PRE_LLM_POINTS:
-        if point == "projector" or (point == "query_conditioned" and projected is None):
-            projected = 0 if replaced else sum(row.count for row in rows)
+        if point == "projector":
+            projected = sum(row.count for row in rows)
         for stage in (s for s in stack.stages if s.point == point):
             if not allowed():
                 continue
@@ -507,13 +505,11 @@ def _run(family: FamilyCosts, image: ImageCosts, stack: Stack, text_tokens: int,
                 if name not in charged:  # the encoder computes each signal once per prefill
                     charged.add(name)
                     stage_cost += family.signal_flops(name, value)
-            if stage.method_class.replaces_projector and point == "projector" and projected is not None \
-                    and not replaced:
-                replaced, projected = True, 0
+            if point == "projector" and stage.method_class.replaces_projector:
+                projected = 0  # the stage projects itself: the model's projector never runs
             own += stage_cost
             applications.append((stage, None, before, sum(row.count for row in rows), stage_cost))
             last_label = stage.label()
-    assert projected is not None
     visual = family.decoder_visual(rows, last_label)
 
     costs = Costs(encoder=image.encoder, projector=family.projector_flops(projected),

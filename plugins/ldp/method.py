@@ -47,7 +47,7 @@ class LDP(Method):
 
     @hookimpl
     def projector(self, tokens: TokenState, context: StageContext) -> TokenState:
-        context.require_encoder_space(tokens, self.name)
+        context.require_encoder_space(tokens)
         assert self.weights is not None
         return tokens.regrid(self.weights, self.config.stride, space="llm")
 

@@ -60,7 +60,7 @@ class PixelUnshuffle(Method):
 
     @hookimpl
     def projector(self, tokens: TokenState, context: StageContext) -> TokenState:
-        context.require_encoder_space(tokens, self.name)
+        context.require_encoder_space(tokens)
         assert self.weights is not None
         mlp, ratio = self.weights, self.config.ratio
         return tokens.regrid(lambda grid: mlp(unshuffle(grid, ratio)), ratio, space="llm")

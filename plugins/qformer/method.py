@@ -57,7 +57,7 @@ class QFormer(Method):
 
     @hookimpl
     def projector(self, tokens: TokenState, context: StageContext) -> TokenState:
-        context.require_encoder_space(tokens, self.name)
+        context.require_encoder_space(tokens)
         assert self.weights is not None
         out = self.weights(tokens.embeddings, tokens.valid, tokens.cell_centres())
         return tokens.summarize(out, space="llm")
