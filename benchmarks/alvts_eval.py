@@ -1,5 +1,5 @@
 """ALVTS against FastV, random and pool on a shipped proxy, at 89%, 75% and 50% compression, in one
-``tokenpress eval`` run (the tables of docs/methods/alvts.md).
+``tokenpress eval`` run (the tables of plugins/alvts/README.md).
 
     python benchmarks/alvts_eval.py --model zoo:llava-shapes --n 1000
     python benchmarks/alvts_eval.py --model zoo:qwen2.5-vl-shapes --n 1000

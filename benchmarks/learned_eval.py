@@ -6,7 +6,8 @@ before and after ``tokenpress fit``, against pool and random at the same token c
     python benchmarks/learned_eval.py --model zoo:qwen2.5-vl-shapes --n 1000
 
 "fitted" rows use the weights shipped beside the proxy (``weights: zoo``), made by
-``tokenpress fit`` (the commands are in docs/methods/pixel_unshuffle.md, ldp.md and qformer.md);
+``tokenpress fit`` (the commands are in the READMEs of plugins/pixel_unshuffle, plugins/ldp and
+plugins/qformer);
 ``--fitted DIR`` takes each file found in that folder of ``tokenpress fit`` outputs instead (the
 qformer weights for the Qwen2.5-VL proxy are not shipped, fitting made them worse: see qformer.md).
 pool appears where a kernel gives the same count (LLaVA-1.5 proxy: 12x12 -> 4x4 = 16 at kernel 3;

@@ -28,11 +28,12 @@ import torch
 import tokenpress
 import tokenpress.attach  # noqa: F401  imported here, so pytester's in-process runs never import a second copy
 import tokenpress.flops  # noqa: F401  (their Stack classes would differ)
-from tokenpress import DecoderContext, Keep, StageContext, TokenState, keep_count
+from tokenpress import DecoderContext, Keep, StageContext, TokenState, keep_count, keep_counts_on_host
 from tokenpress.select import seeded_uniform, topk_mask
 from tokenpress.testing import MethodContract
 from tokenpress.testing.contract import SyncRecorder, sync_origin
 from tokenpress.testing.families import FAMILIES
+from tokenpress.testing.syncs import DataDependentOps
 
 pytest_plugins = ["pytester"]
 
@@ -72,9 +73,9 @@ def test_a_contract_class_must_name_its_method() -> None:
 # --- broken methods: each must fail its check, and only that one ---------------------------------
 
 
-def _keep_first(tokens: TokenState, counts: torch.Tensor) -> TokenState:
+def _keep_first(tokens: TokenState, counts: list[int]) -> TokenState:
     rank = tokens.valid.long().cumsum(-1)
-    return tokens.keep(tokens.valid & (rank <= counts.to(rank.device).unsqueeze(-1)))
+    return tokens.keep(tokens.valid & (rank <= torch.tensor(counts, device=rank.device).unsqueeze(-1)), counts=counts)
 
 
 class _Selecting(tokenpress.Method):
@@ -88,8 +89,8 @@ class _Selecting(tokenpress.Method):
     def promised_count(self, tokens_in: torch.Tensor) -> torch.Tensor:
         return keep_count(tokens_in, self.config.keep_ratio)
 
-    def counts(self, tokens: TokenState) -> torch.Tensor:
-        return keep_count(tokens.counts(), self.config.keep_ratio)
+    def counts(self, tokens: TokenState) -> list[int]:
+        return keep_counts_on_host(tokens.counts_on_host(), self.config.keep_ratio)
 
 
 class BrokenPromise(_Selecting):
@@ -100,7 +101,7 @@ class BrokenPromise(_Selecting):
     @tokenpress.hookimpl
     def post_encoder(self, tokens: TokenState, context: StageContext) -> TokenState:
         ratio = self.config.keep_ratio
-        return _keep_first(tokens, keep_count(tokens.counts(), ratio / 2 if ratio < 1 else 1.0))
+        return _keep_first(tokens, keep_counts_on_host(tokens.counts_on_host(), ratio / 2 if ratio < 1 else 1.0))
 
 
 class BrokenIdentity(_Selecting):
@@ -123,7 +124,8 @@ class BrokenBatch(_Selecting):
     def post_encoder(self, tokens: TokenState, context: StageContext) -> TokenState:
         generator = torch.Generator().manual_seed(0)
         scores = torch.rand(tokens.num_images, tokens.num_slots, generator=generator).to(tokens.valid.device)
-        return tokens.keep(topk_mask(scores, tokens.valid, self.counts(tokens).to(scores.device)))
+        return tokens.keep(topk_mask(scores, tokens.valid, torch.tensor(self.counts(tokens), device=scores.device)),
+                           counts=self.counts(tokens))
 
 
 class BrokenCache(_Selecting):
@@ -153,7 +155,8 @@ class BrokenQuadratic(_Selecting):
         x = tokens.embeddings
         similarity = x @ x.transpose(1, 2)
         scores = similarity.masked_fill(~tokens.valid.unsqueeze(1), 0).sum(-1)
-        return tokens.keep(topk_mask(scores, tokens.valid, self.counts(tokens).to(scores.device)))
+        return tokens.keep(topk_mask(scores, tokens.valid, torch.tensor(self.counts(tokens), device=scores.device)),
+                           counts=self.counts(tokens))
 
     def stage_flops(self, shape: object) -> float:
         return 2.0 * shape.tokens_in ** 2 * shape.encoder_width  # declared: only its memory is wrong
@@ -181,9 +184,10 @@ class BrokenSeed(_Selecting):
     @tokenpress.hookimpl
     def post_encoder(self, tokens: TokenState, context: StageContext) -> TokenState:
         device = tokens.valid.device
-        scores = torch.stack([seeded_uniform(context.random_key(i, tokens.image_to_sample, self.seed),
+        scores = torch.stack([seeded_uniform(context.random_key(i, self.seed),
                                              tokens.num_slots, device) for i in range(tokens.num_images)])
-        return tokens.keep(topk_mask(scores, tokens.valid, self.counts(tokens).to(device)))
+        return tokens.keep(topk_mask(scores, tokens.valid, torch.tensor(self.counts(tokens), device=device)),
+                           counts=self.counts(tokens))
 
 
 class BrokenGrid(tokenpress.Method):
@@ -214,7 +218,18 @@ class BrokenFlops(_Selecting):
     def post_encoder(self, tokens: TokenState, context: StageContext) -> TokenState:
         x = tokens.embeddings
         scores = (x @ x.mean(1, keepdim=True).transpose(1, 2)).squeeze(-1)
-        return tokens.keep(topk_mask(scores, tokens.valid, self.counts(tokens).to(scores.device)))
+        return tokens.keep(topk_mask(scores, tokens.valid, torch.tensor(self.counts(tokens), device=scores.device)),
+                           counts=self.counts(tokens))
+
+
+class BrokenSync(_Selecting):
+    """Reads its counts back from the device (``.tolist()``): the GPU waits for the host at every call."""
+
+    name = "broken-sync"
+
+    @tokenpress.hookimpl
+    def post_encoder(self, tokens: TokenState, context: StageContext) -> TokenState:
+        return _keep_first(tokens, keep_count(tokens.counts(), self.config.keep_ratio).tolist())
 
 
 class _Provides:
@@ -274,6 +289,7 @@ SKIPPED_BY_BROKEN = 2
         (BrokenGrid, "test_grid_matches_expected_grid", "6x6 became 3x3, expected_grid says 6x6", 3),
         (BrokenFlops, "test_declared_flops_match_the_counter", "the FLOPs model with the method's declared costs",
          SKIPPED_BY_BROKEN),
+        (BrokenSync, "test_no_host_device_sync", "Tensor.tolist() (a device-to-host copy on CUDA)", SKIPPED_BY_BROKEN),
     ]
 ])
 def test_the_kit_fails_a_broken_method_on_its_check_only(pytester: pytest.Pytester, restore_registry,
@@ -282,8 +298,7 @@ def test_the_kit_fails_a_broken_method_on_its_check_only(pytester: pytest.Pytest
     restore_registry.register_plugin(_Provides(method_class), name=f"plugin-{method_class.name}")
     _author_test_file(pytester, method_class.name)
     result = pytester.runpytest("-p", "no:cacheprovider", "-rfs")
-    cuda = torch.cuda.is_available()
-    result.assert_outcomes(failed=1, passed=len(CHECKS) - 1 - skipped - (not cuda), skipped=skipped + int(not cuda))
+    result.assert_outcomes(failed=1, passed=len(CHECKS) - 1 - skipped, skipped=skipped)
     result.stdout.fnmatch_lines([f"FAILED test_author.py::TestAuthor::{check}?llava-{method_class.name}?*"])
     assert message in result.stdout.str(), result.stdout.str()
 
@@ -291,8 +306,7 @@ def test_the_kit_fails_a_broken_method_on_its_check_only(pytester: pytest.Pytest
 def test_the_kit_fails_an_unregistered_method_clearly(pytester: pytest.Pytester) -> None:
     _author_test_file(pytester, "acme-not-installed")
     result = pytester.runpytest("-p", "no:cacheprovider")
-    result.assert_outcomes(failed=len(CHECKS) - (not torch.cuda.is_available()),
-                           skipped=int(not torch.cuda.is_available()))
+    result.assert_outcomes(failed=len(CHECKS))
     result.stdout.fnmatch_lines(["*method 'acme-not-installed' is not registered*tokenpress.plugins*"])
 
 
@@ -312,6 +326,29 @@ def test_syncs_are_blamed_on_the_innermost_frame_outside_torch(tmp_path: Path) -
     pluggy_file = str(Path(pluggy.__file__).parent / "_callers.py")
     assert sync_origin([frame(core_file, 7), frame(pluggy_file, 116), frame(torch_file, 1)]) == ("core",
                                                                                                 f"{core_file}:7")
+
+
+def test_data_dependent_ops_are_the_ones_that_wait_for_a_gpu() -> None:
+    """On a CPU, every operation that synchronises on CUDA is recorded, nothing else, and the
+    wrapped ``Tensor.tolist`` is put back."""
+    values = torch.arange(6)
+    original = torch.Tensor.tolist
+    reads = [lambda: values[2].item(), lambda: int(values[1]), lambda: bool(values[0] > 1), lambda: values.tolist(),
+             lambda: values[values > 2], lambda: (values > 2).nonzero(),
+             lambda: torch.repeat_interleave(values, values), lambda: values.unique(), lambda: values.bincount()]
+    for read in reads:
+        with DataDependentOps() as recorder:
+            read()
+        assert len(recorder.events) >= 1
+        assert all(event.origin == "method" and __file__ in event.where for event in recorder.events)
+    with DataDependentOps() as recorder:  # shapes known on the host: nothing waits
+        torch.topk(values.float(), 3)
+        torch.gather(values, 0, torch.tensor([1, 2]))
+        torch.repeat_interleave(values, values, output_size=15)
+        values.sum(-1)
+        torch.where(values > 2, values, 0)
+    assert recorder.events == []
+    assert torch.Tensor.tolist is original
 
 
 def test_the_sync_debug_notice_is_not_a_synchronisation() -> None:
@@ -384,5 +421,5 @@ def test_a_separate_distribution_runs_the_kit_on_itself(tmp_path: Path) -> None:
     output = completed.stdout + completed.stderr
     assert completed.returncode == 0, output
     # acme-keepfirst has no weights and does not re-grid: those two checks skip
-    checks = len(CHECKS) - (not torch.cuda.is_available()) - 2
+    checks = len(CHECKS) - 2
     assert f"{checks * len(FAMILIES)} passed" in output, output

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import importlib.util
 import io
 import os
 import re
@@ -188,9 +189,9 @@ def test_the_examples_pass_the_contract_kit(pytester: pytest.Pytester) -> None:
         tokenpress.get_registry(reload=True)
     output = result.stdout.str()
     assert result.ret == 0, output
-    # the CUDA check is skipped without a GPU; the weights and grid checks skip methods without weights
-    # or that do not re-grid (all three)
-    checks = 8 + torch.cuda.is_available()
+    # eleven checks; the weights and grid checks skip methods without weights or that do not re-grid
+    # (all three)
+    checks = 11 - 2
     # keepfirst runs every check on every family; routetop and clskeep make no token promise and have
     # no identity setting (2 checks skipped); clskeep runs on LLaVA-1.5 only
     families = len(FAMILIES)
@@ -252,19 +253,33 @@ def nav_pages(node: object) -> list[str]:
     return []
 
 
+def _method_pages_hook() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("method_pages", DOCS / "_hooks" / "method_pages.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def test_every_built_in_method_has_a_page_in_the_nav():
+    """The docs hook gives every built-in method (found by its entry point, as the registry has it) a
+    nav entry, a page made of its plugin's README and Config reference, and a row of the table."""
+    hook = _method_pages_hook()
     methods = built_in_methods()
     assert {"fastv", "pool", "random"} <= set(methods)
-    nav = nav_pages(yaml.safe_load((ROOT / "mkdocs.yml").read_text(encoding="utf-8"))["nav"])
+    assert set(hook.built_in_methods()) == set(methods)
+    configured = yaml.safe_load((ROOT / "mkdocs.yml").read_text(encoding="utf-8"))
+    assert "docs/_hooks/method_pages.py" in configured["hooks"]
+    nav = nav_pages(hook.methods_nav(configured["nav"]))
+    table = hook.methods_table()
     for name, method_class in methods.items():
-        page = DOCS / "methods" / f"{name}.md"
-        assert page.is_file(), f"built-in method {name!r} has no page docs/methods/{name}.md"
         assert f"methods/{name}.md" in nav, f"docs/methods/{name}.md is not in the mkdocs nav"
         folder = method_class.__module__.split(".")[1]  # tokenpress_plugins.<folder>.method
-        text = page.read_text(encoding="utf-8")
-        assert f'--8<-- "plugins/{folder}/README.md"' in text, f"{page.name} does not include the plugin's README"
+        hand_written = DOCS / "methods" / f"{name}.md"
+        text = hand_written.read_text(encoding="utf-8") if hand_written.is_file() else hook.page_source(method_class)
+        assert f'--8<-- "plugins/{folder}/README.md"' in text, f"the {name} page does not include the plugin's README"
+        assert f"{method_class.Config.__module__}.{method_class.Config.__qualname__}" in text
         assert (ROOT / "plugins" / folder / "README.md").is_file()
-        assert f"[`{name}`]({name}.md)" in (DOCS / "methods" / "index.md").read_text(encoding="utf-8")
+        assert f"[`{name}`]({name}.md)" in table and method_class.description in table
 
 
 def test_every_top_level_export_is_in_the_api_index():
@@ -292,3 +307,8 @@ def test_mkdocs_build_is_strict_clean(tmp_path):
     assert 'id="tokenpress.tokens.TokenState.keep"' in api  # mkdocstrings rendered the API
     fastv = (tmp_path / "site" / "methods" / "fastv" / "index.html").read_text(encoding="utf-8")
     assert "FastVConfig" in fastv and "keep_ratio" in fastv  # the README and the config reference
+    index = (tmp_path / "site" / "methods" / "index.html").read_text(encoding="utf-8")
+    for name, method_class in built_in_methods().items():  # every generated page was built and listed
+        page = (tmp_path / "site" / "methods" / name / "index.html").read_text(encoding="utf-8")
+        assert method_class.Config.__name__ in page, name
+        assert f'href="{name}/"' in index, name

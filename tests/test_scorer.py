@@ -65,6 +65,9 @@ def _synthetic_sequence(model, visual: int, rank: int = 1) -> Sequence:
         column=torch.arange(length).unsqueeze(0),
         slot_id=torch.arange(length).unsqueeze(0),
         visual_id=torch.where(is_visual, torch.arange(length), -1),
+        slot_count=length,
+        lengths=(length,),
+        visual_lengths=(visual,),
     )
 
 

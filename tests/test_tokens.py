@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from tokenpress import TokenState, keep_count
+from tokenpress import TokenState, keep_count, keep_counts_on_host
 from tokenpress.select import topk_mask
 from tokenpress.tokens import pack_index, window_cells
 from tokenpress_plugins.pool.grid import pool_grid
@@ -94,3 +94,26 @@ def test_pool_bilinear_is_llava_onevisions_interpolation():
         expected = LlavaOnevisionModel.apply_pooling(owner, features)
         ours = pool_grid(features.view(3, side, side, 5), 2, "bilinear").reshape(3, -1, 5)
         torch.testing.assert_close(ours, expected, rtol=0, atol=0)
+
+
+def test_keep_counts_on_host_is_keep_count_on_python_ints() -> None:
+    """The host rule must round exactly like the tensor rule (half to even, at least one), or a method's
+    promised widths would disagree with what it keeps."""
+    counts = list(range(0, 700))
+    for ratio in (0.5, 0.25, 0.11, 1 / 9, 0.125, 0.333, 1.0, 0.001):
+        assert keep_counts_on_host(counts, ratio) == keep_count(torch.tensor(counts), ratio).tolist()
+
+
+def test_the_host_knows_grids_and_counts_after_the_encoder_and_a_regrid() -> None:
+    """What grid_sizes() and counts_on_host() answer without a device read equals the tensors."""
+    tokens = TokenState.from_dense(torch.randn(2, 36, 4), [(1, 6, 6), (1, 4, 6)])
+    assert tokens.known_grid == ((1, 6, 6), (1, 4, 6)) and tokens.known_dense
+    pooled = tokens.regrid(lambda grid: torch.nn.functional.avg_pool2d(
+        grid.permute(0, 3, 1, 2), 2, ceil_mode=True).permute(0, 2, 3, 1), 2)
+    assert pooled.known_grid is not None and pooled.known_dense
+    assert pooled.grid_sizes() == [tuple(row) for row in pooled.grid.tolist()] == [(1, 3, 3), (1, 2, 3)]
+    assert pooled.counts_on_host() == pooled.counts().tolist() == [9, 6]
+    kept = pooled.keep(pooled.valid, counts=[9, 6])
+    assert kept.counts_on_host() == [9, 6] and not kept.known_dense and kept.is_dense()  # read, still right
+    dropped = pooled.keep(torch.arange(9).expand(2, -1) < 4)
+    assert dropped.known_counts is None and dropped.counts_on_host() == [4, 4] and not dropped.is_dense()

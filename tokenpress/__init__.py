@@ -49,6 +49,7 @@ _LAZY = {
     "stack_json_schema": "tokenpress.stack",
     "TokenState": "tokenpress.tokens",
     "keep_count": "tokenpress.tokens",
+    "keep_counts_on_host": "tokenpress.tokens",
 }
 
 __all__ = [
@@ -81,6 +82,7 @@ __all__ = [
     "hookimpl",
     "hookspec",
     "keep_count",
+    "keep_counts_on_host",
     "list_methods",
     "load_stack",
     "register_plugin",
@@ -109,4 +111,4 @@ if TYPE_CHECKING:
     from tokenpress.method import POINTS, Method, MethodConfig, SelectingConfig, WeightedConfig
     from tokenpress.registry import get_registry, list_methods, register_plugin
     from tokenpress.stack import Stack, Stage, load_stack, stack_json_schema
-    from tokenpress.tokens import TokenState, keep_count
+    from tokenpress.tokens import TokenState, keep_count, keep_counts_on_host

@@ -21,6 +21,7 @@ class DecodeState:
     next_position: list[torch.Tensor]
     logical_length: int
     position_offset: torch.Tensor  # (B,): next text position at layer 0 minus the real prompt tokens
+    padded: list[bool] | None = None  # per layer: whether key_valid[l] has a false entry (host), None: unknown
 
 
 class CompressedCache(DynamicCache):

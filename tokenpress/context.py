@@ -24,8 +24,9 @@ class StageContext:
     stage: Stage
     signals: dict[str, Any]
     project: Callable[[TokenState], TokenState]
-    sample_keys: torch.Tensor  # (B,) int64: a fingerprint of each prompt, the same alone or batched
-    image_rank: torch.Tensor  # (I,) long: the image's place among its sample's images
+    sample_keys: list[int]  # per sample: a fingerprint of its prompt, the same alone or batched
+    image_rank: list[int]  # per image row: the image's place among its sample's images
+    image_samples: list[int]  # per image row: the sample it belongs to
     prompt_embeddings: Callable[[int], torch.Tensor] | None = None
     extras: dict[str, Any] = field(default_factory=dict)
     #: The model's :class:`~tokenpress.adapters.ModelAdapter`: widths, projector, encoder layers, without
@@ -44,11 +45,11 @@ class StageContext:
             raise CompressionError(f"{self.stage.label()}: {self.stage.method} replaces the projector and needs "
                                    "tokens in encoder space; put it before any stage that projects them")
 
-    def random_key(self, image_index: int, image_to_sample: torch.Tensor, seed: int) -> int:
+    def random_key(self, image_index: int, seed: int) -> int:
         """A seed for one image that depends on ``seed``, the prompt and the image's place in it -
-        never on the batch it was run in."""
-        sample = int(image_to_sample[image_index])
-        return int(self.sample_keys[sample]) * 1_000_003 + int(self.image_rank[image_index]) * 7919 + seed
+        never on the batch it was run in (host numbers: no device read)."""
+        sample = self.image_samples[image_index]
+        return self.sample_keys[sample] * 1_000_003 + self.image_rank[image_index] * 7919 + seed
 
 
 @dataclass
@@ -60,7 +61,7 @@ class DecoderContext:
     num_layers: int
     sequence: Sequence
     scorer: Scorer
-    sample_keys: torch.Tensor
+    sample_keys: list[int]  # as in StageContext
     adapter: Any = None  # the model's ModelAdapter, as in StageContext
 
     @property
@@ -73,4 +74,4 @@ class DecoderContext:
 
     def random_key(self, sample: int, seed: int) -> int:
         """A seed for one sample at this layer that does not depend on the batch."""
-        return int(self.sample_keys[sample]) * 1_000_003 + self.layer_index * 7919 + seed
+        return self.sample_keys[sample] * 1_000_003 + self.layer_index * 7919 + seed

@@ -155,15 +155,20 @@ class CompressedForward:
         batch, count = hidden.shape[:2]
         if attention_mask is not None:
             new_valid = attention_mask[:, -count:].bool()
+            new_padded = not bool(new_valid.all())  # the step's own input, read once for every layer
         else:
             new_valid = torch.ones(batch, count, dtype=torch.bool, device=hidden.device)
+            new_padded = False
         offsets = torch.cumsum(new_valid.long(), dim=-1) - 1
         implementation = adapter.attention_implementation
         for layer in range(adapter.num_layers):
             positions = (state.next_position[layer].unsqueeze(1) + offsets.clamp_min(0))
             positions = positions.unsqueeze(0).expand(adapter.position_rank, -1, -1)
             key_valid = torch.cat([state.key_valid[layer], new_valid], dim=1)
-            mask = attention_mask_for(implementation, key_valid, count, hidden.dtype)
+            padded = None if state.padded is None else state.padded[layer] or new_padded
+            mask = attention_mask_for(implementation, key_valid, count, hidden.dtype, padded=padded)
+            if state.padded is not None:
+                state.padded[layer] = padded
             embeddings = adapter.position_embeddings(hidden, positions)
             hidden = adapter.call_layer(layer, hidden, mask, positions, embeddings, cache)
             state.key_valid[layer] = key_valid

@@ -24,7 +24,7 @@ from tokenpress.flops import adapter_widths, stage_flops
 from tokenpress.method import PRE_LLM_POINTS, Method
 from tokenpress.scorer import Scorer
 from tokenpress.sequence import Sequence, attention_mask_for, next_positions
-from tokenpress.tokens import TokenState
+from tokenpress.tokens import TokenState, pack_index
 from tokenpress.weights import follow
 
 if TYPE_CHECKING:
@@ -66,6 +66,7 @@ class PrefillResult:
     key_valid: list[torch.Tensor] = field(default_factory=list)
     next_position: list[torch.Tensor] = field(default_factory=list)
     visual_per_layer: list[torch.Tensor] = field(default_factory=list)
+    padded: list[bool] = field(default_factory=list)  # per layer: whether its keys hold padding slots
 
 
 @dataclass
@@ -78,8 +79,9 @@ class PrefillStats:
     layer_visual: list[list[int]]  # [layer][sample]: visual tokens each decoder layer processed
 
 
-def prompt_fingerprints(input_ids: torch.Tensor, valid: torch.Tensor, prompt_length: int) -> torch.Tensor:
-    """A number per sample that depends only on its real prompt tokens (so alone == batched)."""
+def prompt_fingerprints(input_ids: torch.Tensor, valid: torch.Tensor, prompt_length: int) -> list[int]:
+    """A number per sample that depends only on its real prompt tokens (so alone == batched); read
+    with the prompt's layout, before the encoder runs."""
     keys = []
     for ids, mask in zip(input_ids[:, :prompt_length].tolist(), valid[:, :prompt_length].tolist(), strict=True):
         key = 1469598103934665603
@@ -87,7 +89,7 @@ def prompt_fingerprints(input_ids: torch.Tensor, valid: torch.Tensor, prompt_len
             if real:
                 key = ((key ^ (token + 1)) * 1099511628211) % (2**61 - 1)
         keys.append(key)
-    return torch.tensor(keys, dtype=torch.long)
+    return keys
 
 
 @dataclass
@@ -98,6 +100,38 @@ class PrefillOutcome:
     stats: PrefillStats
     trace: list[tuple[str, torch.Tensor]] | None = None  # (label, patch owners) at each step, when traced
     trace_grids: torch.Tensor | None = None  # (images, 3) original (t, h, w) grids of the traced prefill
+
+
+class DeferredCounts:
+    """Token counts of one prefill (device tensors), read to the host together once its last layer
+    has been queued: one device-to-host copy per prefill instead of one per stage and layer."""
+
+    def __init__(self) -> None:
+        self._tensors: list[torch.Tensor] = []
+        self._fills: list[Callable[[list[int]], None]] = []
+
+    def later(self, counts: torch.Tensor, fill: Callable[[list[int]], None]) -> None:
+        """Call ``fill`` with ``counts`` (1-D) as Python ints when :meth:`read` runs."""
+        self._tensors.append(counts.reshape(-1).long())
+        self._fills.append(fill)
+
+    def into(self, values: list[int], counts: torch.Tensor) -> None:
+        """Make the list ``values`` (in place) ``counts``, as Python ints."""
+
+        def fill(read: list[int]) -> None:
+            values[:] = read
+
+        self.later(counts, fill)
+
+    def read(self) -> None:
+        if not self._tensors:
+            return
+        flat = torch.cat([tensor.to(self._tensors[0].device) for tensor in self._tensors]).tolist()
+        start = 0
+        for tensor, fill in zip(self._tensors, self._fills, strict=True):
+            fill(flat[start:start + tensor.numel()])
+            start += tensor.numel()
+        self._tensors, self._fills = [], []
 
 
 class Prefill:
@@ -129,7 +163,7 @@ class Prefill:
         records: list[StageRecord] = []
         valid_in = attention_mask.bool() if attention_mask is not None else torch.ones_like(input_ids, dtype=torch.bool)
         prompt_length = min(prompt_length or columns, columns)
-        sample_keys = prompt_fingerprints(input_ids, valid_in, prompt_length).to(device)
+        sample_keys = prompt_fingerprints(input_ids, valid_in, prompt_length)
 
         requested: dict[str, Any] = {}
         for entry in self.entries:
@@ -144,9 +178,10 @@ class Prefill:
                 row_sample[row] = span.sample
                 row_rank[row] = rank * 16 + part  # an image's rows (tiles) draw differently
         image_to_sample = torch.tensor(row_sample, dtype=torch.long, device=device)
-        image_rank = torch.tensor(row_rank, dtype=torch.long, device=device)
         tokens = dc_replace(tokens, image_to_sample=image_to_sample)
-        visual_in = _per_sample(tokens.counts(), image_to_sample, batch)
+        deferred = DeferredCounts()
+        visual_in: list[int] = []
+        deferred.into(visual_in, _per_sample(tokens.counts(), image_to_sample, batch))
         projected = [0] * batch  # a stage that replaces the projector leaves it at zero
         trace_grids = None
         if self.trace is not None:
@@ -157,11 +192,12 @@ class Prefill:
             """The model's projector, applied once (tokens already in LLM space pass through)."""
             if state.space == "llm":
                 return state
-            projected[:] = _per_sample(state.counts(), state.image_to_sample, batch)
+            deferred.into(projected, _per_sample(state.counts(), state.image_to_sample, batch))
             return adapter.project(state)
 
         context = StageContext(stage=None, signals=signals, project=project, sample_keys=sample_keys,
-                               image_rank=image_rank, adapter=adapter)  # type: ignore[arg-type]
+                               image_rank=row_rank, image_samples=row_sample,
+                               adapter=adapter)  # type: ignore[arg-type]
 
         for point in PRE_LLM_POINTS:
             if point == "query_conditioned":
@@ -172,24 +208,29 @@ class Prefill:
                     continue
                 context.stage = entry.stage
                 rows_before = tokens.counts()
-                before = _per_sample(rows_before, tokens.image_to_sample, batch)
                 hook = entry.hook(point)
+                samples_before = tokens.image_to_sample
                 tokens = self._run_stage(entry, point, tokens,
                                          lambda state, hook=hook: hook(tokens=state, context=context))
                 if not isinstance(tokens, TokenState):
                     raise PluginError(f"stage {entry.stage.label()} returned {type(tokens).__name__}, not a TokenState")
-                records.append(StageRecord(entry.stage.label(), entry.stage.method, point, None, before,
-                                           _per_sample(tokens.counts(), tokens.image_to_sample, batch),
-                                           own_flops=self._own_flops(entry.method, rows_before, tokens, batch)))
+                record = StageRecord(entry.stage.label(), entry.stage.method, point, None, [], [])
+                records.append(record)
+                deferred.into(record.tokens_in, _per_sample(rows_before, samples_before, batch))
+                deferred.into(record.tokens_out, _per_sample(tokens.counts(), tokens.image_to_sample, batch))
+                self._own_flops(deferred, record, entry.method, rows_before, tokens, batch)
                 if self.trace is not None:
                     self.trace.append((entry.stage.label(), tokens.owner))
 
         sequence = adapter.build_sequence(input_ids, attention_mask, tokens, prompt_length, self.compact)
-        entering = sequence.valid & sequence.is_visual  # what the placeholders hold, per sample
-        image_features = list(torch.split(sequence.hidden[entering], entering.sum(-1).tolist()))
+        # what the placeholders hold, per sample (sized by host numbers: no device read)
+        entering, _ = pack_index(sequence.valid & sequence.is_visual, width=max(sequence.visual_lengths, default=0))
+        width = sequence.hidden.shape[-1]
+        visual_hidden = torch.gather(sequence.hidden, 1, entering.unsqueeze(-1).expand(-1, -1, width))
+        image_features = [row[:count] for row, count in zip(visual_hidden, sequence.visual_lengths, strict=True)]
         cache = CompressedCache() if use_cache else None
         self.final_tokens = tokens
-        result = self.run_decoder(sequence, cache, sample_keys, records)
+        result = self.run_decoder(sequence, cache, sample_keys, records, deferred)
         final = result.sequence
         hidden = adapter.final_norm(final.hidden)
 
@@ -200,22 +241,35 @@ class Prefill:
         output.scatter_(1, columns_out.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]), hidden)
         output = output[:, :columns]
         if cache is not None:
-            cache.tokenpress_state = DecodeState(result.key_valid, result.next_position, columns, position_offset)
-        stats = PrefillStats(visual_in, projected, [valid.sum(-1).tolist() for valid in result.key_valid],
-                             [count.tolist() for count in result.visual_per_layer])
+            cache.tokenpress_state = DecodeState(result.key_valid, result.next_position, columns, position_offset,
+                                                 result.padded)
+        layer_tokens: list[list[int]] = [[] for _ in result.key_valid]
+        layer_visual: list[list[int]] = [[] for _ in result.visual_per_layer]
+        for values, valid in zip(layer_tokens, result.key_valid, strict=True):
+            deferred.into(values, valid.sum(-1))
+        for values, count in zip(layer_visual, result.visual_per_layer, strict=True):
+            deferred.into(values, count)
+        deferred.read()
+        stats = PrefillStats(visual_in, projected, layer_tokens, layer_visual)
         outcome = PrefillOutcome(records, stats, self.trace, trace_grids)
         return adapter.make_output(output, cache, image_features, position_offset), outcome
 
-    def _own_flops(self, method: Method, rows_before: torch.Tensor, tokens: TokenState, batch: int) -> list[float]:
-        """Per sample: FLOPs of a pre-LLM stage's own modules (``Method.stage_flops``) at this prefill."""
-        totals = [0.0] * batch
+    def _own_flops(self, deferred: DeferredCounts, record: StageRecord, method: Method, rows_before: torch.Tensor,
+                   tokens: TokenState, batch: int) -> None:
+        """``record.own_flops``, per sample: FLOPs of a pre-LLM stage's own modules (``Method.stage_flops``),
+        once the counts are read."""
+        record.own_flops = [0.0] * batch
         if type(method).stage_flops is Method.stage_flops:
-            return totals
+            return
         widths = adapter_widths(self.adapter)
-        per_row = stage_flops(method, rows_before.tolist(), tokens.counts().tolist(), widths)
-        for sample, flops in zip(tokens.image_to_sample.tolist(), per_row, strict=True):
-            totals[sample] += flops
-        return totals
+        images = tokens.num_images
+
+        def fill(read: list[int]) -> None:
+            before, after, samples = read[:images], read[images:2 * images], read[2 * images:]
+            for sample, flops in zip(samples, stage_flops(method, before, after, widths), strict=True):
+                record.own_flops[sample] += flops
+
+        deferred.later(torch.cat([rows_before, tokens.counts(), tokens.image_to_sample.to(rows_before.device)]), fill)
 
     def _prompt_embeddings(self, input_ids: torch.Tensor, valid: torch.Tensor, prompt_length: int,
                            tokens: TokenState) -> Callable[[int], torch.Tensor]:
@@ -229,8 +283,8 @@ class Prefill:
 
         return lookup
 
-    def run_decoder(self, sequence: Sequence, cache: CompressedCache | None, sample_keys: torch.Tensor,
-                    records: list[StageRecord]) -> PrefillResult:
+    def run_decoder(self, sequence: Sequence, cache: CompressedCache | None, sample_keys: list[int],
+                    records: list[StageRecord], deferred: DeferredCounts) -> PrefillResult:
         """Run every decoder layer at prefill, applying the decoder_layer stages before each."""
         adapter = self.adapter
         implementation = adapter.attention_implementation
@@ -243,7 +297,7 @@ class Prefill:
                     continue
                 context = DecoderContext(entry.stage, layer, adapter.num_layers, sequence,
                                          Scorer(adapter, layer, sequence, previous), sample_keys, adapter)
-                before = sequence.visual_counts().tolist()
+                before = list(sequence.visual_lengths)
                 hook = entry.hook("decoder_layer")
                 decision = self._run_stage(entry, "decoder_layer", context, lambda ctx, hook=hook: hook(context=ctx))
                 if decision is None:
@@ -255,13 +309,14 @@ class Prefill:
                     if self.compact:
                         sequence = sequence.with_positions(adapter.compact_positions(sequence))
                     records.append(StageRecord(entry.stage.label(), entry.stage.method, "decoder_layer", layer,
-                                               before, sequence.visual_counts().tolist(), "keep"))
+                                               before, list(sequence.visual_lengths), "keep"))
                 elif isinstance(decision, Route):
                     chosen = decision.mask.bool() | ~sequence.is_visual
                     route = chosen if route is None else route & chosen
-                    processed = (route & sequence.is_visual & sequence.valid).sum(-1).tolist()
-                    records.append(StageRecord(entry.stage.label(), entry.stage.method, "decoder_layer", layer,
-                                               before, processed, "route"))
+                    record = StageRecord(entry.stage.label(), entry.stage.method, "decoder_layer", layer, before, [],
+                                         "route")
+                    records.append(record)
+                    deferred.into(record.tokens_out, (route & sequence.is_visual & sequence.valid).sum(-1))
                 else:
                     raise PluginError(f"stage {entry.stage.label()} returned {type(decision).__name__}; "
                                       "a decoder_layer hook returns Keep, Route or None")
@@ -270,10 +325,11 @@ class Prefill:
                     layer in e.stage.layers for e in self.entries if e.stage.point == "decoder_layer"):
                 self.trace.append((f"layer {layer}", self._owners(processed_seq)))
             mask = attention_mask_for(implementation, processed_seq.valid, processed_seq.length,
-                                      processed_seq.hidden.dtype)
+                                      processed_seq.hidden.dtype, padded=processed_seq.padded)
             embeddings = adapter.position_embeddings(processed_seq.hidden, processed_seq.positions)
             out = adapter.call_layer(layer, processed_seq.hidden, mask, processed_seq.positions, embeddings, cache)
             result.key_valid.append(processed_seq.valid)
+            result.padded.append(processed_seq.padded)
             result.visual_per_layer.append((processed_seq.valid & processed_seq.is_visual).sum(-1))
             result.next_position.append(next_positions(processed_seq.positions, processed_seq.valid))
             previous = sequence
@@ -290,7 +346,8 @@ class Prefill:
         return tokens.patch_owner(present.view(tokens.num_images, tokens.num_slots))
 
 
-def _per_sample(counts: torch.Tensor, image_to_sample: torch.Tensor, batch: int) -> list[int]:
+def _per_sample(counts: torch.Tensor, image_to_sample: torch.Tensor, batch: int) -> torch.Tensor:
+    """(B,) long: the per-image ``counts`` summed over each sample's images (on their device)."""
     totals = torch.zeros(batch, dtype=torch.long, device=counts.device)
     totals.index_add_(0, image_to_sample, counts.long())
-    return totals.tolist()
+    return totals

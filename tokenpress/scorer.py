@@ -127,7 +127,7 @@ class Scorer:
 
 def _align(scores: torch.Tensor, source: Sequence, target: Sequence) -> torch.Tensor:
     """Carry per-slot scores from one layout to another by slot identity (padding slots get 0)."""
-    width = int(max(source.slot_id.max(), target.slot_id.max())) + 2
+    width = max(source.slot_count, target.slot_count) + 1
     dump = width - 1
     full = scores.new_zeros(scores.shape[0], width)
     full.scatter_(1, torch.where(source.valid, source.slot_id, dump), scores)

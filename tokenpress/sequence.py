@@ -28,6 +28,11 @@ class Sequence:
     column: torch.Tensor  # (B, N) long: input column the token came from (first placeholder column + rank for visual)
     slot_id: torch.Tensor  # (B, N) long: slot in the layer-0 sequence, a stable identity across layers
     visual_id: torch.Tensor  # (B, N) long: image * slots + token slot in the TokenState, -1 for text
+    # Host numbers, known without reading the tensors: the layer-0 length (every slot_id is below
+    # it), and each row's real tokens and real visual tokens.
+    slot_count: int
+    lengths: tuple[int, ...]
+    visual_lengths: tuple[int, ...]
 
     @property
     def batch_size(self) -> int:
@@ -36,6 +41,11 @@ class Sequence:
     @property
     def length(self) -> int:
         return self.hidden.shape[1]
+
+    @property
+    def padded(self) -> bool:
+        """Whether any row holds padding slots (a host number: no device read)."""
+        return any(length != self.length for length in self.lengths)
 
     def visual_counts(self) -> torch.Tensor:
         """Real visual tokens per sample, (B,)."""
@@ -50,13 +60,20 @@ class Sequence:
     def pack(self, mask: torch.Tensor) -> tuple[Sequence, torch.Tensor, torch.Tensor]:
         """Keep the slots where ``mask`` holds (and valid), left-packed in order.
 
-        Returns the new sequence and the (index, valid) of the picks into this one.
+        Returns the new sequence and the (index, valid) of the picks into this one. The new row counts
+        are read once (the new width is a shape: a host sync on CUDA, one per pack).
         """
-        index, picked = pack_index(mask & self.valid)
-        gathered = {}
+        mask = mask & self.valid
+        lengths, visual_lengths = torch.stack([mask.sum(-1), (mask & self.is_visual).sum(-1)]).tolist()
+        index, picked = pack_index(mask, width=max(lengths, default=0))
+        gathered: dict = {"lengths": tuple(lengths), "visual_lengths": tuple(visual_lengths)}
         for f in fields(self):
             value = getattr(self, f.name)
-            if f.name == "hidden":
+            if f.name in gathered:
+                continue
+            if not isinstance(value, torch.Tensor):
+                gathered[f.name] = value
+            elif f.name == "hidden":
                 gathered[f.name] = torch.gather(value, 1, index.unsqueeze(-1).expand(-1, -1, value.shape[-1]))
             elif f.name == "positions":
                 gathered[f.name] = torch.gather(value, 2, index.unsqueeze(0).expand(value.shape[0], -1, -1))
@@ -96,14 +113,19 @@ def allowed_keys(key_valid: torch.Tensor, num_new: int) -> torch.Tensor:
 
 
 def attention_mask_for(
-    implementation: str, key_valid: torch.Tensor, num_new: int, dtype: torch.dtype
+    implementation: str, key_valid: torch.Tensor, num_new: int, dtype: torch.dtype, padded: bool | None = None
 ) -> torch.Tensor | None:
-    """The mask a decoder layer gets, in the form its attention implementation expects (None: causal)."""
+    """The mask a decoder layer gets, in the form its attention implementation expects (None: causal).
+
+    ``padded``: whether ``key_valid`` has a false entry, when the host knows (else it is read: a host sync).
+    """
     if implementation.startswith("flash"):
         # FlashAttention unpads by a 2-D key mask and aligns causality bottom-right, which is
         # exactly slot order here (new tokens are the last slots).
         return key_valid.long()
-    if implementation == "sdpa" and num_new in (1, key_valid.shape[1]) and bool(key_valid.all()):
+    if padded is None and implementation == "sdpa":
+        padded = not bool(key_valid.all())
+    if implementation == "sdpa" and num_new in (1, key_valid.shape[1]) and not padded:
         # No padding, and either a whole prefill or one new token: plain causal attention, left to
         # SDPA's is_causal so that its flash and memory-efficient kernels stay eligible (they refuse
         # an explicit mask). A chunk after a cached prefix keeps the mask: is_causal aligns top-left.

@@ -49,6 +49,12 @@ class TokenState:
     original_grid: torch.Tensor  # (I, 3) long, (t, h, w) of the encoder output
     image_to_sample: torch.Tensor  # (I,) long, batch row each image belongs to
     space: Space = "encoder"
+    # What the host already knows, so that reading it never waits for the device (None / False:
+    # not known, read from the tensors when asked): every image's (t, h, w), its real token count,
+    # and whether every image holds its whole grid in raster order.
+    known_grid: tuple[tuple[int, int, int], ...] | None = None
+    known_counts: tuple[int, ...] | None = None
+    known_dense: bool = False
 
     # --- construction ---------------------------------------------------------------------------
 
@@ -56,23 +62,24 @@ class TokenState:
     def from_dense(
         cls,
         embeddings: torch.Tensor,
-        grid: torch.Tensor | tuple[int, int, int],
+        grid: torch.Tensor | Sequence[int] | Sequence[Sequence[int]],
         image_to_sample: torch.Tensor | None = None,
         valid: torch.Tensor | None = None,
     ) -> TokenState:
         """Build the state of full patch grids: token ``j`` of image ``i`` is cell ``j`` of its grid.
 
-        ``embeddings`` is (I, N, D); ``grid`` one (t, h, w) for all images or an (I, 3) tensor.
-        Images with fewer cells than N are padded; ``valid`` then marks the real cells.
+        ``embeddings`` is (I, N, D); ``grid`` one (t, h, w) for all images, or one per image (Python
+        ints, known to the host from then on, or an (I, 3) tensor). Images with fewer cells than N are
+        padded; ``valid`` then marks the real cells.
         """
         num_images, num_tokens, _ = embeddings.shape
         device = embeddings.device
-        grid = torch.as_tensor(grid, dtype=torch.long, device=device)
-        if grid.dim() == 1:
-            grid = grid.expand(num_images, 3).clone()
+        known = None if isinstance(grid, torch.Tensor) else _host_grid(grid, num_images)
+        grid = _as_grid(grid, num_images, device)
         cells = grid.prod(-1)
         arange = torch.arange(num_tokens, device=device)
-        if valid is None:
+        dense = valid is None  # a given ``valid`` may leave cells out
+        if dense:
             valid = arange.unsqueeze(0) < cells.unsqueeze(1)
         if image_to_sample is None:
             image_to_sample = torch.arange(num_images, device=device)
@@ -86,6 +93,9 @@ class TokenState:
             grid=grid,
             original_grid=grid.clone(),
             image_to_sample=image_to_sample.to(device),
+            known_grid=known,
+            known_counts=tuple(t * h * w for t, h, w in known) if known is not None and dense else None,
+            known_dense=dense,
         )
 
     # --- views ----------------------------------------------------------------------------------
@@ -128,6 +138,8 @@ class TokenState:
 
     def is_dense(self, image: int | None = None) -> bool:
         """True when every image (or image ``image``) holds its whole current grid, in raster order."""
+        if self.known_dense:
+            return True
         images = range(self.num_images) if image is None else [image]
         arange = torch.arange(self.num_slots, device=self.grid_index.device)
         for i in images:
@@ -148,15 +160,26 @@ class TokenState:
         return torch.where((self.grid_index < 0).unsqueeze(-1), torch.full_like(centres, 0.5), centres)
 
     def grid_sizes(self) -> list[tuple[int, int, int]]:
-        """Every image's current ``(t, h, w)`` as Python ints: one read of ``grid`` (a host sync on
-        CUDA, made here in the core), for methods whose output shapes depend on the grids."""
+        """Every image's current ``(t, h, w)`` as Python ints, for methods whose output shapes depend
+        on the grids: known to the host after the encoder and every re-gridding (a read of ``grid``,
+        a host sync on CUDA, only when a method built a state from a grid tensor)."""
+        if self.known_grid is not None:
+            return list(self.known_grid)
         return [(t, h, w) for t, h, w in self.grid.tolist()]
+
+    def counts_on_host(self) -> list[int]:
+        """:meth:`counts` as Python ints, for methods whose output width depends on them: known to the
+        host after the encoder, a re-gridding, a summary or a :meth:`keep` given its ``counts`` (else
+        a read, a host sync on CUDA)."""
+        if self.known_counts is not None:
+            return list(self.known_counts)
+        return self.counts().tolist()
 
     def dense_grid(self, image: int) -> torch.Tensor:
         """Image ``image``'s embeddings as (t, h, w, D); it must hold its whole grid (no selection yet)."""
         if not self.is_dense(image):
             raise ValueError("this operation needs every image's full patch grid (place it before any selection)")
-        t, h, w = (int(v) for v in self.grid[image])
+        t, h, w = self.grid_sizes()[image]
         return self.embeddings[image, : t * h * w].reshape(t, h, w, -1)
 
     # --- operations -----------------------------------------------------------------------------
@@ -186,13 +209,22 @@ class TokenState:
             grid_index=grid_index,
             size=torch.gather(self.size, 1, index) * gathered_valid,
             owner=owner,
+            known_counts=None,
+            known_dense=False,
         )
 
-    def keep(self, mask: torch.Tensor) -> TokenState:
-        """Keep the tokens where ``mask`` (I, N) is true, preserving their order; rows may differ in count."""
+    def keep(self, mask: torch.Tensor, counts: Sequence[int] | None = None) -> TokenState:
+        """Keep the tokens where ``mask`` (I, N) is true, preserving their order; rows may differ in count.
+
+        ``counts``, what ``mask`` keeps of each image as Python ints (a fixed-count method knows them:
+        :meth:`counts_on_host`), sizes the result without reading ``mask`` (a host sync on CUDA).
+        """
         mask = mask & self.valid
-        index, valid = pack_index(mask)
-        return self.select(index, valid)
+        if counts is None:
+            index, valid = pack_index(mask)
+            return self.select(index, valid)
+        index, valid = pack_index(mask, width=max(counts, default=0))
+        return dc_replace(self.select(index, valid), known_counts=tuple(int(count) for count in counts))
 
     def merge(
         self,
@@ -230,8 +262,9 @@ class TokenState:
                                   reduce="amin")
             first = first[:, :num_out]
             grid_index = torch.where(out_valid, torch.where(first == big, NO_CELL, first), 0)
-            new_grid = self.grid
+            new_grid, known_grid = self.grid, self.known_grid
         else:
+            known_grid = None if isinstance(grid, torch.Tensor) else _host_grid(grid, num_images)
             new_grid = _as_grid(grid, num_images, device)
             grid_index = torch.arange(num_out, device=device).expand(num_images, -1).clone()
         return dc_replace(
@@ -242,6 +275,9 @@ class TokenState:
             size=sizes,
             owner=owner,
             grid=new_grid,
+            known_grid=known_grid,
+            known_counts=None,
+            known_dense=False,
         )
 
     def replace(
@@ -268,7 +304,10 @@ class TokenState:
         regridded = self.merge(assign, num_out, grid=grid)
         cells = regridded.grid.prod(-1)
         valid = torch.arange(num_out, device=cells.device).unsqueeze(0) < cells.unsqueeze(1)
-        return dc_replace(regridded, embeddings=embeddings, valid=valid, space=space or self.space)
+        known = regridded.known_grid
+        return dc_replace(regridded, embeddings=embeddings, valid=valid, space=space or self.space,
+                          known_counts=None if known is None else tuple(t * h * w for t, h, w in known),
+                          known_dense=known is not None)
 
     def summarize(self, embeddings: torch.Tensor, *, space: Space | None = None) -> TokenState:
         """Replace every image's tokens by ``embeddings`` (I, K, D): K summary tokens that stand for
@@ -287,6 +326,7 @@ class TokenState:
             size=share.expand(-1, count).to(torch.float32).clone(),
             owner=torch.where(self.owner != -1, SHARED, -1),
             grid=torch.zeros_like(self.grid), space=space or self.space,
+            known_grid=((0, 0, 0),) * num_images, known_counts=(count,) * num_images, known_dense=False,
         )
 
     def regrid(self, transform: Callable[[torch.Tensor], torch.Tensor], window: int,
@@ -350,16 +390,26 @@ def window_cells(height: int, width: int, window: int, device: torch.device | st
     return (rows.unsqueeze(1) * out_width + cols.unsqueeze(0)).flatten()
 
 
-def pack_index(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def pack_index(mask: torch.Tensor, width: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Indices of the true entries of each row of ``mask`` (R, N), packed to the left, in order.
 
-    Returns (index, valid), both (R, K) with K the largest row count; padding picks index 0.
+    Returns (index, valid), both (R, K) with K = ``width``, at least the largest row count (default:
+    that count, read from ``mask``: a host sync on CUDA); padding picks index 0.
     """
     counts = mask.sum(-1)
-    width = int(counts.max()) if mask.numel() else 0
+    if width is None:
+        width = int(counts.max()) if mask.numel() else 0
     order = torch.argsort((~mask).to(torch.int8), dim=-1, stable=True)[:, :width]
     valid = torch.arange(width, device=mask.device).unsqueeze(0) < counts.unsqueeze(1)
     return torch.where(valid, order, 0), valid
+
+
+def _host_grid(grid: Sequence[int] | Sequence[Sequence[int]], num_images: int) -> tuple[tuple[int, int, int], ...]:
+    """One (t, h, w) for every image, or one per image, as Python ints."""
+    rows = list(grid)
+    if rows and not isinstance(rows[0], Sequence):
+        rows = [rows] * num_images
+    return tuple((int(t), int(h), int(w)) for t, h, w in rows)
 
 
 def _as_grid(grid: torch.Tensor | Sequence[int] | Sequence[Sequence[int]], num_images: int,
@@ -375,3 +425,8 @@ def keep_count(count: torch.Tensor | int, keep_ratio: float) -> torch.Tensor:
     """How many tokens a method with ``keep_ratio`` keeps out of ``count``: round, at least one."""
     count = torch.as_tensor(count)
     return torch.clamp(torch.round(count.double() * keep_ratio).long(), min=1)
+
+
+def keep_counts_on_host(counts: Sequence[int], keep_ratio: float) -> list[int]:
+    """:func:`keep_count` of Python ints, computed on the host (the same rounding: half to even)."""
+    return [max(1, round(count * keep_ratio)) for count in counts]

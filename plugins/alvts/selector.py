@@ -80,7 +80,7 @@ def importance(
     """
     batch, heads, length, width = query.shape
     visual, text = visual & valid, text & valid & ~visual
-    rows, picked = pack_index(visual | text)  # the rows whose attention counts, left-packed
+    rows, picked = pack_index(visual | text, width=length)  # the rows whose attention counts, left-packed
     index = rows[:, None, :, None].expand(-1, heads, -1, width)
     scaled_rows = torch.gather(query.float(), 2, index) * scaling  # (B, H, R, d)
     weights = torch.stack([torch.gather(visual, 1, rows) & picked, torch.gather(text, 1, rows) & picked], 1).float()

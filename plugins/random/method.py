@@ -20,6 +20,7 @@ from tokenpress import (
     keep_count,
 )
 from tokenpress.select import seeded_uniform, topk_mask
+from tokenpress.tokens import keep_counts_on_host
 
 
 class RandomConfig(SelectingConfig):
@@ -43,11 +44,11 @@ class RandomKeep(Method):
         slots = tokens.num_slots
         device = tokens.embeddings.device
         scores = torch.stack([
-            seeded_uniform(context.random_key(i, tokens.image_to_sample, self.config.seed), slots, device)
+            seeded_uniform(context.random_key(i, self.config.seed), slots, device)
             for i in range(tokens.num_images)
         ]) if tokens.num_images else tokens.embeddings.new_zeros(0, slots)
-        counts = keep_count(tokens.counts(), self.config.keep_ratio).to(scores.device)
-        return tokens.keep(topk_mask(scores, tokens.valid, counts))
+        counts = keep_counts_on_host(tokens.counts_on_host(), self.config.keep_ratio)
+        return tokens.keep(topk_mask(scores, tokens.valid, torch.tensor(counts, device=device)), counts=counts)
 
     @hookimpl
     def post_encoder(self, tokens: TokenState, context: StageContext) -> TokenState:
@@ -64,7 +65,7 @@ class RandomKeep(Method):
     @hookimpl
     def decoder_layer(self, context: DecoderContext) -> Keep:
         sequence = context.sequence
-        width = int(sequence.slot_id.max()) + 1
+        width = sequence.slot_count
         scores = torch.stack([
             seeded_uniform(context.random_key(b, self.config.seed), width, sequence.hidden.device)
             for b in range(sequence.batch_size)

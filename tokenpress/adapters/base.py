@@ -365,6 +365,9 @@ class ModelAdapter:
             column=padded("column", 0, torch.long),
             slot_id=torch.arange(length, device=device).expand(batch, -1).clone(),
             visual_id=padded("visual_id", -1, torch.long),
+            slot_count=length,
+            lengths=tuple(len(row["bank"]) for row in rows),
+            visual_lengths=tuple(sum(row["visual"]) for row in rows),
         )
 
     # --- decoder --------------------------------------------------------------------------------

@@ -122,7 +122,7 @@ class LlavaNextAdapter(LlavaAdapter):
             grids.append((1, stitched.shape[1], stitched.shape[2]))
         width = max(row.shape[0] for row in rows)
         embeddings = torch.stack([nn.functional.pad(row, (0, 0, 0, width - row.shape[0])) for row in rows])
-        return TokenState.from_dense(embeddings, torch.tensor(grids)), {}
+        return TokenState.from_dense(embeddings, grids), {}
 
     def encoder_pixels(self, inputs: dict[str, Any], image: int) -> torch.Tensor:
         """The base tile (the whole image, resized): row ``2 * image`` of the state."""
@@ -142,7 +142,7 @@ class LlavaNextAdapter(LlavaAdapter):
             _, height, width = (int(v) for v in tokens.original_grid[2 * image + 1])
             lengths.append(base + height * (width + 1))
         per_image = TokenState.from_dense(tokens.embeddings.new_zeros(images, 1, 1),
-                                          torch.tensor([[1, 1, n] for n in lengths]))
+                                          [(1, 1, n) for n in lengths])
         spans = self._spans_for(input_ids, valid, per_image, self.image_token_id)
         return [ImageSpan(s.sample, s.start, s.length, s.image, (2 * s.image, 2 * s.image + 1)) for s in spans]
 

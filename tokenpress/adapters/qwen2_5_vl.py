@@ -145,11 +145,12 @@ class Qwen2_5_VLAdapter(ModelAdapter):
         units = torch.cat(units)
         llm_grids = grid_thw.clone()
         llm_grids[:, 1:] //= self.merge_size
-        counts = llm_grids.prod(-1).tolist()
+        grids = [tuple(grid) for grid in llm_grids.tolist()]
+        counts = [t * h * w for t, h, w in grids]
         width = max(counts)
         rows = [torch.nn.functional.pad(chunk, (0, 0, 0, width - chunk.shape[0]))
                 for chunk in torch.split(units, counts)]
-        tokens = TokenState.from_dense(torch.stack(rows), llm_grids)
+        tokens = TokenState.from_dense(torch.stack(rows), grids)
         images = len(inputs["image_grid_thw"]) if inputs.get("pixel_values") is not None else 0
         self.media = {"time_interval": intervals, "is_video": [False] * images + [True] * (len(intervals) - images)}
         return tokens, {}

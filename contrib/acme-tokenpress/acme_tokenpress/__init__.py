@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from tokenpress import Method, SelectingConfig, StageContext, TokenState, hookimpl, keep_count
+from tokenpress import Method, SelectingConfig, StageContext, TokenState, hookimpl, keep_count, keep_counts_on_host
 
 __version__ = "0.1.0"
 
@@ -22,9 +22,9 @@ class KeepFirst(Method):
 
     @hookimpl
     def post_encoder(self, tokens: TokenState, context: StageContext) -> TokenState:
-        counts = keep_count(tokens.counts(), self.config.keep_ratio).to(tokens.valid.device)
+        kept = keep_counts_on_host(tokens.counts_on_host(), self.config.keep_ratio)  # host ints: no device read
         rank = tokens.valid.long().cumsum(-1)
-        return tokens.keep(tokens.valid & (rank <= counts.unsqueeze(-1)))
+        return tokens.keep(tokens.valid & (rank <= torch.tensor(kept, device=rank.device).unsqueeze(-1)), counts=kept)
 
     def promised_count(self, tokens_in: torch.Tensor) -> torch.Tensor:
         return keep_count(tokens_in, self.config.keep_ratio)
