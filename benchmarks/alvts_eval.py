@@ -29,9 +29,9 @@ def stacks(model: str) -> list[dict]:
             return {"method": method, "params": params}
 
         result += [
-            {"name": f"alvts {label}", "stages": [stage("alvts", keep_ratio=ratio, selector=model)]},
+            {"name": f"alvts {label}", "stages": [stage("alvts", keep_ratio=ratio, weights=model)]},
             {"name": f"alvts adaptive {label}",
-             "stages": [stage("alvts", keep_ratio=ratio, selector=model, budget="adaptive")]},
+             "stages": [stage("alvts", keep_ratio=ratio, weights=model, budget="adaptive")]},
             {"name": f"alvts svd {label}", "stages": [stage("alvts", keep_ratio=ratio)]},
             {"name": f"fastv {label}", "stages": [{"method": "fastv", "layers": [2], "params": {"keep_ratio": ratio}}]},
             {"name": f"random {label}", "stages": [stage("random", keep_ratio=ratio)]},

@@ -12,12 +12,12 @@ import torch
 
 import tokenpress
 from reference import llava_patch_features, merged_embeddings
+from tokenpress import weights
 from tokenpress.cli import main
 from tokenpress.errors import InputError
 from tokenpress.testing import llava_batch, sample_prompts, select_rows
 from tokenpress.testing.families import FAMILIES, prompts
 from tokenpress.testing.models import tiny_llava
-from tokenpress_plugins.alvts import selector_file
 from tokenpress_plugins.alvts.calibrate import calibrate
 from tokenpress_plugins.alvts.method import adaptive_budgets
 from tokenpress_plugins.alvts.selector import coverage_curve, low_rank
@@ -58,13 +58,13 @@ def test_full_rank_score_equals_the_score_of_the_layers_eager_attention(family, 
         method.recording = []
         model(**batch)
         recorded = method.recording
-    assert [layer for layer, _ in recorded] == list(range(len(attentions)))
-    for layer, sequence in recorded:
-        columns = sequence.column.clamp_min(0)  # the engine's slots -> the input's columns
-        assert torch.equal(sequence.is_visual & sequence.valid, visual.gather(1, columns) & sequence.valid)
-        expected = reference_scores(attentions[layer], visual, text).gather(1, columns) * sequence.valid
-        torch.testing.assert_close(method.scores(sequence, layer), expected, rtol=2e-4, atol=1e-9)
-        torch.testing.assert_close(method.exact_scores(sequence, layer), expected, rtol=2e-4, atol=1e-9)
+        assert [layer for layer, _ in recorded] == list(range(len(attentions)))
+        for layer, sequence in recorded:
+            columns = sequence.column.clamp_min(0)  # the engine's slots -> the input's columns
+            assert torch.equal(sequence.is_visual & sequence.valid, visual.gather(1, columns) & sequence.valid)
+            expected = reference_scores(attentions[layer], visual, text).gather(1, columns) * sequence.valid
+            torch.testing.assert_close(method.scores(sequence, layer), expected, rtol=2e-4, atol=1e-9)
+            torch.testing.assert_close(method.exact_scores(sequence, layer), expected, rtol=2e-4, atol=1e-9)
 
 
 def manual_alvts(model, batch: dict, keep_ratio: float) -> tuple[torch.Tensor, list[list[int]]]:
@@ -170,9 +170,8 @@ def calibrated(tmp_path_factory):
 def test_calibration_is_reproducible_and_lowers_the_consistency_loss(calibrated):
     model, (first, second), _, _ = calibrated
     assert first.losses == second.losses
-    for layer, parts in first.selector.factors.items():
-        for name, value in parts.items():
-            assert torch.equal(value, second.selector.factors[layer][name]), (layer, name)
+    for name, value in first.parts.state_dict().items():
+        assert torch.equal(value, second.parts.state_dict()[name]), name
     assert first.losses[-2] < first.losses[0]  # the same training batch, two epochs later
     assert sum(r.loss_calibrated for r in first.fidelity) < sum(r.loss_svd for r in first.fidelity)
     assert all(p.grad is None and p.requires_grad for p in model.parameters())  # the model is not trained
@@ -182,16 +181,26 @@ def test_calibration_is_reproducible_and_lowers_the_consistency_loss(calibrated)
 @torch.no_grad()
 def test_a_selector_file_round_trips(calibrated):
     model, (report, _), path, held_out = calibrated
-    header = selector_file.read_header(path)
-    assert header["rank"] == 4 and header["layers"] == [0, 1, 2, 3] and header["samples"] == 6
-    with tokenpress.compress(model, alvts_stack(keep_ratio=0.25, selector=str(path))) as handle:
+    header = weights.read_header(path)
+    assert header["method"] == "alvts" and header["format"] == weights.FORMAT  # one case of method weights
+    info = header["calibration"]
+    assert info["rank"] == 4 and info["layers"] == [0, 1, 2, 3] and info["samples"] == 6
+    keys = dict(model.state_dict())
+    with tokenpress.compress(model, alvts_stack(keep_ratio=0.25, weights=str(path))) as handle:
         method = handle.entries[0].method
         for layer in range(4):
             q, k = method.factors[layer]
-            stored = report.selector.factors[layer]
-            assert torch.equal(q.down, stored["q_down"]) and torch.equal(k.up, stored["k_up"])
-        assert method.selector.coverage[2].shape == (101,)
-    with tokenpress.compress(model, alvts_stack(keep_ratio=0.25, selector=str(path), budget="adaptive")) as handle:
+            stored = report.parts[layer]
+            assert torch.equal(q.down, stored.q_down) and torch.equal(k.up, stored.k_up)
+        assert method.weights.coverage(2).shape == (101,)
+        assert list(model.state_dict()) == list(keys)  # never part of the model
+    # a stage that routes some layers loads those of a file calibrated for all of them
+    stack = alvts_stack(keep_ratio=0.25, weights=str(path))
+    stack["stages"][0]["layers"] = [1, 3]
+    with tokenpress.compress(model, stack) as handle:
+        method = handle.entries[0].method
+        assert method.weights.indices == [1, 3] and torch.equal(method.factors[3][0].up, report.parts[3].q_up)
+    with tokenpress.compress(model, alvts_stack(keep_ratio=0.25, weights=str(path), budget="adaptive")) as handle:
         ratios = handle.entries[0].method.ratios
         assert sum(ratios.values()) / len(ratios) == pytest.approx(0.25, abs=0.011)
 
@@ -207,11 +216,12 @@ def test_a_selector_for_another_model_is_refused_in_one_sentence(calibrated, oth
         path.write_text("hello", encoding="utf-8")
     before = model(**held_out[0]).logits
     with pytest.raises(InputError) as error:
-        tokenpress.compress(model, alvts_stack(keep_ratio=0.25, selector=str(path)))
+        tokenpress.compress(model, alvts_stack(keep_ratio=0.25, weights=str(path)))
     message = str(error.value)
     assert "\n" not in message and str(path) in message and "stages[0] (alvts)" in message
-    expected = {"other weights": "other weights", "other shape": "another model", "missing": "no such selector",
+    expected = {"other weights": "other weights", "other shape": "another model", "missing": "no such weights",
                 "not a selector": "not a safetensors"}[other]
+    assert other in ("missing", "not a selector") or "tokenpress calibrate" in message
     assert expected in message
     assert "forward" not in model.model.__dict__
     assert torch.equal(model(**held_out[0]).logits, before)
@@ -240,7 +250,7 @@ def test_cli_calibrates_a_users_model_from_a_folder(checkpoint: Path, tmp_path: 
     assert main(argv) == 0
     printed = capsys.readouterr().out
     assert "4 calibration samples, 1 held out" in printed and f"wrote {out}" in printed
-    assert json.loads(json.dumps(selector_file.read_header(out)))["samples"] == 4
+    assert json.loads(json.dumps(weights.read_header(out)))["calibration"]["samples"] == 4
     # mistakes: one line, exit 2
     pool = tmp_path / "pool.yaml"
     pool.write_text("name: p\nstages:\n  - method: pool\n    params: {kernel: 2}\n", encoding="utf-8")
@@ -250,3 +260,15 @@ def test_cli_calibrates_a_users_model_from_a_folder(checkpoint: Path, tmp_path: 
         assert main(wrong) == 2
         error = capsys.readouterr().err
         assert error.startswith("tokenpress: error: ") and error.count("\n") == 1, error
+
+
+def test_the_old_selector_parameter_is_named_in_one_sentence():
+    with pytest.raises(tokenpress.StackError, match="`selector` is now `weights`"):
+        tokenpress.load_stack(alvts_stack(keep_ratio=0.25, selector="zoo:llava-shapes"))
+
+
+def test_tokenpress_fit_leaves_a_calibrated_method_to_calibrate(tmp_path):
+    """ALVTS's weights decide a top-k (no gradient reaches them): fit refuses it, naming calibrate."""
+    stack = tmp_path / "alvts.yaml"
+    stack.write_text("name: a\nstages:\n  - method: alvts\n    params: {keep_ratio: 0.25}\n", encoding="utf-8")
+    assert main(["fit", str(stack), "--model", "zoo:llava-shapes", "--steps", "1", "--quiet"]) == 2

@@ -18,7 +18,7 @@ def test_there_are_example_stacks():
 
 
 def uses_zoo_files(stack) -> bool:
-    """A stage that takes files shipped with the zoo proxies (``weights: zoo``, ``selector: zoo:...``)."""
+    """A stage that takes files shipped with the zoo proxies (``weights: zoo`` or ``zoo:NAME``)."""
     return any(isinstance(value, str) and value.startswith("zoo") for stage in stack.stages
                for value in stage.config.model_dump().values())
 

@@ -86,7 +86,7 @@ def test_a_weights_file_for_something_else_is_refused_in_one_sentence(tmp_path, 
     model = {"another architecture": lambda: tiny_llava("sdpa", num_layers=3),
              "other weights": lambda: tiny_llava("sdpa", seed=7)}.get(case, lambda: tiny_llava("sdpa"))()
     stack = with_weights(path)
-    expected = {"another architecture": "fitted for another model", "other weights": "other weights of the same",
+    expected = {"another architecture": "made for another model", "other weights": "other weights of the same",
                 "other ratio": "but this stage has", "another method": "weights of method 'acme'",
                 "missing": "no such weights file", "not safetensors": "not a safetensors file"}[case]
     if case == "other ratio":

@@ -234,20 +234,20 @@ def test_viz_draws_the_input_image_under_the_patches(name: str, size: tuple[int,
 @torch.no_grad()
 def test_the_shipped_alvts_selector_belongs_to_its_model(loaded: tuple[str, torch.nn.Module, object]) -> None:
     import tokenpress
+    from tokenpress import weights
     from tokenpress.errors import InputError
-    from tokenpress_plugins.alvts import selector_file
 
     name, model, processor = loaded
-    header = selector_file.read_header(zoo_path(name) / "alvts-selector.safetensors")
+    header = weights.read_header(zoo_path(name) / "alvts.safetensors")["calibration"]
     layers = model.config.get_text_config().num_hidden_layers
     assert header["layers"] == list(range(layers)) and header["samples"] == 256
     assert header["rank"] == model.config.get_text_config().hidden_size // 16
     # calibrated: the held-out top-k overlap with the exact score rose at every layer
     assert all(row["overlap_calibrated"] > row["overlap_svd"] for row in header["fidelity"])
-    stack = {"name": "a", "stages": [{"method": "alvts", "params": {"keep_ratio": 0.11, "selector": f"zoo:{name}"}}]}
+    stack = {"name": "a", "stages": [{"method": "alvts", "params": {"keep_ratio": 0.11, "weights": "zoo"}}]}
     with tokenpress.compress(model, stack) as handle:
-        assert handle.entries[0].method.selector.rank == header["rank"]
+        assert handle.entries[0].method.weights.rank == header["rank"]
     other = next(n for n in MODELS if n != name)
-    stack["stages"][0]["params"]["selector"] = f"zoo:{other}"
-    with pytest.raises(InputError, match="calibrated for another model"):
+    stack["stages"][0]["params"]["weights"] = f"zoo:{other}"
+    with pytest.raises(InputError, match="made for another model"):
         tokenpress.compress(model, stack)

@@ -295,7 +295,8 @@ def _build_weights(method: Method, adapter: ModelAdapter) -> None:
     if path is not None:
         shaping = method.weights_shaping()
         weights.load(weights.resolve(path, method.name, shaping, adapter.model), method.name, shaping,
-                     weights.model_signature(adapter), module)
+                     weights.model_signature(adapter, method), module, made_by=method.weights_made_by(),
+                     partial=method.partial_weights)
     method.weights = module
 
 

@@ -173,9 +173,12 @@ def cmd_fit(args: argparse.Namespace) -> int:
     from tokenpress.loading import load_model_and_processor
 
     stack = _check_stack(args.stack, None)
-    if not any("weights" in stage.method_class.Config.model_fields for stage in stack.stages):
-        methods = ", ".join(sorted(n for n, c in _registry().methods.items() if "weights" in c.Config.model_fields))
-        raise UserError(f"{args.stack}: no stage of this stack has weights to fit (methods with weights: {methods})")
+    if not any(fitting.fits(stage.method_class) for stage in stack.stages):
+        methods = ", ".join(sorted(n for n, c in _registry().methods.items() if fitting.fits(c)))
+        calibrated = sorted({s.method for s in stack.stages if s.method_class.can_calibrate()})
+        also = f"; {', '.join(calibrated)} learns with `tokenpress calibrate`" if calibrated else ""
+        raise UserError(f"{args.stack}: no stage of this stack has weights to fit (methods with weights: "
+                        f"{methods}){also}")
     samples = min(args.steps * args.batch_size, shapes.SPLIT_SIZES["train"])
     train, held_out = calibration.split_samples(args.model, args.data, samples, args.seed)
     model, processor = load_model_and_processor(args.model)

@@ -76,8 +76,14 @@ def distillation_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Ten
                     reduction="none").sum(-1).mean()
 
 
+def fits(method_class: type) -> bool:
+    """Whether ``tokenpress fit`` trains this method's weights: it has weights (a ``WeightedConfig``) and
+    no learning procedure of its own (a ``calibrate``, as ALVTS's selector, whose top-k no gradient crosses)."""
+    return "weights" in method_class.Config.model_fields and not method_class.can_calibrate()
+
+
 def _weighted(handle: Any) -> list[Any]:
-    return [entry for entry in handle.entries if entry.method.weights is not None]
+    return [entry for entry in handle.entries if entry.method.weights is not None and fits(type(entry.method))]
 
 
 def fit(model: Any, processor: Any, stack: Stack | str | Path | dict, train: list[PromptedImage],

@@ -108,6 +108,9 @@ class Method:
     #: True when the method's output tokens stand for the whole image (no grid cell, like ``qformer``'s):
     #: laid out after the image like text, so LLaVA-NeXT adds no row newlines after them.
     summary_tokens: ClassVar[bool] = False
+    #: True when a weights file may hold more parts than one stage builds (ALVTS's, made for every
+    #: decoder layer, serves a stage that routes some of them); the parts a stage builds must be there.
+    partial_weights: ClassVar[bool] = False
 
     @classmethod
     def default_layers(cls, config: MethodConfig, num_layers: int) -> tuple[int, ...] | None:
@@ -183,6 +186,16 @@ class Method:
     def weights_shaping(self) -> dict[str, Any]:
         """The parameters that shape :meth:`build_weights`' parts (checked against a weights file)."""
         return {}
+
+    def weights_fingerprint(self, adapter: Any) -> dict[str, Any]:
+        """Numbers of the model's own weights that this method's weights were made against (stored in
+        a weights file, compared on load), beyond the embeddings every file is checked against."""
+        return {}
+
+    @classmethod
+    def weights_made_by(cls) -> str:
+        """The command that makes this method's weights: its own ``calibrate``, else ``tokenpress fit``."""
+        return "tokenpress calibrate" if cls.can_calibrate() else "tokenpress fit"
 
     def teardown(self) -> None:
         """Undo :meth:`setup` when the stack is detached (the default drops the method's weights)."""

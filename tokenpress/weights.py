@@ -126,8 +126,9 @@ def starting_projector(adapter: Any, seed: int) -> nn.Sequential:
     return seeded_mlp(adapter.encoder_width(), llm_width, llm_width, seed)
 
 
-def model_signature(adapter: Any) -> dict[str, Any]:
-    """The sizes a method's weights depend on, and a fingerprint of the model's own embeddings."""
+def model_signature(adapter: Any, method: Any = None) -> dict[str, Any]:
+    """The sizes a method's weights depend on, a fingerprint of the model's own embeddings and, when
+    ``method`` gives one (:meth:`~tokenpress.Method.weights_fingerprint`), of the model weights it reads."""
     text = adapter.text_config
     vision = getattr(adapter.model.config, "vision_config", None)
     sizes = {
@@ -139,8 +140,12 @@ def model_signature(adapter: Any) -> dict[str, Any]:
         "vision_layers": getattr(vision, "num_hidden_layers", getattr(vision, "depth", None)),
     }
     embeddings = adapter.model.get_input_embeddings().weight
-    return {"sizes": sizes, "sizes_hash": _hash(sizes),
-            "embedding_fingerprint": float(embeddings.detach().double().abs().sum())}
+    signature = {"sizes": sizes, "sizes_hash": _hash(sizes),
+                 "embedding_fingerprint": float(embeddings.detach().double().abs().sum())}
+    own = method.weights_fingerprint(adapter) if method is not None else {}
+    if own:
+        signature["method_fingerprint"] = own
+    return signature
 
 
 def _hash(value: Any) -> str:
@@ -191,10 +196,19 @@ def read_header(path: str | Path) -> dict[str, Any]:
     return header
 
 
+def tensor_shapes(path: str | Path) -> dict[str, list[int]]:
+    """Name -> shape of every tensor of a weights file (no tensor read)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        return {name: list(handle.get_slice(name).get_shape()) for name in handle.keys()}  # noqa: SIM118
+
+
 def load(path: str | Path, method: str, shaping: dict[str, Any], signature: dict[str, Any],
-         module: nn.Module) -> dict[str, Any]:
+         module: nn.Module, *, made_by: str = "tokenpress fit", partial: bool = False) -> dict[str, Any]:
     """Load the weights at ``path`` into ``module`` after checking they were fitted for this method,
-    these shaping parameters and this model; returns the header."""
+    these shaping parameters and this model; returns the header. ``made_by`` is the command a refusal
+    names; ``partial`` lets the file hold more parts than ``module`` (those are not read)."""
     from safetensors.torch import load_file
 
     header = read_header(path)
@@ -205,18 +219,35 @@ def load(path: str | Path, method: str, shaping: dict[str, Any], signature: dict
         raise InputError(f"{where}: fitted with {header.get('params')}, but this stage has {shaping}")
     made_for = header.get("model", {})
     if made_for.get("sizes_hash") != signature["sizes_hash"]:
-        raise InputError(f"{where}: fitted for another model ({_describe(made_for.get('sizes', {}))}), not this one "
-                         f"({_describe(signature['sizes'])}); fit weights for it with `tokenpress fit`")
-    stored = made_for.get("embedding_fingerprint")
-    if stored is not None and not math.isclose(stored, signature["embedding_fingerprint"], rel_tol=FINGERPRINT_RTOL):
-        raise InputError(f"{where}: fitted for other weights of the same architecture; fit weights for this "
-                         f"checkpoint with `tokenpress fit`")
+        raise InputError(f"{where}: made for another model ({_describe(made_for.get('sizes', {}))}), not this one "
+                         f"({_describe(signature['sizes'])}); make weights for it with `{made_by}`")
+    if not _same_fingerprints(made_for, signature):
+        raise InputError(f"{where}: made for other weights of the same architecture; make weights for this "
+                         f"checkpoint with `{made_by}`")
     tensors = load_file(str(path))
     expected = module.state_dict()
-    if set(tensors) != set(expected) or any(tensors[k].shape != expected[k].shape for k in expected):
+    extra = set(tensors) - set(expected)
+    if (set(expected) - set(tensors) or (extra and not partial)
+            or any(tensors[k].shape != expected[k].shape for k in expected)):
         raise InputError(f"{where}: its tensors do not match this method's parts (another tokenpress version?)")
+    tensors = {k: v for k, v in tensors.items() if k in expected}
     module.load_state_dict({k: v.to(expected[k].device, expected[k].dtype) for k, v in tensors.items()})
     return header
+
+
+def _same_fingerprints(stored: dict[str, Any], current: dict[str, Any]) -> bool:
+    """Whether the numbers both signatures have (the embeddings', the method's own) agree, within
+    :data:`FINGERPRINT_RTOL` (a checkpoint loaded in another dtype still matches)."""
+    pairs = [(stored.get("embedding_fingerprint"), current.get("embedding_fingerprint"))]
+    mine = current.get("method_fingerprint", {})
+    pairs += [(value, mine[key]) for key, value in stored.get("method_fingerprint", {}).items() if key in mine]
+    for old, new in pairs:
+        if old is None or new is None:
+            continue
+        olds, news = (old, new) if isinstance(old, list) else ([old], [new])
+        if not all(math.isclose(a, b, rel_tol=FINGERPRINT_RTOL) for a, b in zip(olds, news, strict=True)):
+            return False
+    return True
 
 
 def _describe(sizes: dict[str, Any]) -> str:
@@ -227,4 +258,4 @@ def _describe(sizes: dict[str, Any]) -> str:
 
 
 __all__ = ["PatchNorm", "follow", "load", "model_signature", "projector_copy", "read_file_header", "read_header",
-           "resolve", "save", "weights_file_name"]
+           "resolve", "save", "tensor_shapes", "weights_file_name"]

@@ -21,9 +21,10 @@ from typing import Any
 import torch
 
 import tokenpress
+from tokenpress import weights as weights_io
 from tokenpress.errors import InputError
-from tokenpress_plugins.alvts import selector_file
 from tokenpress_plugins.alvts.method import ALVTS
+from tokenpress_plugins.alvts.parts import LayerSelector, SelectorParts
 from tokenpress_plugins.alvts.selector import LowRank, coverage_curve
 
 
@@ -42,7 +43,11 @@ class LayerFidelity:
 
 @dataclass
 class CalibrationReport:
-    selector: selector_file.SelectorFile
+    """The calibrated selector (``parts``), how it was made (``info``) and how well it ranks."""
+
+    parts: SelectorParts
+    info: dict[str, Any]  # written into the weights file's header
+    signature: dict[str, Any]  # the model it was calibrated for (tokenpress.weights.model_signature)
     fidelity: list[LayerFidelity]
     samples: int
     seconds: float
@@ -50,10 +55,11 @@ class CalibrationReport:
     losses: list[float] = field(default_factory=list)  # training loss per step (sum over layers)
 
     def save(self, path: str | Path) -> Path:
-        return selector_file.save(path, self.selector)
+        """Write the selector as ``alvts`` method weights (what ``params.weights`` names)."""
+        return weights_io.save(path, ALVTS.name, {}, self.signature, self.parts, {"calibration": self.info})
 
     def table(self) -> str:
-        keep = self.selector.header.get("overlap_keep_ratio")
+        keep = self.info.get("overlap_keep_ratio")
         lines = ["| layer | top-k overlap SVD | top-k overlap calibrated | Spearman SVD | Spearman calibrated |"
                  " MSE SVD | MSE calibrated |", "| ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
         for row in self.fidelity:
@@ -122,7 +128,7 @@ def calibrate(model: Any, stage: dict[str, Any], train: list[dict[str, torch.Ten
     if not lr > 0:
         raise InputError(f"--lr {lr}: the learning rate must be positive")
     torch.manual_seed(seed)
-    params = {**stage.get("params", {}), "selector": None, "budget": "uniform"}
+    params = {**stage.get("params", {}), "weights": None, "budget": "uniform"}
     spec = {**stage, "params": params}
     keep_ratio = float(params.get("keep_ratio", ALVTS.Config.model_fields["keep_ratio"].default))
     overlap_ratio = keep_ratio if keep_ratio < 1.0 else 0.25
@@ -165,10 +171,7 @@ def calibrate(model: Any, stage: dict[str, Any], train: list[dict[str, torch.Ten
             bar.close()
             calibrated = {layer: (_copy(q), _copy(k)) for layer, (q, k) in trainable.items()}
             after = _fidelity(model, method, held_out, calibrated, overlap_ratio)
-            signature = selector_file.decoder_signature(adapter.text_config, adapter.family)
-            fingerprint = {str(layer): selector_file.weight_fingerprint(adapter.attention_parts(layer).q_proj.weight,
-                                                                        adapter.attention_parts(layer).k_proj.weight)
-                           for layer in method.layers}
+            signature = weights_io.model_signature(adapter, method)
     finally:
         for parameter in frozen:
             parameter.requires_grad_(True)
@@ -177,17 +180,12 @@ def calibrate(model: Any, stage: dict[str, Any], train: list[dict[str, torch.Ten
                               spearman_svd=before[layer][1], spearman_calibrated=after[layer][1],
                               loss_svd=before[layer][2], loss_calibrated=after[layer][2]) for layer in sorted(before)]
     rank = next(iter(calibrated.values()))[0].rank
-    header = {
-        "signature": signature, "signature_hash": selector_file.signature_hash(signature), "fingerprint": fingerprint,
-        "rank": rank, "layers": sorted(calibrated), "samples": samples, "epochs": epochs, "lr": lr, "seed": seed,
-        "steps": steps, "seconds": round(seconds, 2), "score": params.get("score", "product"),
-        "overlap_keep_ratio": overlap_ratio, "fidelity": [vars(row) for row in fidelity],
-    }
-    factors = {layer: {"q_down": q.down, "q_up": q.up, "k_down": k.down, "k_up": k.up}
-               for layer, (q, k) in calibrated.items()}
+    info = {"rank": rank, "layers": sorted(calibrated), "samples": samples, "epochs": epochs, "lr": lr, "seed": seed,
+            "steps": steps, "seconds": round(seconds, 2), "score": params.get("score", "product"),
+            "overlap_keep_ratio": overlap_ratio, "fidelity": [vars(row) for row in fidelity]}
     curves = {layer: torch.cat(parts).mean(0) for layer, parts in coverage.items() if parts}
-    selector = selector_file.SelectorFile(factors, curves, header)
-    return CalibrationReport(selector, fidelity, samples, seconds, steps, losses)
+    parts = SelectorParts({layer: LayerSelector(q, k, curves.get(layer)) for layer, (q, k) in calibrated.items()})
+    return CalibrationReport(parts, info, signature, fidelity, samples, seconds, steps, losses)
 
 
 def _copy(projection: LowRank, trainable: bool = False) -> LowRank:

@@ -4,18 +4,18 @@ the others skip it unchanged and rejoin the sequence, in place, for the next lay
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 
-from tokenpress import DecoderContext, Method, Route, SelectingConfig, hookimpl
+from tokenpress import DecoderContext, Method, Route, SelectingConfig, WeightedConfig, hookimpl
+from tokenpress import weights as weights_io
 from tokenpress.errors import InputError
 from tokenpress.scorer import layer_query_key
 from tokenpress.select import topk_mask
 from tokenpress.sequence import Sequence
-from tokenpress_plugins.alvts import selector_file
+from tokenpress_plugins.alvts.parts import LayerSelector, SelectorParts, tensor_layers
 from tokenpress_plugins.alvts.selector import LowRank, importance, low_rank
 
 #: The paper's ranks (256 for LLaVA-1.5-7B's 4096-wide decoder, 128 for Qwen2.5-VL-3B's 2048) are
@@ -23,15 +23,15 @@ from tokenpress_plugins.alvts.selector import LowRank, importance, low_rank
 RANK_DIVISOR = 16
 
 
-class ALVTSConfig(SelectingConfig):
+class ALVTSConfig(SelectingConfig, WeightedConfig):
     """Parameters of ``alvts``. ``keep_ratio`` is the share of the visual tokens each routed layer processes."""
 
-    rank: int | None = Field(None, ge=1, description="Rank R of the low-rank q/k stand-ins (default: the selector "
+    rank: int | None = Field(None, ge=1, description="Rank R of the low-rank q/k stand-ins (default: the weights "
                                                      "file's, else hidden size / 16, the paper's proportion).")
     first_layer: int = Field(0, ge=0, description="When the stage lists no layers: route every layer from this one on.")
-    selector: str | None = Field(None, description="A calibrated selector file (`tokenpress calibrate`), or "
-                                                   "zoo:NAME for a shipped proxy's; default: the SVD of each layer's "
-                                                   "own q/k weights (training-free).")
+    weights: str | None = Field(None, description="A calibrated selector (`tokenpress calibrate`), `zoo` or zoo:NAME "
+                                                  "for a shipped proxy's; default: the SVD of each layer's own q/k "
+                                                  "weights (training-free).")
     budget: Literal["uniform", "adaptive"] = Field(
         "uniform", description="uniform: every routed layer keeps keep_ratio (the paper); adaptive: each layer its own "
                                "ratio from the selector file's calibration statistics, the same on average.")
@@ -39,17 +39,13 @@ class ALVTSConfig(SelectingConfig):
         "product", description="S = S_V2V * S_T2V (the paper), or one factor alone (for ablations).")
     chunk: int = Field(64, ge=1, le=4096, description="Query rows per step of the softmax (memory: chunk x tokens).")
 
-
-def resolve_selector_path(value: str) -> Path:
-    """``zoo:NAME`` -> the selector shipped beside that proxy model; anything else is a file path."""
-    if value.startswith("zoo:"):
-        from tokenpress.zoo import zoo_path
-
-        try:
-            return zoo_path(value) / "alvts-selector.safetensors"
-        except ValueError as exc:
-            raise InputError(str(exc)) from None
-    return Path(value)
+    @model_validator(mode="before")
+    @classmethod
+    def _selector_is_now_weights(cls, values: Any) -> Any:
+        if isinstance(values, dict) and "selector" in values:
+            raise ValueError("`selector` is now `weights` (the same file: a calibrated selector is the method's "
+                             "weights)")
+        return values
 
 
 class ALVTS(Method):
@@ -64,12 +60,13 @@ class ALVTS(Method):
     example_params = {"keep_ratio": 0.5}
     config: ALVTSConfig
 
+    partial_weights = True  # a selector calibrated for every layer serves a stage that routes some
+    weights: SelectorParts | None
+
     def __init__(self, config: ALVTSConfig, layers: tuple[int, ...] = ()) -> None:
         super().__init__(config, layers)
         self.adapter: Any = None
-        self.factors: dict[int, tuple[LowRank, LowRank]] = {}
-        self.ratios: dict[int, float] = {}
-        self.selector: selector_file.SelectorFile | None = None
+        self._ratios: dict[int, float] | None = None
         #: Set to a list to record ``(layer, sequence)`` instead of routing (calibration).
         self.recording: list[tuple[int, Sequence]] | None = None
         self._cast: dict[tuple[int, str, torch.dtype], tuple[LowRank, LowRank]] = {}
@@ -82,50 +79,80 @@ class ALVTS(Method):
 
     def setup(self, adapter: Any) -> None:
         self.adapter = adapter
-        if self.config.selector is not None:
-            self._load(adapter)
-        else:
-            if self.config.budget == "adaptive":
-                raise InputError("params.budget: adaptive budgets come from calibration statistics; give a "
-                                 "selector file (`tokenpress calibrate`) in params.selector")
+        if self.config.budget == "adaptive" and self.config.weights is None:
+            raise InputError("params.budget: adaptive budgets come from calibration statistics; give a "
+                             "calibrated selector (`tokenpress calibrate`) in params.weights")
+
+    def build_weights(self, adapter: Any) -> SelectorParts:
+        """The selector of every routed layer: the SVD of its q/k weights, or (``params.weights``) parts
+        of the file's shapes, which the core then loads (a file covers any layers it was calibrated for)."""
+        if self.config.weights is None:
             rank = self.config.rank or max(1, adapter.text_config.hidden_size // RANK_DIVISOR)
+            layers = {}
             for layer in self.layers:
                 parts = adapter.attention_parts(layer)
-                self.factors[layer] = (low_rank(parts.q_proj.weight, parts.q_proj.bias, rank),
-                                       low_rank(parts.k_proj.weight, parts.k_proj.bias, rank))
-        self.ratios = self._budgets()
-
-    def _load(self, adapter: Any) -> None:
-        path = resolve_selector_path(self.config.selector or "")
-        signature = selector_file.decoder_signature(adapter.text_config, adapter.family)
-        fingerprints = {layer: selector_file.weight_fingerprint(adapter.attention_parts(layer).q_proj.weight,
-                                                                adapter.attention_parts(layer).k_proj.weight)
-                        for layer in self.layers}
-        loaded = selector_file.load(path, signature, fingerprints)
-        missing = [layer for layer in self.layers if layer not in loaded.factors]
-        if missing:
-            raise InputError(f"params.selector: {path} has no factors for layers {missing} (it covers "
-                             f"{loaded.layers}); calibrate with this stack's layers")
-        if self.config.rank is not None and self.config.rank != loaded.rank:
-            raise InputError(f"params.rank: {self.config.rank}, but {path} holds rank-{loaded.rank} factors")
+                layers[layer] = LayerSelector(low_rank(parts.q_proj.weight, None, rank),
+                                              low_rank(parts.k_proj.weight, None, rank))
+            return SelectorParts(layers)
+        path = weights_io.resolve(self.config.weights, self.name, self.weights_shaping(), adapter.model)
+        header = weights_io.read_header(path)
+        shapes = weights_io.tensor_shapes(path)
+        held = tensor_layers(list(shapes))
+        if header.get("method") == self.name and header.get("model", {}).get("sizes_hash") == \
+                weights_io.model_signature(adapter)["sizes_hash"]:  # else the core's load says why it does not fit
+            missing = [layer for layer in self.layers if layer not in held]
+            if missing:
+                raise InputError(f"params.weights: {path} has no selector for layers {missing} (it covers "
+                                 f"{sorted(held)}); calibrate with this stack's layers")
+            rank = shapes[f"layers.{self.layers[0]}.q_down"][0]
+            if self.config.rank is not None and self.config.rank != rank:
+                raise InputError(f"params.rank: {self.config.rank}, but {path} holds rank-{rank} factors")
+            uncovered = [layer for layer in self.layers if "coverage" not in held[layer]]
+            if self.config.budget == "adaptive" and uncovered:
+                raise InputError(f"params.budget: {path} has no calibration statistics for layers {uncovered}")
+        empty = {}
         for layer in self.layers:
-            parts = adapter.attention_parts(layer)
-            stored = loaded.factors[layer]
-            self.factors[layer] = (
-                LowRank(stored["q_down"], stored["q_up"], _bias(parts.q_proj)),
-                LowRank(stored["k_down"], stored["k_up"], _bias(parts.k_proj)))
-        self.selector = loaded
+            def zeros(part: str, layer: int = layer) -> torch.Tensor:
+                return torch.zeros(shapes.get(f"layers.{layer}.{part}", [1, 1]))
 
-    def _budgets(self) -> dict[int, float]:
-        ratio = self.config.keep_ratio
-        if self.config.budget == "uniform" or ratio >= 1.0:
-            return dict.fromkeys(self.layers, ratio)
-        assert self.selector is not None
-        curves = {layer: self.selector.coverage.get(layer) for layer in self.layers}
-        missing = [layer for layer, curve in curves.items() if curve is None]
-        if missing:
-            raise InputError(f"params.budget: the selector file has no calibration statistics for layers {missing}")
-        return adaptive_budgets({layer: curve for layer, curve in curves.items() if curve is not None}, ratio)
+            coverage = zeros("coverage") if "coverage" in held.get(layer, set()) else None
+            empty[layer] = LayerSelector(LowRank(zeros("q_down"), zeros("q_up")),
+                                         LowRank(zeros("k_down"), zeros("k_up")), coverage)
+        return SelectorParts(empty)
+
+    def weights_fingerprint(self, adapter: Any) -> dict[str, Any]:
+        """Two numbers per decoder layer (sums of |W_q|, |W_k|): a selector reads those weights."""
+        return {f"layer{layer}": [float(part.weight.detach().double().abs().sum())
+                                  for part in (adapter.attention_parts(layer).q_proj,
+                                               adapter.attention_parts(layer).k_proj)]
+                for layer in range(adapter.num_layers)}
+
+    @property
+    def factors(self) -> dict[int, tuple[LowRank, LowRank]]:
+        """Each routed layer's low-rank (q, k), with the layer's own biases."""
+        assert self.weights is not None, "the stage is not attached"
+        return {layer: self.weights[layer].projections(_bias(self.adapter.attention_parts(layer).q_proj),
+                                                       _bias(self.adapter.attention_parts(layer).k_proj))
+                for layer in self.layers}
+
+    @property
+    def ratios(self) -> dict[int, float]:
+        """Each routed layer's keep ratio (``budget: adaptive``: from the selector's coverage curves)."""
+        if self._ratios is None:
+            ratio = self.config.keep_ratio
+            if self.config.budget == "uniform" or ratio >= 1.0:
+                self._ratios = dict.fromkeys(self.layers, ratio)
+            else:
+                assert self.weights is not None
+                curves = {layer: self.weights.coverage(layer) for layer in self.layers}
+                self._ratios = adaptive_budgets({layer: curve.float().cpu() for layer, curve in curves.items()
+                                                 if curve is not None}, ratio)
+        return self._ratios
+
+    def teardown(self) -> None:
+        super().teardown()
+        self._cast.clear()
+        self._ratios = None
 
     # --- scoring --------------------------------------------------------------------------------
 
@@ -197,8 +224,11 @@ class ALVTS(Method):
         visual and text row against every key, and the two row sums (S_V2V, S_T2V)."""
         decoder = item.decoder
         rank = self.config.rank
-        if rank is None and self.config.selector is not None:
-            rank = int(selector_file.read_header(resolve_selector_path(self.config.selector))["rank"])
+        if rank is None and self.weights is not None:
+            rank = self.weights.rank
+        elif rank is None and self.config.weights not in (None, "zoo"):  # a file: its rank, without attaching
+            path = weights_io.resolve(self.config.weights, self.name, self.weights_shaping())
+            rank = next(shape[0] for name, shape in weights_io.tensor_shapes(path).items() if name.endswith("q_down"))
         rank = rank or max(1, decoder.hidden // RANK_DIVISOR)
         tokens = item.tokens
         q_width, k_width = decoder.heads * decoder.head_dim, decoder.kv_heads * decoder.head_dim
@@ -240,4 +270,4 @@ def adaptive_budgets(curves: dict[int, torch.Tensor], ratio: float) -> dict[int,
     return {layer: min(1.0, value * scale) for layer, value in ratios.items()}
 
 
-__all__ = ["ALVTS", "ALVTSConfig", "adaptive_budgets", "resolve_selector_path"]
+__all__ = ["ALVTS", "ALVTSConfig", "adaptive_budgets"]
