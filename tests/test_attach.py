@@ -7,6 +7,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import tokenpress
+from tokenpress.signals import ClsAttention, EncoderKeys
 from tokenpress.testing import llava_batch, sample_prompts, tiny_llava
 
 FASTV = {"name": "fastv", "stages": [{"method": "fastv", "layers": [2], "params": {"keep_ratio": 0.5}}]}
@@ -104,11 +105,11 @@ class WantsSignal(tokenpress.Method):
     adapters: list = []
 
     def required_signals(self):
-        return {"cls_attention": 0}
+        return {"cls_attention": 0}  # the older name: layer form
 
     @tokenpress.hookimpl
     def post_encoder(self, tokens, context):
-        attention = context.signals["cls_attention"]
+        attention = context.signals[ClsAttention(layer=0)]
         WantsSignal.seen.append(attention)
         WantsSignal.adapters.append(context.adapter)
         counts = tokenpress.keep_count(tokens.counts(), 0.5)
@@ -117,13 +118,22 @@ class WantsSignal(tokenpress.Method):
         return tokens.keep(topk_mask(attention, tokens.valid, counts))
 
 
-class WantsSignalElsewhere(WantsSignal):
-    """The same signal, from encoder layer 1."""
+class WantsSignalElsewhere(tokenpress.Method):
+    """Typed requests: CLS attention of encoder layer 1 (both ways of averaging heads) and its keys;
+    records what it gets, changes nothing."""
 
     name = "test-wants-signal-elsewhere"
+    Config = tokenpress.MethodConfig
+    points = ("post_encoder",)
+    seen: list = []
 
     def required_signals(self):
-        return {"cls_attention": 1}
+        return [ClsAttention(layer=1), ClsAttention(layer=1, heads="full"), EncoderKeys(layer=1)]
+
+    @tokenpress.hookimpl
+    def post_encoder(self, tokens, context):
+        WantsSignalElsewhere.seen.append(dict(context.signals))
+        return tokens
 
 
 class BadSignature(tokenpress.Method):
@@ -187,14 +197,34 @@ def test_encoder_signals_reach_the_stage(model_and_batch, test_methods):
     assert WantsSignal.adapters[-1] is handle.adapter  # the stage context carries the model's adapter
 
 
-def test_two_stages_asking_one_signal_differently_are_refused(model_and_batch, test_methods):
-    model, _, _ = model_and_batch
-    before = set(model.__dict__)
-    stack = {"name": "x", "stages": [{"method": "test-wants-signal"}, {"method": "test-wants-signal-elsewhere"}]}
-    with pytest.raises(tokenpress.StackError, match=r"stages\[1\] \(test-wants-signal-elsewhere\) asks for encoder "
-                                                    r"signal 'cls_attention' with 1, stages\[0\] with 0"):
-        tokenpress.compress(model, stack)
-    assert set(model.__dict__) == before
+@torch.no_grad()
+def test_stages_asking_one_signal_differently_each_get_theirs(model_and_batch, test_methods):
+    """Typed requests are computed once each; every value equals an independent computation from the
+    encoder's own hidden states (the attention of one row: softmax of q_cls . k over the patches)."""
+    model, batch, _ = model_and_batch
+    WantsSignalElsewhere.seen.clear()
+    stack = {"name": "x", "stages": [{"method": "test-wants-signal-elsewhere"}, {"method": "test-wants-signal"}]}
+    with tokenpress.compress(model, stack):
+        model(**batch)
+    signals = WantsSignalElsewhere.seen[0]
+    assert "cls_attention" not in signals  # asked three ways: only by request
+    tower = model.model.vision_tower
+    hidden = tower(batch["pixel_values"], output_hidden_states=True).hidden_states
+    for layer in (0, 1):
+        block = getattr(tower, "vision_model", tower).encoder.layers[layer]
+        normed = block.layer_norm1(hidden[layer])
+        query, key = block.self_attn.q_proj(normed[:, :1]), block.self_attn.k_proj(normed)
+        heads = block.self_attn.num_heads
+        per_head = torch.stack([torch.softmax(q @ k.transpose(1, 2) / q.shape[-1] ** 0.5, -1)
+                                for q, k in zip(query.chunk(heads, -1), key.chunk(heads, -1), strict=True)])
+        mean = per_head.mean(0)[:, 0, 1:]
+        full = torch.softmax(query @ key.transpose(1, 2) / query.shape[-1] ** 0.5, -1)[:, 0, 1:]
+        if layer == 1:
+            torch.testing.assert_close(signals[ClsAttention(layer=1)], mean)
+            torch.testing.assert_close(signals[ClsAttention(layer=1, heads="full")], full)
+            torch.testing.assert_close(signals[EncoderKeys(layer=1)], key[:, 1:])
+        else:  # the other stage's request (the older {"cls_attention": 0} form)
+            torch.testing.assert_close(WantsSignal.seen[-1], mean)
 
 
 def test_attaching_twice_is_refused(model_and_batch):

@@ -193,11 +193,14 @@ def test_the_examples_pass_the_contract_kit(pytester: pytest.Pytester) -> None:
     # (all three)
     checks = 11 - 2
     # keepfirst runs every check on every family; routetop and clskeep make no token promise and have
-    # no identity setting (2 checks skipped); clskeep runs on LLaVA-1.5 only
+    # no identity setting (2 checks skipped); clskeep runs where the encoder has a class token
     families = len(FAMILIES)
-    assert result.parseoutcomes()["passed"] == families * checks + families * (checks - 2) + (checks - 2), output
+    with_cls = [a.family for a in tokenpress.get_registry().adapters if "cls_attention" in a.signals]
+    assert {"llava", "llava-next"} <= set(with_cls)
+    clskeep = sum(1 for family in FAMILIES if family in with_cls)
+    assert result.parseoutcomes()["passed"] == families * checks + (families + clskeep) * (checks - 2), output
     for family in FAMILIES:
-        if family != "llava":
+        if family not in with_cls:
             assert f"acme-clskeep cannot run on {family}: " in output, output
 
 

@@ -5,10 +5,15 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape, unpad_image
+from transformers.models.llava_next.modeling_llava_next import (
+    get_anyres_image_grid_shape,
+    image_size_to_num_patches,
+    unpad_image,
+)
 
 import tokenpress
 from tokenpress.adapters.base import ImageSpan
+from tokenpress.signals import ClsAttention, EncoderKeys
 from tokenpress.testing import Prompt, image_features_fed
 from tokenpress.testing.models import llava_next_batch, llava_next_token_count, tiny_llava_next
 
@@ -27,7 +32,7 @@ def test_token_counts_match_the_model(next_model):
 def test_encoder_rows_are_the_base_tile_and_the_unpadded_grid(next_model):
     batch = llava_next_batch(next_model, [Prompt([1], [5])] * 2, sizes=[(64, 64), (48, 64)])
     adapter = tokenpress.find_adapter(next_model)
-    tokens, _ = adapter.encode_images(batch, {})
+    tokens, _ = adapter.encode_images(batch, [])
     assert tokens.grid.tolist() == [[1, 4, 4], [1, 8, 8], [1, 4, 4], [1, 6, 8]]
     projected = adapter.project(tokens)
     reference = next_model.model.get_image_features(batch["pixel_values"], batch["image_sizes"]).pooler_output
@@ -38,6 +43,37 @@ def test_encoder_rows_are_the_base_tile_and_the_unpadded_grid(next_model):
         rows = packed[16:].reshape(height, width + 1, -1)
         torch.testing.assert_close(rows[:, :width].reshape(height * width, -1), high[: height * width])
         torch.testing.assert_close(rows[:, width], next_model.model.image_newline.expand(height, -1))
+
+
+@torch.no_grad()
+def test_encoder_signals_sit_where_their_patches_features_sit(next_model):
+    """Per tile, CLS attention and keys from the tower's own hidden states (an independent
+    computation); each stitched position holds the signal of the tile patch whose feature it holds."""
+    batch = llava_next_batch(next_model, [Prompt([1], [5])] * 2, sizes=[(64, 64), (48, 64)])
+    adapter = tokenpress.find_adapter(next_model)
+    cls, keys = ClsAttention(layer=-2), EncoderKeys(layer=-2)
+    tokens, signals = adapter.encode_images(batch, [cls, keys])
+    tower = next_model.model.vision_tower
+    encoder = getattr(tower, "vision_model", tower).encoder
+    tiles = [image_size_to_num_patches(size, next_model.config.image_grid_pinpoints, 32)
+             for size in batch["image_sizes"]]
+    pixels = torch.cat([batch["pixel_values"][i, :count] for i, count in enumerate(tiles)])
+    hidden = tower(pixels, output_hidden_states=True).hidden_states
+    block = encoder.layers[-2]
+    normed = block.layer_norm1(hidden[-3])  # hidden_states[l] enters layer l: layer -2 is entered by [-3]
+    query, key = block.self_attn.q_proj(normed[:, :1]), block.self_attn.k_proj(normed)
+    heads = block.self_attn.num_heads
+    attention = torch.stack([torch.softmax(q @ k.transpose(1, 2) / q.shape[-1] ** 0.5, -1)[:, 0, 1:]
+                             for q, k in zip(query.chunk(heads, -1), key.chunk(heads, -1), strict=True)]).mean(0)
+    features = hidden[-2][:, 1:].flatten(0, 1)  # the features the model uses, every tile patch in a row
+    reference_cls, reference_keys = attention.flatten(), key[:, 1:].flatten(0, 1)
+    assert signals[cls].shape == tokens.valid.shape and signals[keys].shape[:2] == tokens.valid.shape
+    for row in range(tokens.num_images):
+        for slot in torch.nonzero(tokens.valid[row]).flatten().tolist():
+            source = torch.nonzero((features == tokens.embeddings[row, slot]).all(-1)).flatten()
+            assert source.numel() == 1, (row, slot)  # random features: every patch's is unique
+            torch.testing.assert_close(signals[cls][row, slot], reference_cls[source[0]])
+            torch.testing.assert_close(signals[keys][row, slot], reference_keys[source[0]])
 
 
 @torch.no_grad()
@@ -74,7 +110,7 @@ def test_pool_at_the_projector_equals_the_model_fed_pooled_features(next_model):
 def test_a_row_keeps_its_newline_while_it_keeps_a_token(next_model):
     batch = llava_next_batch(next_model, [Prompt([1], [5])], sizes=[(64, 64)])
     adapter = tokenpress.find_adapter(next_model)
-    tokens, _ = adapter.encode_images(batch, {})
+    tokens, _ = adapter.encode_images(batch, [])
     keep = torch.zeros_like(tokens.valid)
     keep[0, :16] = True  # the whole base tile
     keep[1, [0, 3, 17, 18, 63]] = True  # grid rows 0, 2, 7 (row 1 and others: nothing)

@@ -32,6 +32,7 @@ from tokenpress.errors import CompressionError, PluginError, StackError, Tokenpr
 from tokenpress.method import Method
 from tokenpress.prefill import PrefillOutcome, PrefillStats, StageEntry, StageRecord
 from tokenpress.registry import Registry, get_registry
+from tokenpress.signals import as_requests
 from tokenpress.stack import Stack, load_stack
 
 SUPPORTED_ATTENTION = ("eager", "sdpa", "flash_attention_2", "flash_attention_3")
@@ -233,22 +234,20 @@ def check_stack(stack: Stack, adapter: ModelAdapter) -> list[Method]:
     checker = pluggy.PluginManager(hookspecs.PROJECT)
     checker.add_hookspecs(hookspecs)
     methods = []
-    asked: dict[str, tuple[Any, int]] = {}  # signal -> (argument, the stage that asked first)
     for stage in stack.stages:
         method = stage.method_class(stage.config, stage.layers)
         try:
             checker.register(method, name=f"stage-{stage.index}")
         except pluggy.PluginValidationError as exc:
             raise PluginError(f"method {stage.method!r}: {exc}") from None
-        for signal, value in method.required_signals().items():
-            problem = adapter.check_signal(signal, value)
+        try:
+            requests = as_requests(method.required_signals())
+        except (TypeError, ValueError) as exc:
+            raise PluginError(f"{stack.source}: stages[{stage.index}] ({stage.method}): {exc}") from None
+        for request in requests:
+            problem = adapter.check_signal(request)
             if problem:
                 raise UnsupportedModelError(f"{stack.source}: stages[{stage.index}] ({stage.method}): {problem}")
-            first = asked.setdefault(signal, (value, stage.index))
-            if first[0] != value:  # the encoder runs once: both stages would silently get the first value
-                raise StackError(f"{stack.source}: stages[{stage.index}] ({stage.method}) asks for encoder signal "
-                                 f"{signal!r} with {value!r}, stages[{first[1]}] with {first[0]!r}; one prefill "
-                                 "computes each signal once, so the stages must agree")
         methods.append(method)
     return methods
 

@@ -22,7 +22,9 @@ class StageContext:
     """Context of a pre-LLM stage (``post_encoder``, ``projector``, ``query_conditioned``)."""
 
     stage: Stage
-    signals: dict[str, Any]
+    #: The encoder signals the stack's stages asked for (:mod:`tokenpress.signals`): by request
+    #: (``signals[ClsAttention(layer=-2)]``), and by name when the stack asked for it one way only.
+    signals: dict[Any, Any]
     project: Callable[[TokenState], TokenState]
     sample_keys: list[int]  # per sample: a fingerprint of its prompt, the same alone or batched
     image_rank: list[int]  # per image row: the image's place among its sample's images

@@ -48,6 +48,7 @@ import torch
 
 from tokenpress.errors import StackError, TokenpressError, UnsupportedModelError
 from tokenpress.method import PRE_LLM_POINTS
+from tokenpress.signals import as_requests
 
 if TYPE_CHECKING:
     from tokenpress.attach import Handle
@@ -361,9 +362,14 @@ class FamilyCosts:
         """(encoder width, LLM width, projector hidden width): see :class:`StageShape`."""
         raise NotImplementedError
 
-    def signal_flops(self, name: str, value: Any) -> float:
-        """FLOPs of computing encoder signal ``name`` (asked with ``value``) for one image."""
+    def signal_flops(self, request: Any) -> float:
+        """FLOPs of computing one encoder signal (a :class:`tokenpress.signals.Signal`) on one encoder
+        run (one image; one tile where a family encodes tiles)."""
         return 0.0
+
+    def encoder_runs(self, projected_per_image: list[int]) -> int:
+        """How many encoder runs (images, or tiles) a batch whose images project these counts made."""
+        return len(projected_per_image)
 
     def decoder_visual(self, rows: list[SimulatedRow], stage_label: str | None = None) -> int:
         """Visual tokens the decoder sees for an image of these rows (``stage_label``: the last stage, for errors)."""
@@ -491,7 +497,7 @@ def _run(family: FamilyCosts, image: ImageCosts, stack: Stack, text_tokens: int,
 
     projected = 0  # tokens through the model's projector
     own = 0.0
-    charged: set[str] = set()
+    charged: set[Any] = set()
     last_label: str | None = None
     for point in PRE_LLM_POINTS:
         if point == "projector":
@@ -501,10 +507,10 @@ def _run(family: FamilyCosts, image: ImageCosts, stack: Stack, text_tokens: int,
                 continue
             before = sum(row.count for row in rows)
             rows, stage_cost = _apply_pre_llm(stage, rows, family.widths())
-            for name, value in _method(stage).required_signals().items():
-                if name not in charged:  # the encoder computes each signal once per prefill
-                    charged.add(name)
-                    stage_cost += family.signal_flops(name, value)
+            for request in as_requests(_method(stage).required_signals()):
+                if request not in charged:  # the encoder computes each distinct request once per prefill
+                    charged.add(request)
+                    stage_cost += family.signal_flops(request) * family.encoder_runs([image.projected])
             if point == "projector" and stage.method_class.replaces_projector:
                 projected = 0  # the stage projects itself: the model's projector never runs
             own += stage_cost
@@ -595,15 +601,13 @@ def simulate(config: Any, stack: Stack | str | Path | dict, text_tokens: int,
 # --- measured counts --------------------------------------------------------------------------------------
 
 
-def _signal_flops(family: FamilyCosts, images: int, stack: Stack | None) -> float:
-    """FLOPs of the encoder signals a stack's stages ask for, over a batch's ``images`` images."""
+def _signal_flops(family: FamilyCosts, runs: int, stack: Stack | None) -> float:
+    """FLOPs of the encoder signals a stack's stages ask for, over a batch's ``runs`` encoder runs."""
     if stack is None:
         return 0.0
-    requested: dict[str, Any] = {}
-    for stage in stack.stages:
-        for name, value in _method(stage).required_signals().items():
-            requested.setdefault(name, value)
-    return images * sum(family.signal_flops(name, value) for name, value in requested.items())
+    requested = dict.fromkeys(request for stage in stack.stages
+                              for request in as_requests(_method(stage).required_signals()))
+    return runs * sum(family.signal_flops(request) for request in requested)
 
 
 def measured(config: Any, inputs: Mapping[str, Any], stats: PrefillStats | None = None,
@@ -634,7 +638,7 @@ def measured(config: Any, inputs: Mapping[str, Any], stats: PrefillStats | None 
     if stack is not None:
         stack = load_stack(stack).resolved(decoder.layers)
     own = sum(sum(record.own_flops) for record in records or [] if record.layer is None)
-    signals = _signal_flops(family, len(projected_per_image), stack) if stats is not None else 0.0
+    signals = _signal_flops(family, family.encoder_runs(projected_per_image), stack) if stats is not None else 0.0
     costs = Costs(encoder=encoder, projector=family.projector_flops(projected), lm_head=decoder.lm_head_flops(batch),
                   stages=own + signals)
     for per_layer in zip(*layer_tokens, strict=True):

@@ -137,8 +137,10 @@ class Method:
     def can_calibrate(cls) -> bool:
         return cls.calibrate.__func__ is not Method.calibrate.__func__  # type: ignore[attr-defined]
 
-    def required_signals(self) -> dict[str, Any]:
-        """Encoder signals this stage needs, e.g. ``{"cls_attention": -2}`` (layer of the encoder)."""
+    def required_signals(self) -> list[Any] | dict[str, Any]:
+        """Encoder signals this stage needs: typed requests (:mod:`tokenpress.signals`), e.g.
+        ``[ClsAttention(layer=-2), EncoderKeys(layer=-2)]`` (the older ``{"cls_attention": -2}`` form,
+        the value being the layer, still works). Each distinct request is computed once per prefill."""
         return {}
 
     def promised_count(self, tokens_in: torch.Tensor) -> torch.Tensor | None:

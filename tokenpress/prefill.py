@@ -24,6 +24,7 @@ from tokenpress.flops import adapter_widths, stage_flops
 from tokenpress.method import PRE_LLM_POINTS, Method
 from tokenpress.scorer import Scorer
 from tokenpress.sequence import Sequence, attention_mask_for, next_positions
+from tokenpress.signals import as_requests, keyed
 from tokenpress.tokens import TokenState, pack_index
 from tokenpress.weights import follow
 
@@ -165,10 +166,10 @@ class Prefill:
         prompt_length = min(prompt_length or columns, columns)
         sample_keys = prompt_fingerprints(input_ids, valid_in, prompt_length)
 
-        requested: dict[str, Any] = {}
-        for entry in self.entries:
-            requested.update(entry.method.required_signals())
-        tokens, signals = adapter.encode_images(media, requested)
+        requests = list(dict.fromkeys(request for entry in self.entries  # each distinct request once
+                                      for request in as_requests(entry.method.required_signals())))
+        tokens, computed = adapter.encode_images(media, requests)
+        signals = keyed(computed)
         spans = sorted(adapter.image_spans(input_ids, valid_in, tokens), key=lambda span: span.image)
         row_sample = [0] * tokens.num_images
         row_rank = [0] * tokens.num_images

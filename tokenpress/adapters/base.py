@@ -22,6 +22,7 @@ from torch import nn
 from tokenpress import compat
 from tokenpress.errors import CompressionError
 from tokenpress.sequence import Sequence
+from tokenpress.signals import Signal
 from tokenpress.tokens import TokenState
 
 if TYPE_CHECKING:
@@ -94,8 +95,10 @@ class ModelAdapter:
     family: ClassVar[str] = ""
     #: Number of position rows: 1 for 1-D RoPE, 3 for M-RoPE.
     position_rank: ClassVar[int] = 1
-    #: Encoder signals the family can provide, e.g. ("cls_attention",).
+    #: Names of the encoder signals the family can provide (:mod:`tokenpress.signals`), e.g. ("cls_attention",).
     signals: ClassVar[tuple[str, ...]] = ()
+    #: Why the family provides none or only some of them (said when a request is refused).
+    no_signals_because: ClassVar[str] = ""
     #: The family's prefill FLOPs model (``tokenpress flops``, ``eval``'s FLOPs); None: not covered.
     cost_model: ClassVar[type[FamilyCosts] | None] = None
     #: ``"module:attribute"`` of the family's :class:`~tokenpress.testing.families.Family` (its tiny
@@ -161,16 +164,23 @@ class ModelAdapter:
         for layer in self.layers:
             compat.cache_argument(layer)
 
-    def check_signal(self, name: str, value: Any) -> str | None:
-        """Why the signal request cannot be served (None when it can)."""
-        if name not in self.signals:
-            return f"the {self.family} adapter cannot provide the encoder signal {name!r}"
+    def check_signal(self, request: Signal) -> str | None:
+        """Why the signal request cannot be served (None when it can): a signal the family does not
+        compute (:attr:`signals`, or :attr:`no_signals_because`), or a layer its encoder does not have."""
+        if request.name not in self.signals:
+            why = f" ({self.no_signals_because})" if self.no_signals_because else ""
+            return f"the {self.family} adapter cannot provide the encoder signal {request.name!r}{why}"
+        count = self.num_encoder_layers()
+        if not -count <= request.layer < count:
+            return f"{request.name} layer {request.layer!r} is out of range for a {count}-layer vision encoder"
         return None
 
     # --- pre-LLM --------------------------------------------------------------------------------
 
-    def encode_images(self, inputs: dict[str, Any], signals: dict[str, Any]) -> tuple[TokenState, dict[str, Any]]:
-        """Run the vision encoder: the patch features (encoder space) and the requested signals."""
+    def encode_images(self, inputs: dict[str, Any],
+                      requests: list[Signal]) -> tuple[TokenState, dict[Signal, torch.Tensor]]:
+        """Run the vision encoder: the patch features (encoder space) and each requested signal
+        (:mod:`tokenpress.signals`), rows and patches laid out as the features are."""
         raise NotImplementedError
 
     def project(self, tokens: TokenState) -> TokenState:

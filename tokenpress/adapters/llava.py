@@ -12,23 +12,41 @@ from torch import nn
 from tokenpress.adapters.base import ModelAdapter, ProjectorMLP
 from tokenpress.errors import UnsupportedModelError
 from tokenpress.flops import FamilyCosts, ImageCosts, SimulatedRow, llava_shapes
+from tokenpress.signals import ClsAttention, EncoderKeys, Signal
 from tokenpress.tokens import TokenState
 
 
-def cls_attention(encoder_layer: nn.Module, layer_input: torch.Tensor) -> torch.Tensor:
+def cls_attention(encoder_layer: nn.Module, layer_input: torch.Tensor, heads: str = "mean") -> torch.Tensor:
     """Attention the CLS token (slot 0) pays to every patch inside a CLIP-style encoder layer.
 
     Recomputed from the layer's own norm and q/k projections for the one CLS row: (I, N) over the
-    patches (CLS column removed), averaged over heads. No N x N matrix is formed.
+    patches (CLS column removed); ``heads="mean"`` averages the layer's per-head softmax,
+    ``heads="full"`` is one head over the full width (scale 1/sqrt(C)). No N x N matrix is formed.
     """
     attention = encoder_layer.self_attn
     normed = encoder_layer.layer_norm1(layer_input)
-    images, length, _ = normed.shape
-    heads, head_dim = attention.num_heads, attention.head_dim
-    query = attention.q_proj(normed[:, :1]).view(images, 1, heads, head_dim).transpose(1, 2)
-    key = attention.k_proj(normed).view(images, length, heads, head_dim).transpose(1, 2)
-    logits = torch.matmul(query.float(), key.float().transpose(-1, -2)) * attention.scale
+    images, length, width = normed.shape
+    count, head_dim, scale = ((attention.num_heads, attention.head_dim, attention.scale) if heads == "mean"
+                              else (1, width, width ** -0.5))
+    query = attention.q_proj(normed[:, :1]).view(images, 1, count, head_dim).transpose(1, 2)
+    key = attention.k_proj(normed).view(images, length, count, head_dim).transpose(1, 2)
+    logits = torch.matmul(query.float(), key.float().transpose(-1, -2)) * scale
     return torch.softmax(logits, dim=-1).mean(dim=1)[:, 0, 1:]
+
+
+def clip_signals(layers: nn.ModuleList, hidden_states: tuple[torch.Tensor, ...],
+                 requests: list[Signal]) -> dict[Signal, torch.Tensor]:
+    """Each requested signal of a CLIP-style encoder run (``hidden_states[l]`` enters layer l, the
+    CLS token at slot 0): per tile, over its patches (CLS removed)."""
+    found: dict[Signal, torch.Tensor] = {}
+    for request in dict.fromkeys(requests):  # each distinct request once
+        layer = request.layer % len(layers)
+        if isinstance(request, ClsAttention):
+            found[request] = cls_attention(layers[layer], hidden_states[layer], request.heads)
+        elif isinstance(request, EncoderKeys):
+            block = layers[layer]
+            found[request] = block.self_attn.k_proj(block.layer_norm1(hidden_states[layer]))[:, 1:]
+    return found
 
 
 class LlavaCosts(FamilyCosts):
@@ -64,19 +82,21 @@ class LlavaCosts(FamilyCosts):
     def widths(self) -> tuple[int, int, int | None]:
         return self.shape.projector_in, self.decoder.hidden, self.shape.projector_hidden
 
-    def signal_flops(self, name: str, value: Any) -> float:
-        if name != "cls_attention":
-            return 0.0
-        # the CLS row's q projection, every token's k projection, and the CLS x tokens logits
+    def signal_flops(self, request: Signal) -> float:
         tokens, width = self.side ** 2 + 1, self.shape.hidden
-        return 2.0 * width * width * (1 + tokens) + 2.0 * tokens * width
+        if isinstance(request, EncoderKeys):  # every token's k projection
+            return 2.0 * width * width * tokens
+        if isinstance(request, ClsAttention):
+            # the CLS row's q projection, every token's k projection, and the CLS x tokens logits
+            return 2.0 * width * width * (1 + tokens) + 2.0 * tokens * width
+        return 0.0
 
 
 class LlavaAdapter(ModelAdapter):
     """Adapter for ``LlavaForConditionalGeneration`` (LLaVA-1.5 and its relatives)."""
 
     family = "llava"
-    signals = ("cls_attention",)
+    signals = ("cls_attention", "keys")
     cost_model = LlavaCosts
     test_family = "tokenpress.testing.families:LLAVA"
 
@@ -114,15 +134,8 @@ class LlavaAdapter(ModelAdapter):
     def num_encoder_layers(self) -> int:
         return len(self._encoder_layers())
 
-    def check_signal(self, name: str, value: Any) -> str | None:
-        problem = super().check_signal(name, value)
-        if problem is None and name == "cls_attention":
-            count = self.num_encoder_layers()
-            if not isinstance(value, int) or not -count <= value < count:
-                return f"cls_attention layer {value!r} is out of range for a {count}-layer vision encoder"
-        return problem
-
-    def encode_images(self, inputs: dict[str, Any], signals: dict[str, Any]) -> tuple[TokenState, dict[str, Any]]:
+    def encode_images(self, inputs: dict[str, Any],
+                      requests: list[Signal]) -> tuple[TokenState, dict[Signal, torch.Tensor]]:
         pixel_values = inputs["pixel_values"]
         config = self.model.config
         outputs = self.vision_tower(pixel_values, output_hidden_states=True, return_dict=True)
@@ -133,11 +146,7 @@ class LlavaAdapter(ModelAdapter):
         else:
             features = torch.cat([hidden_states[i][:, 1:] for i in feature_layer], dim=-1)
         tokens = TokenState.from_dense(features, self.grid)
-        found: dict[str, Any] = {}
-        if "cls_attention" in signals:
-            layer = signals["cls_attention"] % self.num_encoder_layers()
-            found["cls_attention"] = cls_attention(self._encoder_layers()[layer], hidden_states[layer])
-        return tokens, found
+        return tokens, clip_signals(self._encoder_layers(), hidden_states, requests)
 
     def encoder_width(self) -> int:
         return int(self.model.model.multi_modal_projector.linear_1.in_features)

@@ -27,9 +27,10 @@ from transformers.models.llava_next.modeling_llava_next import (
 )
 
 from tokenpress.adapters.base import ImageLayout, ImageSpan, summary_positions
-from tokenpress.adapters.llava import LlavaAdapter, LlavaCosts
+from tokenpress.adapters.llava import LlavaAdapter, LlavaCosts, clip_signals
 from tokenpress.errors import CompressionError, UnsupportedModelError
 from tokenpress.flops import FlopsError, ImageCosts, SimulatedRow
+from tokenpress.signals import Signal
 from tokenpress.tokens import TokenState
 
 
@@ -39,6 +40,9 @@ class LlavaNextCosts(LlavaCosts):
 
     model_type = "llava_next"
     label = "LLaVA-NeXT"
+
+    def encoder_runs(self, projected_per_image: list[int]) -> int:
+        return sum(projected // self.side ** 2 for projected in projected_per_image)  # every tile projects side^2
 
     def image(self, image_size: tuple[int, int] | None) -> ImageCosts:
         """``image_size`` is the original size: it picks the tiling."""
@@ -78,7 +82,7 @@ class LlavaNextAdapter(LlavaAdapter):
     """Adapter for ``LlavaNextForConditionalGeneration`` (spatial_unpad with image newlines)."""
 
     family = "llava-next"
-    signals = ()  # CLS attention per tile does not map onto the stitched grid yet
+    signals = ("cls_attention", "keys")  # per tile, stitched onto each row as the features are
     cost_model = LlavaNextCosts
     test_family = "tokenpress.testing.families:LLAVA_NEXT"
 
@@ -91,7 +95,8 @@ class LlavaNextAdapter(LlavaAdapter):
         if getattr(model.model, "image_newline", None) is None:
             raise UnsupportedModelError("the llava-next adapter needs a model with an image_newline embedding")
 
-    def encode_images(self, inputs: dict[str, Any], signals: dict[str, Any]) -> tuple[TokenState, dict[str, Any]]:
+    def encode_images(self, inputs: dict[str, Any],
+                      requests: list[Signal]) -> tuple[TokenState, dict[Signal, torch.Tensor]]:
         config = self.model.config
         pixel_values, image_sizes = inputs["pixel_values"], inputs.get("image_sizes")
         if image_sizes is None:
@@ -109,20 +114,31 @@ class LlavaNextAdapter(LlavaAdapter):
         else:
             features = torch.cat([outputs.hidden_states[i][:, 1:] for i in layer], dim=-1)
         side = tile_size // config.vision_config.patch_size
-        rows, grids = [], []
-        for image, chunk in enumerate(torch.split(features, tiles_per_image)):
-            rows.append(chunk[0])
-            grids.append((1, side, side))
-            crops_high, crops_wide = get_anyres_image_grid_shape(image_sizes[image], config.image_grid_pinpoints,
-                                                                 tile_size)
-            stitched = chunk[1:].view(crops_high, crops_wide, side, side, -1).permute(4, 0, 2, 1, 3)
-            stitched = stitched.flatten(1, 2).flatten(2, 3)
-            stitched = unpad_image(stitched, image_sizes[image])  # (C, H, W)
-            rows.append(stitched.flatten(1).transpose(0, 1))
-            grids.append((1, stitched.shape[1], stitched.shape[2]))
-        width = max(row.shape[0] for row in rows)
-        embeddings = torch.stack([nn.functional.pad(row, (0, 0, 0, width - row.shape[0])) for row in rows])
-        return TokenState.from_dense(embeddings, grids), {}
+
+        def stitch(per_tile: torch.Tensor) -> tuple[torch.Tensor, list[tuple[int, int, int]]]:
+            """(tiles, side^2, D) per tile -> (rows, P, D): each image's base tile, then its crops stitched
+            into one grid and unpadded (what LLaVA-NeXT does to its features), zero-padded to one width."""
+            rows, grids = [], []
+            for image, chunk in enumerate(torch.split(per_tile, tiles_per_image)):
+                rows.append(chunk[0])
+                grids.append((1, side, side))
+                crops_high, crops_wide = get_anyres_image_grid_shape(image_sizes[image], config.image_grid_pinpoints,
+                                                                     tile_size)
+                stitched = chunk[1:].view(crops_high, crops_wide, side, side, -1).permute(4, 0, 2, 1, 3)
+                stitched = stitched.flatten(1, 2).flatten(2, 3)
+                stitched = unpad_image(stitched, image_sizes[image])  # (D, H, W)
+                rows.append(stitched.flatten(1).transpose(0, 1))
+                grids.append((1, stitched.shape[1], stitched.shape[2]))
+            width = max(row.shape[0] for row in rows)
+            return torch.stack([nn.functional.pad(row, (0, 0, 0, width - row.shape[0])) for row in rows]), grids
+
+        embeddings, grids = stitch(features)
+        found = {}
+        for request, value in clip_signals(self._encoder_layers(), outputs.hidden_states, requests).items():
+            flat = value.dim() == 2  # (tiles, patches): one number per patch
+            stitched, _ = stitch(value.unsqueeze(-1) if flat else value)
+            found[request] = stitched.squeeze(-1) if flat else stitched
+        return TokenState.from_dense(embeddings, grids), found
 
     def encoder_pixels(self, inputs: dict[str, Any], image: int) -> torch.Tensor:
         """The base tile (the whole image, resized): row ``2 * image`` of the state."""

@@ -22,6 +22,7 @@ from tokenpress import compat
 from tokenpress.adapters.base import ImageSpan, ModelAdapter, ProjectorMLP, summary_positions
 from tokenpress.errors import CompressionError, UnsupportedModelError
 from tokenpress.flops import FamilyCosts, FlopsError, ImageCosts, SimulatedRow, qwen_vision_flops
+from tokenpress.signals import Signal
 from tokenpress.tokens import TokenState
 
 
@@ -83,6 +84,7 @@ class Qwen2_5_VLAdapter(ModelAdapter):
     """Adapter for ``Qwen2_5_VLForConditionalGeneration`` (images; videos go through pre-LLM points)."""
 
     family = "qwen2.5-vl"
+    no_signals_because = "its windowed ViT has no class token; keys inside it are not read yet"
     position_rank = 3
     cost_model = Qwen2_5_VLCosts
     test_family = "tokenpress.testing.families:QWEN2_5_VL"
@@ -120,7 +122,8 @@ class Qwen2_5_VLAdapter(ModelAdapter):
                 "this Qwen2.5-VL text config has no rope_parameters['mrope_section'], which tokenpress needs "
                 f"for M-RoPE (transformers {compat.transformers_version()}; tested: {compat.TESTED_TRANSFORMERS})")
 
-    def encode_images(self, inputs: dict[str, Any], signals: dict[str, Any]) -> tuple[TokenState, dict[str, Any]]:
+    def encode_images(self, inputs: dict[str, Any],
+                      requests: list[Signal]) -> tuple[TokenState, dict[Signal, torch.Tensor]]:
         grids, pixels, intervals = [], [], []
         tokens_per_second = getattr(self.model.config.vision_config, "tokens_per_second", 1)
         if inputs.get("pixel_values") is not None:
