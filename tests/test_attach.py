@@ -128,7 +128,8 @@ class WantsSignalElsewhere(tokenpress.Method):
     seen: list = []
 
     def required_signals(self):
-        return [ClsAttention(layer=1), ClsAttention(layer=1, heads="full"), EncoderKeys(layer=1)]
+        return [ClsAttention(layer=1), ClsAttention(layer=1, heads="full"), EncoderKeys(layer=1),
+                EncoderKeys(layer=1, heads="mean")]
 
     @tokenpress.hookimpl
     def post_encoder(self, tokens, context):
@@ -223,6 +224,8 @@ def test_stages_asking_one_signal_differently_each_get_theirs(model_and_batch, t
             torch.testing.assert_close(signals[ClsAttention(layer=1)], mean)
             torch.testing.assert_close(signals[ClsAttention(layer=1, heads="full")], full)
             torch.testing.assert_close(signals[EncoderKeys(layer=1)], key[:, 1:])
+            torch.testing.assert_close(signals[EncoderKeys(layer=1, heads="mean")],
+                                       torch.stack(key[:, 1:].chunk(heads, -1)).mean(0))
         else:  # the other stage's request (the older {"cls_attention": 0} form)
             torch.testing.assert_close(WantsSignal.seen[-1], mean)
 

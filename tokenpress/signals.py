@@ -46,10 +46,12 @@ class ClsAttention(Signal):
 
 @dataclass(frozen=True)
 class EncoderKeys(Signal):
-    """(I, P, C) float: each patch's key in encoder layer ``layer`` (the layer's norm and ``k_proj``,
-    all heads concatenated, C = the encoder width), for similarity-based merging."""
+    """(I, P, C) float: each patch's key in encoder layer ``layer`` (the layer's norm and ``k_proj``),
+    for similarity-based merging. ``heads="concat"``: all heads side by side (C = the encoder width);
+    ``heads="mean"``: averaged over the heads (C = the head width), the metric ToMe and VisionZip use."""
 
     name: ClassVar[str] = "keys"
+    heads: Literal["concat", "mean"] = "concat"
 
 
 #: Signal name -> request class, for stacks of methods written against the name: value API.

@@ -45,7 +45,10 @@ def clip_signals(layers: nn.ModuleList, hidden_states: tuple[torch.Tensor, ...],
             found[request] = cls_attention(layers[layer], hidden_states[layer], request.heads)
         elif isinstance(request, EncoderKeys):
             block = layers[layer]
-            found[request] = block.self_attn.k_proj(block.layer_norm1(hidden_states[layer]))[:, 1:]
+            keys = block.self_attn.k_proj(block.layer_norm1(hidden_states[layer]))[:, 1:]
+            if request.heads == "mean":
+                keys = keys.unflatten(-1, (block.self_attn.num_heads, -1)).mean(-2)
+            found[request] = keys
     return found
 
 
