@@ -25,17 +25,41 @@ def arguments(description: str, extra: Callable[[argparse.ArgumentParser], None]
     return parser.parse_args()
 
 
+def runnable(stacks: list[dict], model: object) -> tuple[list[dict], list[str]]:
+    """The stacks ``model`` can serve, and a line for each it refuses (its one-sentence reason)."""
+    from tokenpress import UnsupportedModelError, load_stack
+    from tokenpress.attach import check_stack, find_adapter
+
+    adapter = find_adapter(model)
+    kept, refused = [], []
+    for stack in stacks:
+        try:
+            check_stack(load_stack(stack), adapter)
+        except UnsupportedModelError as exc:
+            refused.append(f"{stack['name']}: refused: {str(exc).split(': ', 2)[-1]}")
+            continue
+        kept.append(stack)
+    return kept, refused
+
+
 def run(stacks: list[dict], args: argparse.Namespace) -> None:
-    """Evaluate ``stacks`` against the baseline in one run; print the table, write JSON and a plot."""
+    """Evaluate ``stacks`` against the baseline in one run; print the table, write JSON and a plot.
+    Stacks the model cannot serve are listed with their refusal and left out."""
+    from tokenpress.loading import load_model_and_processor
+
+    loaded = load_model_and_processor(args.model)
+    stacks, refused = runnable(stacks, loaded[0])
     with tempfile.TemporaryDirectory() as folder:
         paths = []
         for number, stack in enumerate(stacks):
             path = Path(folder) / f"{number:02d}.yaml"
             path.write_text(yaml.safe_dump(stack), encoding="utf-8")
             paths.append(path)
-        rows = evaluate.evaluate(paths, model=args.model, n=args.n, batch_size=args.batch_size)
+        rows = evaluate.evaluate(paths, model=args.model, n=args.n, batch_size=args.batch_size, loaded=loaded)
     print(f"model {args.model}, {args.n} test questions\n")
     print(evaluate.format_table(rows))
+    if refused:
+        print("\n" + "\n".join(refused))
     if args.json:
         Path(args.json).write_text(evaluate.rows_to_json(rows), encoding="utf-8")
     if args.plot:

@@ -40,3 +40,31 @@ def checkpoint(tmp_path_factory):
     if not (folder / "config.json").exists():
         save_tiny_llava_checkpoint(folder)
     return folder
+
+
+@pytest.fixture
+def recorded_tokens():
+    """Registers the test method ``test-record-tokens`` (at ``post_encoder``: records the token state it
+    receives, changes nothing) for one test; yields the list of states it saw."""
+    import tokenpress
+
+    seen: list = []
+
+    class RecordTokens(tokenpress.Method):
+        name = "test-record-tokens"
+        Config = tokenpress.MethodConfig
+        points = ("post_encoder",)
+
+        @tokenpress.hookimpl
+        def post_encoder(self, tokens, context):
+            seen.append(tokens)
+            return tokens
+
+    class Plugin:
+        @tokenpress.hookimpl
+        def tokenpress_register_methods(self):
+            return [RecordTokens]
+
+    tokenpress.get_registry().register_plugin(Plugin(), name="test-record-tokens-plugin")
+    yield seen
+    tokenpress.get_registry(reload=True)

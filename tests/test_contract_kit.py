@@ -162,6 +162,16 @@ class BrokenQuadratic(_Selecting):
         return 2.0 * shape.tokens_in ** 2 * shape.encoder_width  # declared: only its memory is wrong
 
 
+class BrokenPairwise(BrokenQuadratic):
+    """Declares a bounded pairwise step (a bipartite matching's |A| x |B| scores, as ToMe does) but forms
+    the full N x N matrix: the declared allowance does not cover it."""
+
+    name = "broken-pairwise"
+
+    def pairwise_scores(self, tokens_in: int) -> int:
+        return (tokens_in // 2) * (tokens_in - tokens_in // 2)
+
+
 class BrokenDtype(_Selecting):
     """Returns float32 embeddings whatever the model's dtype."""
 
@@ -282,6 +292,7 @@ SKIPPED_BY_BROKEN = 2
         (BrokenBatch, "test_batch_invariance", "differ from the same sample run alone", SKIPPED_BY_BROKEN),
         (BrokenCache, "test_cache_and_no_cache_agree", "greedy generate with the KV cache gave", SKIPPED_BY_BROKEN),
         (BrokenQuadratic, "test_no_quadratic_allocations", "x N attention or similarity matrix", SKIPPED_BY_BROKEN),
+        (BrokenPairwise, "test_no_quadratic_allocations", "beyond its declared pairwise scores", SKIPPED_BY_BROKEN),
         (BrokenDtype, "test_dtype_and_device_kept", "returned torch.float32 embeddings (received torch.float64)",
          SKIPPED_BY_BROKEN),
         (BrokenSeed, "test_deterministic_under_seed", "is not deterministic under seed 0", SKIPPED_BY_BROKEN),

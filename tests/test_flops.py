@@ -43,7 +43,12 @@ STACKS = {
     "pixel_unshuffle": [{"method": "pixel_unshuffle", "params": {"ratio": 2}}],
     "ldp": [{"method": "ldp", "params": {"stride": 2}}],
     "qformer": [{"method": "qformer", "params": {"queries": 6, "heads": 2}}],
+    # inside the encoder: fewer tokens through its later blocks, the matching's similarities counted
+    "tome": [{"method": "tome", "params": {"r": 5}}],
+    "tome-keep": [{"method": "tome", "params": {"keep_ratio": 0.5}}],
+    "folder": [{"method": "folder", "params": {"keep_ratio": 0.2}}],  # 16 -> 3 per tile: folded matchings
 }
+INSIDE_ENCODER = ("tome", "tome-keep", "folder")
 PROMPT = Prompt([1, 5, 6, 7], [8, 9, 10, 11, 12])
 #: Text tokens of a LLaVA-1.5 prompt: the vicuna_v1 chat template (system prompt, "USER:", "ASSISTANT:",
 #: BOS: about 40 tokens) plus a short question (about 10).
@@ -99,7 +104,9 @@ def _counted(model, batch: dict, stack: dict) -> tuple[int, flops.Costs]:
 #: analytical model (valid tokens only) leaves out. Per stack: rows x widest row - real tokens.
 NEXT_PADDING_SLOTS = {"empty": 0, "fastv": 2 * 64 - (16 + 64), "pool": 2 * 16 - (4 + 16), "random": 2 * 16 - (4 + 16),
                      "alvts": 2 * 64 - (16 + 64), "alvts-full-rank": 2 * 64 - (16 + 64),
-                     "pixel_unshuffle": 0, "ldp": 0, "qformer": 0}
+                     "pixel_unshuffle": 0, "ldp": 0, "qformer": 0,
+                     # a tile of 16 patches keeps 11 / 8 / 3: the base row that many, the 2x2 crops four times it
+                     "tome": 2 * 44 - (11 + 44), "tome-keep": 2 * 32 - (8 + 32), "folder": 2 * 12 - (3 + 12)}
 
 
 @pytest.mark.parametrize("stack_name", list(STACKS))
@@ -108,6 +115,12 @@ def test_analytical_matches_flop_counter(models: dict, family: str, stack_name: 
     model = models[family]
     batch = FAMILIES[family].batch(model, [PROMPT], "left", 0)
     stack = {"name": stack_name, "stages": STACKS[stack_name]}
+    if family == "qwen2.5-vl" and stack_name in INSIDE_ENCODER:
+        with pytest.raises(tokenpress.UnsupportedModelError, match="windows"):
+            tokenpress.compress(model, stack)
+        with pytest.raises(flops.FlopsError, match="no stage inside its vision encoder"):
+            flops.simulate(model.config, stack, 5, _image_size(family, batch))
+        return
     counted, costs = _counted(model, batch, stack)
     placeholders = torch.tensor([IMAGE_TOKEN_ID, QWEN_IMAGE_TOKEN_ID])
     text = int((~torch.isin(batch["input_ids"], placeholders)).sum())
@@ -126,6 +139,10 @@ def test_analytical_matches_flop_counter(models: dict, family: str, stack_name: 
 
     if family == "llava-next" and stack_name == "random":  # which rows keep their newline is data-dependent
         with pytest.raises(flops.FlopsError, match=r"stage 0:random\(post_encoder\).*newline"):
+            flops.simulate(model.config, stack, text, _image_size(family, batch))
+        return
+    if family == "llava-next" and stack_name in INSIDE_ENCODER:  # which merged tokens survive unpadding
+        with pytest.raises(flops.FlopsError, match="unpadding"):
             flops.simulate(model.config, stack, text, _image_size(family, batch))
         return
     breakdown = flops.simulate(model.config, stack, text, _image_size(family, batch))  # mode (b): config only

@@ -79,36 +79,9 @@ def test_the_same_kept_set_and_merged_features_as_the_reference(plus):
         torch.testing.assert_close(extra[r], expected_extra)
 
 
-class RecordTokens(tokenpress.Method):
-    """Test method: records the token state it receives, changes nothing."""
-
-    name = "test-record-tokens"
-    Config = tokenpress.MethodConfig
-    points = ("post_encoder",)
-    seen: list = []
-
-    @tokenpress.hookimpl
-    def post_encoder(self, tokens, context):
-        RecordTokens.seen.append(tokens)
-        return tokens
-
-
-@pytest.fixture
-def recorder():
-    class Plugin:
-        @tokenpress.hookimpl
-        def tokenpress_register_methods(self):
-            return [RecordTokens]
-
-    tokenpress.get_registry().register_plugin(Plugin(), name="test-prumerge-recorder")
-    RecordTokens.seen.clear()
-    yield
-    tokenpress.get_registry(reload=True)
-
-
 @pytest.mark.parametrize("plus", [False, True])
 @torch.no_grad()
-def test_the_stage_on_a_model_equals_the_reference_from_its_own_layers(recorder, plus):
+def test_the_stage_on_a_model_equals_the_reference_from_its_own_layers(recorded_tokens, plus):
     """The reference reads what the published code hooks: the last encoder layer's q_proj/k_proj
     outputs on its normed input, and the penultimate layer's output as the features."""
     model = tiny_llava("sdpa", image_size=64)
@@ -117,7 +90,7 @@ def test_the_stage_on_a_model_equals_the_reference_from_its_own_layers(recorder,
                                      {"method": "test-record-tokens"}]}
     with tokenpress.compress(model, stack):
         model(**batch)
-    tokens = RecordTokens.seen[0]
+    tokens = recorded_tokens[0]
     tower = model.model.vision_tower
     hidden = tower(batch["pixel_values"], output_hidden_states=True).hidden_states
     block = getattr(tower, "vision_model", tower).encoder.layers[-1]

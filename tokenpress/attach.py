@@ -226,7 +226,7 @@ def check_stack(stack: Stack, adapter: ModelAdapter) -> list[Method]:
     features the adapter relies on, each stage's hook signatures and the encoder signals it asks
     for. Returns the stages' method instances (not set up). ``tokenpress validate --model`` runs this.
     """
-    stack = stack.resolved(adapter.num_layers)
+    stack = stack.resolved(adapter.num_layers, adapter.feature_blocks())
     _validate(stack, adapter)
     adapter.check_transformers_features()
     # Each stage object is registered in a plugin manager of its own so that pluggy checks its hook
@@ -248,8 +248,21 @@ def check_stack(stack: Stack, adapter: ModelAdapter) -> list[Method]:
             problem = adapter.check_signal(request)
             if problem:
                 raise UnsupportedModelError(f"{stack.source}: stages[{stage.index}] ({stage.method}): {problem}")
+            _check_signal_after_merges(stack, stage, request, adapter)
         methods.append(method)
     return methods
+
+
+def _check_signal_after_merges(stack: Stack, stage: Any, request: Any, adapter: ModelAdapter) -> None:
+    """A signal is laid out like the final tokens: it must be read after every block a stage changes."""
+    layer = request.layer % max(adapter.num_encoder_layers(), 1)
+    for other in stack.stages:
+        late = [block for block in other.layers if other.inside_encoder and block >= layer]
+        if late:
+            raise StackError(f"{stack.source}: stages[{stage.index}] ({stage.method}) reads {request.name} in encoder "
+                             f"layer {layer}, but stages[{other.index}] ({other.method}) changes the tokens inside "
+                             f"encoder block {late[0]}; list only blocks before {layer} for it (signals are laid out "
+                             "like the final tokens)")
 
 
 def _validate(stack: Stack, adapter: ModelAdapter) -> None:
@@ -259,6 +272,13 @@ def _validate(stack: Stack, adapter: ModelAdapter) -> None:
                                     f"compressing; use one of {', '.join(SUPPORTED_ATTENTION)}")
     for stage in stack.stages:
         where = f"{stack.source}: stages[{stage.index}]"
+        if stage.inside_encoder:
+            if adapter.feature_blocks() is None:
+                raise UnsupportedModelError(f"{where} ({stage.method}): {adapter.encoder_stages_refusal()}")
+            problem = adapter.check_encoder_blocks(stage.layers)
+            if problem:
+                raise StackError(f"{where}.layers: {problem}")
+            continue
         for layer in stage.layers:
             if layer >= adapter.num_layers:
                 raise StackError(f"{where}.layers: layer {layer} is out of range for this model, which has "
@@ -314,7 +334,8 @@ def compress(model: nn.Module, stack: Stack | str | Path | dict, registry: Regis
                           "detach it first")
     adapter = find_adapter(model, registry)
     compat.check_transformers()
-    stack = stack.resolved(adapter.num_layers)  # decoder stages that list no layers take their method's default
+    # stages that list no layers take their method's default (decoder layers, or encoder blocks)
+    stack = stack.resolved(adapter.num_layers, adapter.feature_blocks())
     entries = _make_entries(stack, adapter)
     handle = Handle(model, stack, adapter, entries, registry)
     handle._attach()

@@ -17,6 +17,26 @@ if TYPE_CHECKING:
     from tokenpress.tokens import TokenState
 
 
+@dataclass(frozen=True)
+class EncoderBlock:
+    """Where a stage acting inside the vision encoder runs (``context.encoder_block``): in block
+    ``layer``, after its attention and before its MLP (where ToMe merges).
+
+    ``keys`` (I, N, H, d) are this block's attention keys of the current tokens (what ToMe and FOLDER
+    match on: ``keys.mean(-2)``), ``class_token`` whether a class token precedes them in the block
+    (it is never in the state: never merged, size 1). The block's attention already weighs each key by
+    its token's ``size`` (proportional attention: ``log(size)`` added to the logits)."""
+
+    layer: int
+    num_layers: int  # blocks that feed the features (the last one produces them)
+    keys: torch.Tensor
+    class_token: bool
+
+    def metric(self) -> torch.Tensor:
+        """(I, N, d): the keys averaged over heads (ToMe's similarity metric)."""
+        return self.keys.mean(-2)
+
+
 @dataclass
 class StageContext:
     """Context of a pre-LLM stage (``post_encoder``, ``projector``, ``query_conditioned``)."""
@@ -34,6 +54,9 @@ class StageContext:
     #: The model's :class:`~tokenpress.adapters.ModelAdapter`: widths, projector, encoder layers, without
     #: branching on the family.
     adapter: Any = None
+    #: Set while a stage runs inside an encoder block (a ``post_encoder`` stage that lists ``layers``):
+    #: the block and its keys. ``None`` after the encoder.
+    encoder_block: EncoderBlock | None = None
 
     def text_embeddings(self, image_index: int) -> torch.Tensor:
         """Embedded prompt text (T, D) of the sample image ``image_index`` belongs to."""
@@ -50,6 +73,9 @@ class StageContext:
     def random_key(self, image_index: int, seed: int) -> int:
         """A seed for one image that depends on ``seed``, the prompt and the image's place in it -
         never on the batch it was run in (host numbers: no device read)."""
+        if self.encoder_block is not None:
+            raise CompressionError(f"{self.stage.label()}: random_key() is not available inside the encoder (its rows "
+                                   "are encoder runs, not yet matched to prompts); draw after the encoder")
         sample = self.image_samples[image_index]
         return self.sample_keys[sample] * 1_000_003 + self.image_rank[image_index] * 7919 + seed
 

@@ -127,9 +127,10 @@ class CompressedForward:
         return self.handle.registry.plugin_manager.hook.tokenpress_prefill(
             adapter=self.adapter, batch_size=input_ids.shape[0], call=call)
 
-    def _run_stage(self, entry: StageEntry, point: str, payload: Any, call: Callable[[Any], Any]) -> Any:
+    def _run_stage(self, entry: StageEntry, point: str, payload: Any, call: Callable[[Any], Any],
+                   layer: int | None = None) -> Any:
         return self.handle.registry.plugin_manager.hook.tokenpress_run_stage(
-            stage=entry.stage, method=entry.method, point=point, payload=payload, call=call)
+            stage=entry.stage, method=entry.method, point=point, payload=payload, call=call, layer=layer)
 
     # --- prefill --------------------------------------------------------------------------------
 

@@ -121,6 +121,13 @@ class EncoderShape:
         embed = 2.0 * patches * self.patch_dim * self.hidden
         return embed + self.layers * _vit_block(tokens, self.hidden, self.intermediate, False, tokens * tokens)
 
+    def encoder_run_flops(self, attention: list[int], mlp: list[int]) -> float:
+        """One tile run block by block with stages inside: block b's attention over ``attention[b]``
+        patch tokens, its MLP over ``mlp[b]`` (the CLS token added to both); only the blocks that ran."""
+        embed = 2.0 * attention[0] * self.patch_dim * self.hidden if attention else 0.0
+        blocks = sum(8.0 * (n + 1) * self.hidden ** 2 + 4.0 * (n + 1) ** 2 * self.hidden for n in attention)
+        return embed + blocks + sum(4.0 * (m + 1) * self.hidden * self.intermediate for m in mlp)
+
     def projector_flops(self, projected: float) -> float:
         return 2.0 * projected * (self.projector_in * self.projector_hidden + self.projector_hidden ** 2)
 
@@ -190,6 +197,7 @@ class StageShape:
     encoder_width: int  # a token in encoder space (what the model's projector takes)
     llm_width: int
     projector_hidden: int | None  # hidden width of the model's projector MLP (None: not a two-layer MLP)
+    encoder_heads: int = 1  # attention heads of the vision encoder (a key averaged over heads is C / heads wide)
 
 
 def _method(stage: Stage) -> Any:
@@ -200,18 +208,20 @@ def _scoring(item: ScoringInput) -> float:
     return float(_method(item.stage).scoring_flops(item))
 
 
-def adapter_widths(adapter: Any) -> tuple[int, int, int | None]:
-    """(encoder width, LLM width, projector hidden width) of an attached model, for :class:`StageShape`."""
+Widths = tuple[int, int, "int | None", int]
+
+
+def adapter_widths(adapter: Any) -> Widths:
+    """(encoder width, LLM width, projector hidden width, encoder heads) of an attached model, for
+    :class:`StageShape`."""
     projector = adapter.projector_mlp()
     return (adapter.encoder_width(), int(adapter.text_config.hidden_size),
-            int(projector.first.out_features) if projector is not None else None)
+            int(projector.first.out_features) if projector is not None else None, adapter.encoder_heads())
 
 
-def stage_flops(method: Any, rows_in: list[int], rows_out: list[int],
-                widths: tuple[int, int, int | None]) -> list[float]:
+def stage_flops(method: Any, rows_in: list[int], rows_out: list[int], widths: Widths) -> list[float]:
     """``method.stage_flops`` of each image row (``rows_in``/``rows_out``: its token counts)."""
-    encoder_width, llm_width, hidden = widths
-    return [float(method.stage_flops(StageShape(int(n), int(m), encoder_width, llm_width, hidden)))
+    return [float(method.stage_flops(StageShape(int(n), int(m), *widths)))
             for n, m in zip(rows_in, rows_out, strict=True)]
 
 
@@ -244,7 +254,7 @@ class StageCost:
     label: str
     method: str
     point: str
-    layer: int | None
+    layer: int | None  # the decoder layer (a stage inside the encoder: its encoder block)
     tokens_in: int  # visual tokens per sample
     tokens_out: int
     flops_saved: float  # net: the prefill FLOPs this application removes (negative: it adds)
@@ -358,8 +368,8 @@ class FamilyCosts:
         """The model's projector over ``tokens`` tokens."""
         raise NotImplementedError
 
-    def widths(self) -> tuple[int, int, int | None]:
-        """(encoder width, LLM width, projector hidden width): see :class:`StageShape`."""
+    def widths(self) -> Widths:
+        """(encoder width, LLM width, projector hidden width, encoder heads): see :class:`StageShape`."""
         raise NotImplementedError
 
     def signal_flops(self, request: Any) -> float:
@@ -374,6 +384,19 @@ class FamilyCosts:
     def decoder_visual(self, rows: list[SimulatedRow], stage_label: str | None = None) -> int:
         """Visual tokens the decoder sees for an image of these rows (``stage_label``: the last stage, for errors)."""
         return sum(row.count for row in rows)
+
+    def feature_blocks(self) -> int | None:
+        """Encoder blocks that feed the features (stages may act inside them); None: the family runs no
+        stage inside its encoder."""
+        return None
+
+    def encoder_run_flops(self, attention: list[int], mlp: list[int]) -> float:
+        """FLOPs of one encoder run with stages inside it (see :meth:`EncoderShape.encoder_run_flops`)."""
+        raise FlopsError(f"{self.label} runs no stage inside its vision encoder")
+
+    def rows_after_encoder(self, image: ImageCosts, count: int) -> list[SimulatedRow]:
+        """The image's rows when stages inside the encoder left ``count`` tokens of each encoder run."""
+        raise FlopsError(f"{self.label} runs no stage inside its vision encoder")
 
 
 def qwen_vision_flops(vision: Any, frames: int, grid_h: int, grid_w: int) -> float:
@@ -451,9 +474,10 @@ class _Path:
     applications: list[tuple[Stage, int | None, int, int, float]]  # stage, layer, in, out, scoring
 
 
-def _promise(stage: Stage, counts: list[int]) -> list[int]:
+def _promise(stage: Stage, counts: list[int], block: int | None = None) -> list[int]:
     method = _method(stage)
-    promised = method.promised_count(torch.tensor(counts, dtype=torch.long))
+    counts_in = torch.tensor(counts, dtype=torch.long)
+    promised = method.promised_count(counts_in) if block is None else method.promised_count_at(counts_in, block)
     if promised is None:
         raise FlopsError(f"stage {stage.label()}: method {stage.method!r} makes no promise about how many tokens "
                          "it keeps (promised_count() is None and it has no expected_grid), so its FLOPs cannot be "
@@ -499,10 +523,32 @@ def _run(family: FamilyCosts, image: ImageCosts, stack: Stack, text_tokens: int,
     own = 0.0
     charged: set[Any] = set()
     last_label: str | None = None
+    encoder = image.encoder
+    inside = [stage for stage in stack.stages if stage.inside_encoder]
+    if inside:
+        blocks = family.feature_blocks()
+        if blocks is None:
+            raise FlopsError(f"stage {inside[0].label()}: {family.label} runs no stage inside its vision encoder")
+        count = sum(row.count for row in rows)
+        attention, mlp = [], []
+        for block in range(blocks):
+            attention.append(count)
+            for stage in (s for s in inside if block in s.layers):
+                if not allowed():
+                    continue
+                out = _promise(stage, [count], block)[0]
+                cost = sum(stage_flops(_method(stage), [count], [out], family.widths()))
+                applications.append((stage, block, count, out, cost))
+                own += cost
+                count = out
+                last_label = stage.label()
+            mlp.append(count)
+        encoder = family.encoder_run_flops(attention, mlp)
+        rows = family.rows_after_encoder(image, count)
     for point in PRE_LLM_POINTS:
         if point == "projector":
             projected = sum(row.count for row in rows)
-        for stage in (s for s in stack.stages if s.point == point):
+        for stage in (s for s in stack.stages if s.point == point and not s.inside_encoder):
             if not allowed():
                 continue
             before = sum(row.count for row in rows)
@@ -518,7 +564,7 @@ def _run(family: FamilyCosts, image: ImageCosts, stack: Stack, text_tokens: int,
             last_label = stage.label()
     visual = family.decoder_visual(rows, last_label)
 
-    costs = Costs(encoder=image.encoder, projector=family.projector_flops(projected),
+    costs = Costs(encoder=encoder, projector=family.projector_flops(projected),
                   lm_head=decoder.lm_head_flops(1), stages=own)
     layer_tokens: list[int] = []
     for layer in range(decoder.layers):
@@ -543,8 +589,14 @@ def _run(family: FamilyCosts, image: ImageCosts, stack: Stack, text_tokens: int,
     return _Path(costs, layer_tokens, applications)
 
 
-def _check_layers(stack: Stack, layers: int) -> None:
+def _check_layers(stack: Stack, layers: int, blocks: int | None) -> None:
     for stage in stack.stages:
+        if stage.inside_encoder:
+            outside = [block for block in stage.layers if blocks is not None and block >= blocks]
+            if outside:
+                raise StackError(f"{stack.source}: stages[{stage.index}].layers: encoder block {outside[0]} does not "
+                                 f"feed this model's features (blocks 0-{blocks - 1})")
+            continue
         for layer in stage.layers:
             if layer >= layers:
                 raise StackError(f"{stack.source}: stages[{stage.index}].layers: layer {layer} is out of range for "
@@ -570,8 +622,8 @@ def simulate(config: Any, stack: Stack | str | Path | dict, text_tokens: int,
     family = _family(config)
     image = family.image(image_size)
     decoder = family.decoder
-    stack = stack.resolved(decoder.layers)
-    _check_layers(stack, decoder.layers)
+    stack = stack.resolved(decoder.layers, family.feature_blocks())
+    _check_layers(stack, decoder.layers, family.feature_blocks())
 
     visual = family.decoder_visual(image.rows)
     baseline_layers = [text_tokens + visual] * decoder.layers
@@ -635,8 +687,12 @@ def measured(config: Any, inputs: Mapping[str, Any], stats: PrefillStats | None 
     else:
         layer_tokens, layer_visual, projected = stats.layer_tokens, stats.layer_visual, sum(stats.projected)
     batch = len(layer_tokens[0])
+    if stats is not None and stats.encoder_blocks is not None:
+        runs = len(stats.encoder_blocks[0][0]) if stats.encoder_blocks else 0
+        encoder = sum(family.encoder_run_flops([attention[run] for attention, _ in stats.encoder_blocks],
+                                               [mlp[run] for _, mlp in stats.encoder_blocks]) for run in range(runs))
     if stack is not None:
-        stack = load_stack(stack).resolved(decoder.layers)
+        stack = load_stack(stack).resolved(decoder.layers, family.feature_blocks())
     own = sum(sum(record.own_flops) for record in records or [] if record.layer is None)
     signals = _signal_flops(family, family.encoder_runs(projected_per_image), stack) if stats is not None else 0.0
     costs = Costs(encoder=encoder, projector=family.projector_flops(projected), lm_head=decoder.lm_head_flops(batch),
@@ -724,7 +780,8 @@ def format_breakdown(breakdown: Breakdown) -> str:
     if b.stages:
         lines += ["", f"{'stage':<34} {'tokens in':>9} {'tokens out':>10} {'FLOPs saved':>16} {'its own cost':>14}"]
         for stage in b.stages:
-            where = stage.label + (f" layer {stage.layer}" if stage.layer is not None else "")
+            unit = "block" if stage.point == "post_encoder" else "layer"
+            where = stage.label + (f" {unit} {stage.layer}" if stage.layer is not None else "")
             lines.append(f"{where:<34} {stage.tokens_in:>9} {stage.tokens_out:>10} "
                          f"{format_flops(stage.flops_saved):>16} {format_flops(stage.scoring_flops):>14}")
     lines += [f"note: {note}" for note in b.notes]

@@ -109,8 +109,11 @@ def decoder_layer(context: DecoderContext) -> LayerDecision | None:
 
 
 @hookspec(firstresult=True)
-def tokenpress_run_stage(stage: Stage, method: Method, point: str, payload: Any, call: Any) -> Any:
+def tokenpress_run_stage(stage: Stage, method: Method, point: str, payload: Any, call: Any, layer: int | None) -> Any:
     """Run one stage: ``call(payload)`` returns the stage's result.
+
+    ``layer`` is the decoder layer of a ``decoder_layer`` call, the encoder block of a ``post_encoder``
+    stage acting inside the encoder, and ``None`` elsewhere (an implementation may leave it out).
 
     The core implements this hook last; observers implement it with ``wrapper=True`` to time, count
     or record every stage (``result = yield``).

@@ -97,6 +97,11 @@ class Method:
             return {**cls.example_params, "keep_ratio": keep_ratio}
         return None
 
+    #: True when the method acts inside the vision encoder's blocks: a ``post_encoder`` stage of it lists
+    #: encoder blocks in ``layers`` (its hook then runs in each, between the block's attention and its
+    #: MLP, where ToMe merges, with ``context.encoder_block`` set), or takes :meth:`default_layers`.
+    encoder_blocks: ClassVar[bool] = False
+
     #: True when the method's ``decoder_layer`` decisions are :class:`~tokenpress.Route` (tokens skip one
     #: layer and come back) rather than :class:`~tokenpress.Keep`: the config-only FLOPs model then
     #: counts its promise at that layer only.
@@ -114,9 +119,11 @@ class Method:
 
     @classmethod
     def default_layers(cls, config: MethodConfig, num_layers: int) -> tuple[int, ...] | None:
-        """Decoder layers of a ``decoder_layer`` stage that lists none (``None``: it must list them).
+        """Layers of a stage that lists none (``None``: it must list them): decoder layers of a
+        ``decoder_layer`` stage, or, for a method with :attr:`encoder_blocks`, encoder blocks of a
+        ``post_encoder`` stage (``num_layers`` is then the number of blocks that feed the features).
 
-        Resolved when the stack is attached (or simulated), once the decoder's depth is known.
+        Resolved when the stack is attached (or simulated), once the model's depth is known.
         """
         return None
 
@@ -143,6 +150,14 @@ class Method:
         the value being the layer, still works). Each distinct request is computed once per prefill."""
         return {}
 
+    def pairwise_scores(self, tokens_in: int) -> int:
+        """How many pairwise scores (float elements, at most ``tokens_in`` squared) the method's algorithm
+        forms by nature for one image row of ``tokens_in`` tokens, at once: ToMe's bipartite matching
+        scores every token of one set against every token of the other (|A| x |B|). The profiling
+        contract allows exactly this much quadratic memory (float32, one matrix per row) and holds the
+        rest to linear growth; 0 (the default) for a method that forms no such matrix."""
+        return 0
+
     def promised_count(self, tokens_in: torch.Tensor) -> torch.Tensor | None:
         """Tokens per image (or per sample, for decoder stages) this stage promises to output.
 
@@ -150,6 +165,12 @@ class Method:
         checks the promise against what the stage really did.
         """
         return None
+
+    def promised_count_at(self, tokens_in: torch.Tensor, layer: int) -> torch.Tensor | None:
+        """:meth:`promised_count` of the stage's application at ``layer`` (the encoder block of a
+        stage inside the encoder, whose promise may follow a schedule over its blocks); the default
+        is the same promise at every layer."""
+        return self.promised_count(tokens_in)
 
     def expected_grid(self, height: int, width: int) -> tuple[int, int] | None:
         """The grid an image row of ``height`` x ``width`` cells becomes, for a method that re-grids

@@ -11,7 +11,7 @@ from tokenpress.hookspecs import hookimpl
 
 
 @hookimpl(trylast=True)
-def tokenpress_run_stage(stage: Any, method: Any, point: str, payload: Any, call: Any) -> Any:
+def tokenpress_run_stage(stage: Any, method: Any, point: str, payload: Any, call: Any, layer: int | None) -> Any:
     return call(payload)
 
 

@@ -45,6 +45,7 @@ class StageRecord:
     tokens_out: list[int]
     action: str = "transform"  # transform | keep | route
     own_flops: list[float] = field(default_factory=list)  # per sample: the stage's own modules (pre-LLM)
+    block: int | None = None  # the encoder block of a stage acting inside the encoder
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -78,6 +79,9 @@ class PrefillStats:
     projected: list[int]  # tokens that went through the projector
     layer_tokens: list[list[int]]  # [layer][sample]: tokens (text + visual) each decoder layer processed
     layer_visual: list[list[int]]  # [layer][sample]: visual tokens each decoder layer processed
+    #: When stages acted inside the encoder: [block] -> (tokens its attention saw, tokens its MLP saw) per
+    #: encoder run (image or tile), class token not counted; None when the encoder ran as the model's own.
+    encoder_blocks: list[tuple[list[int], list[int]]] | None = None
 
 
 def prompt_fingerprints(input_ids: torch.Tensor, valid: torch.Tensor, prompt_length: int) -> list[int]:
@@ -168,7 +172,12 @@ class Prefill:
 
         requests = list(dict.fromkeys(request for entry in self.entries  # each distinct request once
                                       for request in as_requests(entry.method.required_signals())))
-        tokens, computed = adapter.encode_images(media, requests)
+        inside = _InsideStages(self, [entry for entry in self.entries if entry.stage.inside_encoder], sample_keys)
+        if inside.entries:
+            adapter.media.pop("encoder_run", None)
+            tokens, computed = adapter.encode_images(media, requests, inside)
+        else:
+            tokens, computed = adapter.encode_images(media, requests)
         signals = keyed(computed)
         spans = sorted(adapter.image_spans(input_ids, valid_in, tokens), key=lambda span: span.image)
         row_sample = [0] * tokens.num_images
@@ -181,6 +190,7 @@ class Prefill:
         image_to_sample = torch.tensor(row_sample, dtype=torch.long, device=device)
         tokens = dc_replace(tokens, image_to_sample=image_to_sample)
         deferred = DeferredCounts()
+        encoder_blocks = inside.finish(deferred, records, adapter.media.get("encoder_run"), spans, batch)
         visual_in: list[int] = []
         deferred.into(visual_in, _per_sample(tokens.counts(), image_to_sample, batch))
         projected = [0] * batch  # a stage that replaces the projector leaves it at zero
@@ -203,9 +213,9 @@ class Prefill:
         for point in PRE_LLM_POINTS:
             if point == "query_conditioned":
                 tokens = project(tokens)
-                context.prompt_embeddings = self._prompt_embeddings(input_ids, valid_in, prompt_length, tokens)
+                context.prompt_embeddings = self._prompt_embeddings(input_ids, valid_in, prompt_length, row_sample)
             for entry in self.entries:
-                if entry.stage.point != point:
+                if entry.stage.point != point or entry.stage.inside_encoder:
                     continue
                 context.stage = entry.stage
                 rows_before = tokens.counts()
@@ -219,7 +229,8 @@ class Prefill:
                 records.append(record)
                 deferred.into(record.tokens_in, _per_sample(rows_before, samples_before, batch))
                 deferred.into(record.tokens_out, _per_sample(tokens.counts(), tokens.image_to_sample, batch))
-                self._own_flops(deferred, record, entry.method, rows_before, tokens, batch)
+                self._own_flops(deferred, record, entry.method, rows_before, tokens.counts(), tokens.image_to_sample,
+                                batch)
                 if self.trace is not None:
                     self.trace.append((entry.stage.label(), tokens.owner))
 
@@ -251,36 +262,39 @@ class Prefill:
         for values, count in zip(layer_visual, result.visual_per_layer, strict=True):
             deferred.into(values, count)
         deferred.read()
-        stats = PrefillStats(visual_in, projected, layer_tokens, layer_visual)
+        stats = PrefillStats(visual_in, projected, layer_tokens, layer_visual, encoder_blocks)
         outcome = PrefillOutcome(records, stats, self.trace, trace_grids)
         return adapter.make_output(output, cache, image_features, position_offset), outcome
 
     def _own_flops(self, deferred: DeferredCounts, record: StageRecord, method: Method, rows_before: torch.Tensor,
-                   tokens: TokenState, batch: int) -> None:
-        """``record.own_flops``, per sample: FLOPs of a pre-LLM stage's own modules (``Method.stage_flops``),
-        once the counts are read."""
+                   rows_after: torch.Tensor, row_sample: torch.Tensor, batch: int) -> None:
+        """``record.own_flops``, per sample: FLOPs of a pre-LLM stage's own modules (``Method.stage_flops``)
+        on each row (``row_sample``: the sample of each), once the counts are read."""
         record.own_flops = [0.0] * batch
         if type(method).stage_flops is Method.stage_flops:
             return
         widths = adapter_widths(self.adapter)
-        images = tokens.num_images
+        images = rows_before.numel()
 
         def fill(read: list[int]) -> None:
             before, after, samples = read[:images], read[images:2 * images], read[2 * images:]
             for sample, flops in zip(samples, stage_flops(method, before, after, widths), strict=True):
                 record.own_flops[sample] += flops
 
-        deferred.later(torch.cat([rows_before, tokens.counts(), tokens.image_to_sample.to(rows_before.device)]), fill)
+        deferred.later(torch.cat([rows_before, rows_after, row_sample.to(rows_before.device)]), fill)
 
     def _prompt_embeddings(self, input_ids: torch.Tensor, valid: torch.Tensor, prompt_length: int,
-                           tokens: TokenState) -> Callable[[int], torch.Tensor]:
+                           row_sample: list[int]) -> Callable[[int], torch.Tensor]:
+        """The embedded prompt text of each image row's sample, looked up without a device read: its
+        columns are found here, with the prompt's layout, before any stage runs."""
         text = valid & ~torch.isin(input_ids, torch.tensor(self.adapter.placeholder_ids(), device=input_ids.device))
         text[:, prompt_length:] = False
         embeds = self.adapter.embed(input_ids)
+        columns = [torch.nonzero(row).flatten() for row in text]
 
         def lookup(image_index: int) -> torch.Tensor:
-            sample = int(tokens.image_to_sample[image_index])
-            return embeds[sample][text[sample]]
+            sample = row_sample[image_index]
+            return embeds[sample].index_select(0, columns[sample])
 
         return lookup
 
@@ -300,7 +314,8 @@ class Prefill:
                                          Scorer(adapter, layer, sequence, previous), sample_keys, adapter)
                 before = list(sequence.visual_lengths)
                 hook = entry.hook("decoder_layer")
-                decision = self._run_stage(entry, "decoder_layer", context, lambda ctx, hook=hook: hook(context=ctx))
+                decision = self._run_stage(entry, "decoder_layer", context, lambda ctx, hook=hook: hook(context=ctx),
+                                           layer=layer)
                 if decision is None:
                     continue
                 if isinstance(decision, Keep):
@@ -345,6 +360,65 @@ class Prefill:
         present = torch.zeros(tokens.num_images * tokens.num_slots, dtype=torch.bool, device=tokens.owner.device)
         present[sequence.visual_id[alive]] = True
         return tokens.patch_owner(present.view(tokens.num_images, tokens.num_slots))
+
+
+class _InsideStages:
+    """The stages that act inside the encoder, as the adapter's encoder loop calls them
+    (:class:`tokenpress.encoder.InsideEncoder`): in stack order in each block they list, recorded like
+    every stage once the encoder rows are matched to samples (:meth:`finish`)."""
+
+    def __init__(self, prefill: Prefill, entries: list[StageEntry], sample_keys: list[int]) -> None:
+        self.prefill = prefill
+        self.entries = entries
+        self.sample_keys = sample_keys
+        self.layers = frozenset(layer for entry in entries for layer in entry.stage.layers)
+        self.calls: list[tuple[StageEntry, int, torch.Tensor, torch.Tensor]] = []  # entry, block, in, out
+
+    def __call__(self, block: Any, tokens: TokenState) -> TokenState:
+        prefill = self.prefill
+        for entry in self.entries:
+            if block.layer not in entry.stage.layers:
+                continue
+            context = StageContext(stage=entry.stage, signals={}, project=_no_projection, sample_keys=self.sample_keys,
+                                   image_rank=[], image_samples=[], adapter=prefill.adapter, encoder_block=block)
+            hook = entry.hook("post_encoder")
+            before = tokens
+            tokens = prefill._run_stage(entry, "post_encoder", tokens,
+                                        lambda state, hook=hook, context=context: hook(tokens=state, context=context),
+                                        layer=block.layer)
+            if not isinstance(tokens, TokenState):
+                raise PluginError(f"stage {entry.stage.label()} returned {type(tokens).__name__}, not a TokenState")
+            if (tokens.space != "encoder" or tokens.num_images != before.num_images
+                    or tokens.embeddings.shape[-1] != before.embeddings.shape[-1]):
+                raise PluginError(f"stage {entry.stage.label()} inside encoder block {block.layer} must return the "
+                                  "same rows of encoder-space tokens it received (select, keep or merge them)")
+            self.calls.append((entry, block.layer, before.counts(), tokens.counts()))
+        return tokens
+
+    def finish(self, deferred: DeferredCounts, records: list[StageRecord], run: Any, spans: list[Any],
+               batch: int) -> list[tuple[list[int], list[int]]] | None:
+        """Record the calls per sample (the encoder rows now matched to samples through ``spans``) and
+        return the per-block token counts of the encoder run for the FLOPs model (None: no stage ran inside)."""
+        if not self.entries or run is None:
+            return None
+        image_sample = {span.image: span.sample for span in spans}
+        device = run.attention[0].device if run.attention else None
+        row_sample = torch.tensor([image_sample[image] for image in run.row_images], dtype=torch.long, device=device)
+        for entry, layer, counts_in, counts_out in self.calls:
+            record = StageRecord(entry.stage.label(), entry.stage.method, "post_encoder", None, [], [], block=layer)
+            records.append(record)
+            deferred.into(record.tokens_in, _per_sample(counts_in, row_sample, batch))
+            deferred.into(record.tokens_out, _per_sample(counts_out, row_sample, batch))
+            self.prefill._own_flops(deferred, record, entry.method, counts_in, counts_out, row_sample, batch)
+        blocks: list[tuple[list[int], list[int]]] = [([], []) for _ in run.attention]
+        for (attention, mlp), entering, leaving in zip(blocks, run.attention, run.mlp, strict=True):
+            deferred.into(attention, entering)
+            deferred.into(mlp, leaving)
+        return blocks
+
+
+def _no_projection(tokens: TokenState) -> TokenState:
+    raise PluginError("a stage inside the encoder cannot project its tokens (the encoder's blocks still follow)")
 
 
 def _per_sample(counts: torch.Tensor, image_to_sample: torch.Tensor, batch: int) -> torch.Tensor:

@@ -43,8 +43,8 @@ class StageSpec(BaseModel):
     method: str = Field(description="Registered method name, e.g. 'fastv' (see `tokenpress plugins`).")
     at: Point | None = Field(None, description="Insertion point; defaults to the method's first point.")
     layers: list[int] | None = Field(
-        None, description="Decoder layers the stage acts before (decoder_layer stages only)."
-    )
+        None, description="Decoder layers the stage acts before (decoder_layer stages), or the vision encoder's "
+                          "blocks it acts inside (post_encoder stages of methods that act inside the encoder).")
     params: dict[str, Any] = Field(default_factory=dict, description="The method's parameters.")
 
 
@@ -75,14 +75,25 @@ class Stage:
     layers: tuple[int, ...]
     config: MethodConfig
 
-    def resolved(self, num_layers: int, source: str = "<dict>") -> Stage:
-        """This stage with its method's default layers filled in, for a decoder of ``num_layers`` layers."""
-        if self.point != "decoder_layer" or self.layers:
+    @property
+    def inside_encoder(self) -> bool:
+        """True for a ``post_encoder`` stage of a method that acts inside the encoder's blocks."""
+        return self.point == "post_encoder" and self.method_class.encoder_blocks
+
+    def resolved(self, num_layers: int, source: str = "<dict>", encoder_blocks: int | None = None) -> Stage:
+        """This stage with its method's default layers filled in, for a decoder of ``num_layers`` layers
+        (an encoder stage: for ``encoder_blocks`` blocks feeding the features; None: the family runs no
+        stage inside its encoder, which attaching refuses)."""
+        if self.layers or not (self.point == "decoder_layer" or self.inside_encoder):
             return self
-        layers = self.method_class.default_layers(self.config, num_layers)
+        decoder = self.point == "decoder_layer"
+        count, what = (num_layers, "decoder layer") if decoder else (encoder_blocks, "encoder block")
+        if count is None:
+            return self
+        layers = self.method_class.default_layers(self.config, count)
         if not layers:
-            raise StackError(f"{source}: stages[{self.index}].layers: method {self.method!r} chose no decoder layer "
-                             f"for this {num_layers}-layer model; list the layers")
+            raise StackError(f"{source}: stages[{self.index}].layers: method {self.method!r} chose no {what} "
+                             f"for this model ({count}); list the layers")
         return dataclass_replace(self, layers=tuple(int(layer) for layer in layers))
 
     def as_dict(self, **params: Any) -> dict[str, Any]:
@@ -134,9 +145,11 @@ class Stack:
         """The stack as the mapping :func:`load_stack` takes."""
         return {"name": self.name, "positions": self.positions, "stages": [stage.as_dict() for stage in self.stages]}
 
-    def resolved(self, num_layers: int) -> Stack:
-        """The stack with every stage's default layers filled in for a ``num_layers``-layer decoder."""
-        return dataclass_replace(self, stages=tuple(stage.resolved(num_layers, self.source) for stage in self.stages))
+    def resolved(self, num_layers: int, encoder_blocks: int | None = None) -> Stack:
+        """The stack with every stage's default layers filled in for a ``num_layers``-layer decoder (and
+        ``encoder_blocks`` encoder blocks feeding the features)."""
+        return dataclass_replace(self, stages=tuple(stage.resolved(num_layers, self.source, encoder_blocks)
+                                                    for stage in self.stages))
 
 
 #: Error messages quote at most this many characters of a bad value.
@@ -324,11 +337,13 @@ def load_stack(source: str | Path | dict | Stack, registry: Any = None) -> Stack
                 f"it supports {', '.join(method_class.points)}"
             )
         layers: tuple[int, ...] = ()
-        if point == "decoder_layer":
+        inside = point == "post_encoder" and method_class.encoder_blocks
+        if point == "decoder_layer" or inside:
             if stage_spec.layers is None and method_class.has_default_layers():
                 stage_spec = stage_spec.model_copy(update={"layers": []})  # resolved against the model
             elif not stage_spec.layers:
-                raise StackError(f"{where}.layers: a decoder_layer stage must list the layer(s) it acts before")
+                what = "encoder block(s) it acts inside" if inside else "layer(s) it acts before"
+                raise StackError(f"{where}.layers: a {point} stage of {stage_spec.method!r} must list the {what}")
             if any(layer < 0 for layer in stage_spec.layers):
                 raise StackError(f"{where}.layers: layer indices start at 0 (got {quote(stage_spec.layers)})")
             if len(set(stage_spec.layers)) != len(stage_spec.layers):
@@ -337,7 +352,8 @@ def load_stack(source: str | Path | dict | Stack, registry: Any = None) -> Stack
         elif stage_spec.layers is not None:
             hint = ("; to act before decoder layers, add `at: decoder_layer`"
                     if stage_spec.at is None and "decoder_layer" in method_class.points else "")
-            raise StackError(f"{where}.layers: only decoder_layer stages take layers (this one is at {point}){hint}")
+            raise StackError(f"{where}.layers: only decoder_layer stages and in-encoder methods take layers (this one "
+                             f"is at {point}){hint}")
         try:
             config = method_class.Config.model_validate(stage_spec.params)
         except ValidationError as exc:

@@ -231,13 +231,15 @@ class TokenState:
         assign: torch.Tensor,
         num_out: int,
         grid: torch.Tensor | Sequence[int] | Sequence[Sequence[int]] | None = None,
+        counts: Sequence[int] | None = None,
     ) -> TokenState:
         """Merge tokens: token j of image i goes to output slot ``assign[i, j]`` (-1 drops it).
 
         Embeddings are averaged weighted by ``size``; sizes add up; provenance is the union. A merged
         token takes the smallest ``grid_index`` of its members with a cell (its position; a merge of
         summary tokens only is a summary token), unless a new ``grid`` is given: then slot k is cell k
-        of that grid (a re-gridding such as pooling).
+        of that grid (a re-gridding such as pooling). ``counts``, each image's output count as Python
+        ints when the method knows them, keeps them known to the host (see :meth:`counts_on_host`).
         """
         num_images, _, dim = self.embeddings.shape
         device = self.embeddings.device
@@ -276,7 +278,7 @@ class TokenState:
             owner=owner,
             grid=new_grid,
             known_grid=known_grid,
-            known_counts=None,
+            known_counts=None if counts is None else tuple(int(count) for count in counts),
             known_dense=False,
         )
 

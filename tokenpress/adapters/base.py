@@ -26,6 +26,7 @@ from tokenpress.signals import Signal
 from tokenpress.tokens import TokenState
 
 if TYPE_CHECKING:
+    from tokenpress.encoder import InsideEncoder
     from tokenpress.flops import FamilyCosts
 
 
@@ -155,6 +156,26 @@ class ModelAdapter:
     def num_encoder_layers(self) -> int:
         return 0
 
+    def feature_blocks(self) -> int | None:
+        """How many encoder blocks feed the features the model projects (the last of them produces
+        them), for stages acting inside the encoder; ``None`` when the family runs no stage there."""
+        return None
+
+    def encoder_stages_refusal(self) -> str:
+        """Why this model runs no stage inside its vision encoder (said when a stack asks it to)."""
+        return f"the {self.family} adapter cannot run stages inside its vision encoder"
+
+    def check_encoder_blocks(self, blocks: tuple[int, ...]) -> str | None:
+        """Why a stage cannot act inside these encoder blocks (None when it can)."""
+        count = self.feature_blocks()
+        if count is None:
+            return self.encoder_stages_refusal()
+        outside = [block for block in blocks if not 0 <= block < count]
+        if outside:
+            return (f"encoder block {outside[0]} does not feed the features: this model's features come out of "
+                    f"encoder block {count - 1} (blocks 0-{count - 1})")
+        return None
+
     def check_transformers_features(self) -> None:
         """Raise :class:`~tokenpress.errors.UnsupportedModelError` naming the first transformers feature
         this adapter relies on that the installed release lacks (checked at attach time, before
@@ -177,10 +198,14 @@ class ModelAdapter:
 
     # --- pre-LLM --------------------------------------------------------------------------------
 
-    def encode_images(self, inputs: dict[str, Any],
-                      requests: list[Signal]) -> tuple[TokenState, dict[Signal, torch.Tensor]]:
+    def encode_images(self, inputs: dict[str, Any], requests: list[Signal],
+                      inside: InsideEncoder | None = None) -> tuple[TokenState, dict[Signal, torch.Tensor]]:
         """Run the vision encoder: the patch features (encoder space) and each requested signal
-        (:mod:`tokenpress.signals`), rows and patches laid out as the features are."""
+        (:mod:`tokenpress.signals`), rows and patches laid out as the features are.
+
+        ``inside`` (only where :meth:`feature_blocks` is not None) runs stages inside the blocks it
+        lists (:mod:`tokenpress.encoder`); the adapter then records the token count each block saw
+        in ``self.media["encoder_run"]`` (an :class:`~tokenpress.encoder.EncoderRun`)."""
         raise NotImplementedError
 
     def project(self, tokens: TokenState) -> TokenState:
@@ -197,6 +222,10 @@ class ModelAdapter:
         """Width of a token in encoder space (what the model's projector takes): a method that
         replaces the projector maps this width to ``text_config.hidden_size``."""
         raise NotImplementedError
+
+    def encoder_heads(self) -> int:
+        """Attention heads of the vision encoder (a key averaged over them is ``width / heads`` wide)."""
+        return 1
 
     def encoder_pixels(self, inputs: dict[str, Any], image: int) -> torch.Tensor:
         """Image ``image``'s pixels as the encoder saw them, (3, H, W), still normalised by the

@@ -10,18 +10,23 @@ import torch
 from torch import nn
 
 from tokenpress.adapters.base import ModelAdapter, ProjectorMLP
+from tokenpress.context import EncoderBlock
+from tokenpress.encoder import EncoderRun, InsideEncoder, captured_output, gather_rows, size_bias, sort_by_cell
 from tokenpress.errors import UnsupportedModelError
 from tokenpress.flops import FamilyCosts, ImageCosts, SimulatedRow, llava_shapes
 from tokenpress.signals import ClsAttention, EncoderKeys, Signal
 from tokenpress.tokens import TokenState
 
 
-def cls_attention(encoder_layer: nn.Module, layer_input: torch.Tensor, heads: str = "mean") -> torch.Tensor:
+def cls_attention(encoder_layer: nn.Module, layer_input: torch.Tensor, heads: str = "mean",
+                  bias: torch.Tensor | None = None) -> torch.Tensor:
     """Attention the CLS token (slot 0) pays to every patch inside a CLIP-style encoder layer.
 
     Recomputed from the layer's own norm and q/k projections for the one CLS row: (I, N) over the
     patches (CLS column removed); ``heads="mean"`` averages the layer's per-head softmax,
-    ``heads="full"`` is one head over the full width (scale 1/sqrt(C)). No N x N matrix is formed.
+    ``heads="full"`` is one head over the full width (scale 1/sqrt(C)). ``bias`` (I, 1, 1, 1 + N) is
+    the block's additive mask after merges inside the encoder (:func:`tokenpress.encoder.size_bias`).
+    No N x N matrix is formed.
     """
     attention = encoder_layer.self_attn
     normed = encoder_layer.layer_norm1(layer_input)
@@ -31,7 +36,21 @@ def cls_attention(encoder_layer: nn.Module, layer_input: torch.Tensor, heads: st
     query = attention.q_proj(normed[:, :1]).view(images, 1, count, head_dim).transpose(1, 2)
     key = attention.k_proj(normed).view(images, length, count, head_dim).transpose(1, 2)
     logits = torch.matmul(query.float(), key.float().transpose(-1, -2)) * scale
+    if bias is not None:
+        logits = logits + bias.float()
     return torch.softmax(logits, dim=-1).mean(dim=1)[:, 0, 1:]
+
+
+def clip_signal(block: nn.Module, layer_input: torch.Tensor, request: Signal,
+                bias: torch.Tensor | None = None) -> torch.Tensor:
+    """One requested signal of a CLIP-style encoder layer on its input (the CLS token at slot 0), over
+    the patches (CLS removed)."""
+    if isinstance(request, ClsAttention):
+        return cls_attention(block, layer_input, request.heads, bias)
+    if isinstance(request, EncoderKeys):
+        keys = block.self_attn.k_proj(block.layer_norm1(layer_input))[:, 1:]
+        return keys.unflatten(-1, (block.self_attn.num_heads, -1)).mean(-2) if request.heads == "mean" else keys
+    raise ValueError(f"a CLIP encoder does not compute {request.describe()}")
 
 
 def clip_signals(layers: nn.ModuleList, hidden_states: tuple[torch.Tensor, ...],
@@ -41,15 +60,54 @@ def clip_signals(layers: nn.ModuleList, hidden_states: tuple[torch.Tensor, ...],
     found: dict[Signal, torch.Tensor] = {}
     for request in dict.fromkeys(requests):  # each distinct request once
         layer = request.layer % len(layers)
-        if isinstance(request, ClsAttention):
-            found[request] = cls_attention(layers[layer], hidden_states[layer], request.heads)
-        elif isinstance(request, EncoderKeys):
-            block = layers[layer]
-            keys = block.self_attn.k_proj(block.layer_norm1(hidden_states[layer]))[:, 1:]
-            if request.heads == "mean":
-                keys = keys.unflatten(-1, (block.self_attn.num_heads, -1)).mean(-2)
-            found[request] = keys
+        found[request] = clip_signal(layers[layer], hidden_states[layer], request)
     return found
+
+
+def clip_encode_inside(tower: nn.Module, pixel_values: torch.Tensor, blocks: int, grid: tuple[int, int, int],
+                       row_images: list[int], requests: list[Signal],
+                       inside: InsideEncoder) -> tuple[TokenState, dict[Signal, torch.Tensor], EncoderRun]:
+    """Run a CLIP vision tower block by block with stages inside the blocks ``inside`` lists.
+
+    Every encoder row (image or tile) of ``grid`` patches is one TokenState row, the class token held
+    beside it (never merged). In a block with stages they run between its attention and its MLP
+    (``inside``); once they changed the tokens, later blocks attend with :func:`size_bias`. The output
+    of block ``blocks - 1`` is the features, the tokens sorted back into raster order of their cells;
+    each requested signal is computed on its layer's input, over the tokens of that moment, and laid
+    out like the features (attaching refuses a signal read before a block that merges). Inside the
+    encoder, ``image_to_sample`` holds each row's image (``row_images``): samples are matched later."""
+    vision = getattr(tower, "vision_model", tower)
+    layers = vision.encoder.layers
+    hidden = vision.pre_layrnorm(vision.embeddings(pixel_values))
+    tokens = TokenState.from_dense(hidden[:, 1:], grid, torch.tensor(row_images, device=hidden.device))
+    by_layer: dict[int, list[Signal]] = {}
+    for request in dict.fromkeys(requests):
+        by_layer.setdefault(request.layer % len(layers), []).append(request)
+    bias: torch.Tensor | None = None  # None until a stage changes the tokens: the block runs as the model does
+    found: dict[Signal, torch.Tensor] = {}
+    run = EncoderRun(row_images=list(row_images))
+    for index in range(max(blocks - 1, *by_layer, 0) + 1):
+        for request in by_layer.get(index, []):
+            found[request] = clip_signal(layers[index], hidden, request, bias)
+        if index >= blocks:
+            continue
+        block = layers[index]
+        run.attention.append(tokens.counts())
+        with captured_output(block.self_attn.k_proj) as keys:
+            attended, _ = block.self_attn(hidden_states=block.layer_norm1(hidden), attention_mask=bias)
+        hidden = hidden + attended
+        if index in inside.layers:
+            before = tokens.replace(hidden[:, 1:])
+            heads = block.self_attn.num_heads
+            tokens = inside(EncoderBlock(index, blocks, keys[0][:, 1:].unflatten(-1, (heads, -1)), True), before)
+            if tokens is not before:
+                hidden = torch.cat([hidden[:, :1], tokens.embeddings.to(hidden.dtype)], dim=1)
+                bias = size_bias(tokens, hidden.dtype, class_token=True)
+        run.mlp.append(tokens.counts())
+        hidden = hidden + block.mlp(block.layer_norm2(hidden))
+        tokens = tokens.replace(hidden[:, 1:])
+    tokens, order = sort_by_cell(tokens)
+    return tokens, {request: gather_rows(value, order) for request, value in found.items()}, run
 
 
 class LlavaCosts(FamilyCosts):
@@ -82,8 +140,20 @@ class LlavaCosts(FamilyCosts):
     def projector_flops(self, tokens: int) -> float:
         return self.shape.projector_flops(tokens)
 
-    def widths(self) -> tuple[int, int, int | None]:
-        return self.shape.projector_in, self.decoder.hidden, self.shape.projector_hidden
+    def feature_blocks(self) -> int | None:
+        layer = self.config.vision_feature_layer
+        count = layer % (self.shape.layers + 1) if isinstance(layer, int) else 0
+        return count or None
+
+    def encoder_run_flops(self, attention: list[int], mlp: list[int]) -> float:
+        return self.shape.encoder_run_flops(attention, mlp)
+
+    def rows_after_encoder(self, image: ImageCosts, count: int) -> list[SimulatedRow]:
+        grid = image.rows[0].grid
+        return [SimulatedRow(grid, count, count == grid[1] * grid[2])]
+
+    def widths(self) -> tuple[int, int, int | None, int]:
+        return self.shape.projector_in, self.decoder.hidden, self.shape.projector_hidden, self.shape.heads
 
     def signal_flops(self, request: Signal) -> float:
         tokens, width = self.side ** 2 + 1, self.shape.hidden
@@ -137,9 +207,29 @@ class LlavaAdapter(ModelAdapter):
     def num_encoder_layers(self) -> int:
         return len(self._encoder_layers())
 
-    def encode_images(self, inputs: dict[str, Any],
-                      requests: list[Signal]) -> tuple[TokenState, dict[Signal, torch.Tensor]]:
+    def feature_blocks(self) -> int | None:
+        """The features are ``hidden_states[vision_feature_layer]``: the output of that many blocks."""
+        layer = self.model.config.vision_feature_layer
+        if not isinstance(layer, int):
+            return None
+        count = layer % (self.num_encoder_layers() + 1)
+        return count or None
+
+    def encoder_stages_refusal(self) -> str:
+        layer = self.model.config.vision_feature_layer
+        if not isinstance(layer, int):
+            return (f"this model concatenates the features of encoder layers {list(layer)}, so no stage can change "
+                    "the tokens inside its encoder")
+        return "this model's features are its encoder's input embeddings (vision_feature_layer 0): no block feeds them"
+
+    def encode_images(self, inputs: dict[str, Any], requests: list[Signal],
+                      inside: InsideEncoder | None = None) -> tuple[TokenState, dict[Signal, torch.Tensor]]:
         pixel_values = inputs["pixel_values"]
+        if inside is not None:
+            tokens, found, run = clip_encode_inside(self.vision_tower, pixel_values, self.feature_blocks(), self.grid,
+                                                    list(range(pixel_values.shape[0])), requests, inside)
+            self.media["encoder_run"] = run
+            return tokens, found
         config = self.model.config
         outputs = self.vision_tower(pixel_values, output_hidden_states=True, return_dict=True)
         hidden_states = outputs.hidden_states
@@ -153,6 +243,9 @@ class LlavaAdapter(ModelAdapter):
 
     def encoder_width(self) -> int:
         return int(self.model.model.multi_modal_projector.linear_1.in_features)
+
+    def encoder_heads(self) -> int:
+        return int(self.model.config.vision_config.num_attention_heads)
 
     def projector_mlp(self) -> ProjectorMLP | None:
         projector = self.model.model.multi_modal_projector

@@ -27,7 +27,8 @@ from transformers.models.llava_next.modeling_llava_next import (
 )
 
 from tokenpress.adapters.base import ImageLayout, ImageSpan, summary_positions
-from tokenpress.adapters.llava import LlavaAdapter, LlavaCosts, clip_signals
+from tokenpress.adapters.llava import LlavaAdapter, LlavaCosts, clip_encode_inside, clip_signals
+from tokenpress.encoder import InsideEncoder
 from tokenpress.errors import CompressionError, UnsupportedModelError
 from tokenpress.flops import FlopsError, ImageCosts, SimulatedRow
 from tokenpress.signals import Signal
@@ -65,6 +66,11 @@ class LlavaNextCosts(LlavaCosts):
         images = [self.image(tuple(int(v) for v in size)) for size in inputs["image_sizes"]]
         return sum(image.encoder for image in images), [image.projected for image in images]
 
+    def rows_after_encoder(self, image: ImageCosts, count: int) -> list[SimulatedRow]:
+        raise FlopsError("on LLaVA-NeXT, how many tokens merged inside the encoder survive the unpadding of the "
+                         "stitched crops depends on the image; the config-only FLOPs cannot predict it (use the "
+                         "measured mode instead)")
+
     def decoder_visual(self, rows: list[SimulatedRow], stage_label: str | None = None) -> int:
         total = 0
         for row in rows:
@@ -95,8 +101,8 @@ class LlavaNextAdapter(LlavaAdapter):
         if getattr(model.model, "image_newline", None) is None:
             raise UnsupportedModelError("the llava-next adapter needs a model with an image_newline embedding")
 
-    def encode_images(self, inputs: dict[str, Any],
-                      requests: list[Signal]) -> tuple[TokenState, dict[Signal, torch.Tensor]]:
+    def encode_images(self, inputs: dict[str, Any], requests: list[Signal],
+                      inside: InsideEncoder | None = None) -> tuple[TokenState, dict[Signal, torch.Tensor]]:
         config = self.model.config
         pixel_values, image_sizes = inputs["pixel_values"], inputs.get("image_sizes")
         if image_sizes is None:
@@ -107,6 +113,13 @@ class LlavaNextAdapter(LlavaAdapter):
         if pixel_values.dim() == 5:
             pixel_values = torch.cat([tiles[:count] for tiles, count in zip(pixel_values, tiles_per_image,
                                                                              strict=True)])
+        if inside is not None:
+            side = tile_size // config.vision_config.patch_size
+            row_images = [image for image, count in enumerate(tiles_per_image) for _ in range(count)]
+            tiles, found, run = clip_encode_inside(self.vision_tower, pixel_values, self.feature_blocks(),
+                                                   (1, side, side), row_images, requests, inside)
+            self.media["encoder_run"] = run
+            return self._stitch_tiles(tiles, found, tiles_per_image, image_sizes)
         outputs = self.vision_tower(pixel_values, output_hidden_states=True, return_dict=True)
         layer = config.vision_feature_layer
         if isinstance(layer, int):
@@ -139,6 +152,79 @@ class LlavaNextAdapter(LlavaAdapter):
             stitched, _ = stitch(value.unsqueeze(-1) if flat else value)
             found[request] = stitched.squeeze(-1) if flat else stitched
         return TokenState.from_dense(embeddings, grids), found
+
+    def _stitch_tiles(self, tiles: TokenState, found: dict[Signal, torch.Tensor], tiles_per_image: list[int],
+                      image_sizes: Any) -> tuple[TokenState, dict[Signal, torch.Tensor]]:
+        """Tile rows (after stages acted inside the encoder) -> each image's base-tile row and its
+        high-resolution row: the crops' tokens side by side on the stitched grid, unpadded as the model
+        unpads its features. A token's cell is the first unpadded patch it stands for, its size the number
+        of unpadded patches; a token standing only for padding is dropped. Signals follow their tokens."""
+        config = self.model.config
+        tile_size, device = config.vision_config.image_size, tiles.embeddings.device
+        side, slots = tile_size // config.vision_config.patch_size, tiles.num_slots
+        rows: list[tuple[torch.Tensor, ...]] = []  # (embeddings, grid_index, size, owner) of one row
+        grids: list[tuple[int, int, int]] = []
+        picks: list[tuple[list[int], torch.Tensor | None]] = []  # per row: its tile rows, and their slots taken
+        start = 0
+        for image, count in enumerate(tiles_per_image):
+            valid = tiles.valid[start]
+            rows.append((tiles.embeddings[start][valid], tiles.grid_index[start][valid], tiles.size[start][valid],
+                         tiles.owner[start]))
+            grids.append((1, side, side))
+            picks.append(([start], torch.nonzero(valid).flatten()))
+            crops_high, crops_wide = get_anyres_image_grid_shape(image_sizes[image], config.image_grid_pinpoints,
+                                                                 tile_size)
+            wide = crops_wide * side
+            stitched = torch.arange(crops_high * side * wide, device=device).view(1, crops_high * side, wide)
+            kept = unpad_image(stitched, image_sizes[image])  # (1, H, W): the stitched patch of each unpadded one
+            height, width = kept.shape[1:]
+            kept = kept.flatten()
+            crop = (kept // wide // side) * crops_wide + (kept % wide) // side
+            patch = (kept // wide % side) * side + kept % side
+            crop_rows = slice(start + 1, start + count)
+            tile_owner = tiles.owner[crop_rows][crop, patch]  # each unpadded patch's slot in its crop's tile
+            owner = torch.where(tile_owner >= 0, crop * slots + tile_owner, -1)
+            candidates = (count - 1) * slots
+            cells = torch.arange(kept.numel(), device=device)
+            dump = torch.where(owner >= 0, owner, candidates)
+            first = torch.full((candidates + 1,), kept.numel(), dtype=torch.long, device=device)
+            first.scatter_reduce_(0, dump, cells, reduce="amin")
+            size = torch.zeros(candidates + 1, device=device).scatter_add_(0, dump, torch.ones_like(cells,
+                                                                                                      dtype=torch.float))
+            order = torch.argsort(first[:candidates], stable=True)
+            taken = order[: int((size[:candidates] > 0).sum())]
+            new_slot = torch.full((candidates + 1,), -1, dtype=torch.long, device=device)
+            new_slot[taken] = torch.arange(taken.numel(), device=device)
+            embeddings = tiles.embeddings[crop_rows].reshape(candidates, -1)
+            rows.append((embeddings[taken], first[taken], size[taken], new_slot[dump]))
+            grids.append((1, height, width))
+            picks.append((list(range(start + 1, start + count)), taken))
+            start += count
+        width = max(row[0].shape[0] for row in rows)
+        patches = max(row[3].shape[0] for row in rows)
+
+        def pad(value: torch.Tensor, length: int, fill: float) -> torch.Tensor:
+            shape = (length - value.shape[0], *value.shape[1:])
+            return torch.cat([value, value.new_full(shape, fill)])
+
+        counts = [row[0].shape[0] for row in rows]
+        state = TokenState(
+            embeddings=torch.stack([pad(row[0], width, 0) for row in rows]),
+            valid=torch.arange(width, device=device).unsqueeze(0) < torch.tensor(counts, device=device).unsqueeze(1),
+            grid_index=torch.stack([pad(row[1], width, 0) for row in rows]),
+            size=torch.stack([pad(row[2].float(), width, 0) for row in rows]),
+            owner=torch.stack([pad(row[3], patches, -1) for row in rows]),
+            grid=torch.tensor(grids, device=device),
+            original_grid=torch.tensor(grids, device=device),
+            image_to_sample=torch.arange(len(rows), device=device),
+            known_grid=tuple(grids), known_counts=tuple(counts),
+        )
+        stitched_signals = {}
+        for request, value in found.items():
+            gathered = [value[tile_rows].reshape(len(tile_rows) * slots, *value.shape[2:])[taken]
+                        for tile_rows, taken in picks]
+            stitched_signals[request] = torch.stack([pad(row, width, 0) for row in gathered])
+        return state, stitched_signals
 
     def encoder_pixels(self, inputs: dict[str, Any], image: int) -> torch.Tensor:
         """The base tile (the whole image, resized): row ``2 * image`` of the state."""

@@ -76,8 +76,8 @@ class Qwen2_5_VLCosts(FamilyCosts):
     def projector_flops(self, tokens: int) -> float:
         return 2.0 * tokens * self.unit * (self.unit + self.vision.out_hidden_size)
 
-    def widths(self) -> tuple[int, int, int | None]:
-        return self.unit, self.decoder.hidden, self.unit
+    def widths(self) -> tuple[int, int, int | None, int]:
+        return self.unit, self.decoder.hidden, self.unit, self.vision.num_heads
 
 
 class Qwen2_5_VLAdapter(ModelAdapter):
@@ -122,8 +122,12 @@ class Qwen2_5_VLAdapter(ModelAdapter):
                 "this Qwen2.5-VL text config has no rope_parameters['mrope_section'], which tokenpress needs "
                 f"for M-RoPE (transformers {compat.transformers_version()}; tested: {compat.TESTED_TRANSFORMERS})")
 
-    def encode_images(self, inputs: dict[str, Any],
-                      requests: list[Signal]) -> tuple[TokenState, dict[Signal, torch.Tensor]]:
+    def encoder_stages_refusal(self) -> str:
+        return ("Qwen2.5-VL's vision encoder attends within fixed windows of 2x2-patch units and its merger needs "
+                "every unit whole, so tokens cannot change between its blocks; merge after the encoder instead")
+
+    def encode_images(self, inputs: dict[str, Any], requests: list[Signal],
+                      inside: Any = None) -> tuple[TokenState, dict[Signal, torch.Tensor]]:
         grids, pixels, intervals = [], [], []
         tokens_per_second = getattr(self.model.config.vision_config, "tokens_per_second", 1)
         if inputs.get("pixel_values") is not None:
@@ -175,6 +179,9 @@ class Qwen2_5_VLAdapter(ModelAdapter):
     def encoder_width(self) -> int:
         """A token in encoder space is one merged cell: its merge_size x merge_size patches, concatenated."""
         return int(self.visual.merger.mlp[0].in_features)
+
+    def encoder_heads(self) -> int:
+        return int(self.model.config.vision_config.num_heads)
 
     def projector_mlp(self) -> ProjectorMLP | None:
         merger = self.visual.merger

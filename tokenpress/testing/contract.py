@@ -19,7 +19,10 @@ signal it does not give, say) is skipped with the reason; ``families = ("llava",
 * ``test_cache_and_no_cache_agree`` - greedy ``generate`` with and without the KV cache agree;
 * ``test_no_quadratic_allocations`` - the peak float memory the method's own hook calls hold grows
   ~linearly with the visual token count (no N x N attention or similarity matrix; quadratic work
-  done in chunks is fine);
+  done in chunks is fine). A method whose algorithm is pairwise by nature over a bounded set (ToMe's
+  bipartite matching scores |A| x |B| tokens of one image) declares it (``Method.pairwise_scores``):
+  the check then allows exactly those float32 scores per image row, no more than N x N, and holds
+  the rest of the memory to linear growth;
 * ``test_dtype_and_device_kept`` - under a float64 model the stage returns float64 on the model's device;
 * ``test_deterministic_under_seed`` - two attachments, same seed: identical selections and outputs;
 * ``test_no_host_device_sync`` - the stage never makes the device wait for the host (on CUDA: no
@@ -196,6 +199,7 @@ class StageCall:
     syncs: list[SyncEvent] = field(default_factory=list)
     grids_in: list[tuple[int, int, int]] = field(default_factory=list)  # per image row (pre-LLM points)
     grids_out: list[tuple[int, int, int]] = field(default_factory=list)
+    block: int | None = None  # the encoder block of a call inside the encoder (its rows: encoder runs)
 
 
 def _device_of(payload: Any) -> torch.device:
@@ -203,7 +207,14 @@ def _device_of(payload: Any) -> torch.device:
     return payload.sequence.hidden.device if isinstance(payload, DecoderContext) else payload.embeddings.device
 
 
-def _describe(stage: Any, point: str, payload: Any, result: Any) -> StageCall:
+def _describe(stage: Any, point: str, payload: Any, result: Any, layer: int | None = None) -> StageCall:
+    call = _describe_call(stage, point, payload, result)
+    if not isinstance(payload, DecoderContext):
+        call.block = layer
+    return call
+
+
+def _describe_call(stage: Any, point: str, payload: Any, result: Any) -> StageCall:
     label = stage.label()
     if isinstance(payload, DecoderContext):
         visual = payload.is_visual
@@ -246,14 +257,15 @@ class StageObserver:
         self.calls: list[StageCall] = []
 
     @hookimpl(wrapper=True)
-    def tokenpress_run_stage(self, stage: Any, method: Method, point: str, payload: Any, call: Any) -> Any:
+    def tokenpress_run_stage(self, stage: Any, method: Method, point: str, payload: Any, call: Any,
+                             layer: int | None) -> Any:
         if self.method is not None and stage.method != self.method:
             return (yield)
         tracker = FloatAllocationTracker() if self.allocations else None
         syncs = recording_syncs(_device_of(payload)) if self.sync_debug else contextlib.nullcontext([])
         with syncs as events, tracker or contextlib.nullcontext():
             result = yield
-        described = _describe(stage, point, payload, result)
+        described = _describe(stage, point, payload, result, layer)
         if tracker is not None:
             described.float_bytes = tracker.float_bytes
             described.largest = tracker.largest
@@ -419,20 +431,26 @@ class MethodContract:
         if method.promised_count(torch.tensor(observer.calls[0].tokens_in or [1])) is None:
             pytest.skip(f"{contract_method} makes no promise on its token count (promised_count returns None)")
         problems = []
+        def promise(counts: list[int], block: int | None) -> list[int]:
+            counts_in = torch.tensor(counts)
+            return (method.promised_count(counts_in) if block is None
+                    else method.promised_count_at(counts_in, block)).tolist()
+
         for call in observer.calls:
-            where = call.label + (f" layer {call.layer}" if call.layer is not None else "")
-            promised = method.promised_count(torch.tensor(call.tokens_in)).tolist()
+            where = call.label + (f" layer {call.layer}" if call.layer is not None else "") + (
+                f" block {call.block}" if call.block is not None else "")
+            promised = promise(call.tokens_in, call.block)
             if promised != call.tokens_out:
                 unit = "sample" if call.layer is not None else "image"
                 problems.append(f"{where}: tokens in per {unit} {call.tokens_in}, promised {promised}, "
                                 f"kept {call.tokens_out}")
-        by_stage = {call.label: call for call in observer.calls if call.layer is None}
+        by_stage = {(call.label, call.block): call for call in observer.calls if call.layer is None}
         for record in records:
-            call = by_stage.get(record.stage)
+            call = by_stage.get((record.stage, record.block))
             if record.layer is not None:
                 expected = method.promised_count(torch.tensor(record.tokens_in)).tolist()
             elif call is not None:
-                promised = method.promised_count(torch.tensor(call.tokens_in)).tolist()
+                promised = promise(call.tokens_in, call.block)
                 expected = [sum(p for p, s in zip(promised, call.samples, strict=True) if s == sample)
                             for sample in range(len(record.tokens_in))]
             else:
@@ -565,14 +583,24 @@ class MethodContract:
             pytest.skip(f"no inputs of growing size for family {contract_family!r} (Family.scaled, or "
                         "tokenpress.testing.contract.SCALED_INPUTS)")
         sizes, allocated, largest = [], [], []
+        pairwise = self.method_class(contract_method).pairwise_scores
         for step in range(3):
             model, batch = scaled(step)
             with observing(StageObserver(contract_method, allocations=True)) as observer, \
-                    tokenpress.compress(model, self.stack(contract_method)):
+                    tokenpress.compress(model, self.stack(contract_method)) as handle:
                 model(**batch)
+                method = handle.entries[0].method
             self._ran(observer, contract_method)
             sizes.append(max(max(call.tokens_in, default=0) for call in observer.calls))
-            allocated.append(sum(call.float_bytes for call in observer.calls))
+            beyond = []
+            for call in observer.calls:
+                declared = [int(pairwise(method, n)) for n in call.tokens_in]
+                too_many = [(n, d) for n, d in zip(call.tokens_in, declared, strict=True) if d > n * n]
+                assert not too_many, (
+                    f"{contract_method} declares {too_many[0][1]} pairwise scores for a row of {too_many[0][0]} tokens "
+                    "(pairwise_scores): more than N x N is not a bounded pairwise algorithm")
+                beyond.append(max(0, call.float_bytes - 4 * sum(declared)))  # float32 scores, one matrix per row
+            allocated.append(sum(beyond))
             largest = sorted((item for call in observer.calls for item in call.largest), key=lambda i: -i[0])[:3]
         if len(set(sizes)) < 3:
             pytest.fail(f"the scaled inputs of {contract_family} gave visual token counts {sizes}, not three sizes",
@@ -580,8 +608,10 @@ class MethodContract:
         if max(allocated) == 0:
             return  # allocates nothing: constant
         exponent = growth_exponent(sizes, [max(value, 1) for value in allocated])
+        declares = type(method).pairwise_scores is not Method.pairwise_scores
+        held = "hold beyond its declared pairwise scores" if declares else "hold"
         assert exponent < self.max_growth, (
-            f"{contract_method} on {contract_family}: the peak floating-point memory its hook calls hold grows as "
+            f"{contract_method} on {contract_family}: the peak floating-point memory its hook calls {held} grows as "
             f"N^{exponent:.2f} with the visual token count N (limit N^{self.max_growth}): tokens {sizes} -> bytes "
             f"{allocated}; largest allocations at N={sizes[-1]}: {_allocations(largest)}. An N x N attention or "
             "similarity matrix? Score with context.scorer (rows on demand) or chunk it.")

@@ -20,10 +20,12 @@ VOCAB_SIZE = 128
 
 
 def tiny_llava(attn_implementation: str = "eager", seed: int = 0, image_size: int = 48, patch_size: int = 8,
-               num_layers: int = 4) -> LlavaForConditionalGeneration:
-    """A LLaVA-1.5-shaped model: CLIP encoder (2 layers) + MLP projector + Llama decoder (GQA)."""
+               num_layers: int = 4, encoder_layers: int = 2) -> LlavaForConditionalGeneration:
+    """A LLaVA-1.5-shaped model: CLIP encoder (2 layers; its features from the second-to-last hidden state,
+    as LLaVA-1.5's) + MLP projector + Llama decoder (GQA)."""
     torch.manual_seed(seed)
-    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=encoder_layers,
+                              num_attention_heads=4,
                               image_size=image_size, patch_size=patch_size, projection_dim=32)
     text = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=num_layers, num_attention_heads=4,
                        num_key_value_heads=2, vocab_size=VOCAB_SIZE, max_position_embeddings=4096,

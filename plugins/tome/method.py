@@ -1,0 +1,116 @@
+"""The ``tome`` stage: bipartite soft matching between the attention and the MLP of every listed
+encoder block, the matched tokens merged by a size-weighted average (sizes and provenance kept by
+:meth:`tokenpress.TokenState.merge`); the encoder's later blocks attend proportionally to sizes (the
+core adds ``log(size)`` to their attention logits)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from pydantic import Field, model_validator
+
+from tokenpress import Method, MethodConfig, StageContext, TokenState, hookimpl
+from tokenpress.errors import StackError
+from tokenpress.matching import bipartite_assign, matching_scores, most_merges
+from tokenpress.method import Ratio
+from tokenpress_plugins.tome.schedule import block_merges
+
+
+class TomeConfig(MethodConfig):
+    """Parameters of ``tome``: give ``r`` (ToMe's) or ``keep_ratio``."""
+
+    r: int | list[int] | None = Field(None, description="Tokens each listed encoder block merges away (ToMe's r); "
+                                                        "a list gives one per listed block, in order.")
+    inflection: float = Field(0.0, ge=-1.0, le=1.0, description="With one r: ToMe's schedule, from r(1-inflection) "
+                                                               "at the first listed block to r(1+inflection) at the "
+                                                               "last (0: constant; negative: decreasing).")
+    keep_ratio: Ratio | None = Field(None, gt=0.0, le=1.0, description="Instead of r: every listed block keeps "
+                                                                       "keep_ratio^(1/blocks) of its tokens, so "
+                                                                       "about keep_ratio is left after the last.")
+
+    @model_validator(mode="after")
+    def _one_way(self) -> TomeConfig:
+        if (self.r is None) == (self.keep_ratio is None):
+            raise ValueError("give either r (tokens merged per block) or keep_ratio, not both or neither")
+        values = [self.r] if isinstance(self.r, int) else self.r or []
+        if any(value < 0 for value in values):
+            raise ValueError(f"r must be >= 0 (got {self.r})")
+        if self.inflection and not isinstance(self.r, int):
+            raise ValueError("inflection shapes one r over the blocks; give r as a single number")
+        return self
+
+
+class Tome(Method):
+    """ToMe (Bolya et al., ICLR 2023) inside the vision encoder: ``r`` merges per listed block."""
+
+    name = "tome"
+    Config = TomeConfig
+    points = ("post_encoder",)
+    encoder_blocks = True
+    description = "Token Merging inside the vision encoder: bipartite soft matching on the block's keys (ToMe)."
+    identity_params = {"r": 0}
+    example_params = {"keep_ratio": 0.5}
+    #: ToMe's output order (unmerged A tokens, then B) feeds the next block's alternation; FOLDER keeps order.
+    keep_order = False
+    config: TomeConfig
+
+    @classmethod
+    def default_layers(cls, config: MethodConfig, num_layers: int) -> tuple[int, ...]:
+        """Every encoder block that feeds the features (ToMe merges in all of them)."""
+        return tuple(range(num_layers))
+
+    @classmethod
+    def params_for_keep(cls, keep_ratio: float) -> dict[str, Any]:
+        return {"keep_ratio": keep_ratio}
+
+    def setup(self, adapter: Any) -> None:
+        if isinstance(self.config.r, list) and len(self.config.r) != len(self.layers):
+            raise StackError(f"params.r lists {len(self.config.r)} values for {len(self.layers)} listed encoder blocks "
+                             f"({list(self.layers)}); give one per block, or a single r")
+
+    def merges(self, count: int, layer: int) -> int:
+        """Tokens a row of ``count`` tokens loses in encoder block ``layer`` (what this stage does there)."""
+        if layer not in self.layers:
+            return 0
+        config = self.config
+        wanted = block_merges(count, self.layers.index(layer), len(self.layers), config.r, config.inflection,
+                              config.keep_ratio)
+        return min(wanted, most_merges(count))
+
+    def merge_tokens(self, tokens: TokenState, context: StageContext, merges: list[int]) -> TokenState:
+        """One bipartite matching on the block's keys, ``merges[i]`` tokens of row i merged away."""
+        block = context.encoder_block
+        counts = tokens.counts_on_host()
+        assign = bipartite_assign(block.metric(), tokens.valid, merges, class_token=block.class_token,
+                                  keep_order=self.keep_order)
+        out = [count - merged for count, merged in zip(counts, merges, strict=True)]
+        return tokens.merge(assign, max(out, default=0), counts=out)
+
+    @hookimpl
+    def post_encoder(self, tokens: TokenState, context: StageContext) -> TokenState:
+        layer = context.encoder_block.layer
+        merges = [self.merges(count, layer) for count in tokens.counts_on_host()]
+        if not any(merges):
+            return tokens
+        return self.merge_tokens(tokens, context, merges)
+
+    def promised_count_at(self, tokens_in: torch.Tensor, layer: int) -> torch.Tensor:
+        return torch.tensor([count - self.merges(count, layer) for count in tokens_in.tolist()], dtype=torch.long)
+
+    def promised_count(self, tokens_in: torch.Tensor) -> torch.Tensor | None:
+        """The promise where every listed block does the same (a keep ratio, or one constant r)."""
+        config = self.config
+        if config.keep_ratio is None and not (isinstance(config.r, int) and config.inflection == 0):
+            return None  # a schedule: see promised_count_at
+        return self.promised_count_at(tokens_in, self.layers[0]) if self.layers else tokens_in.clone()
+
+    def pairwise_scores(self, tokens_in: int) -> int:
+        """The |A| x |B| cosine similarities of one bipartite matching (ToMe's inherent pairwise step)."""
+        return matching_scores(tokens_in)
+
+    def stage_flops(self, shape: Any) -> float:
+        """The matching's similarity product: every A key against every B key, head-averaged width."""
+        if shape.tokens_out >= shape.tokens_in:
+            return 0.0
+        return 2.0 * matching_scores(shape.tokens_in) * (shape.encoder_width // shape.encoder_heads)
