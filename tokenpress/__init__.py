@@ -34,6 +34,7 @@ _LAZY = {
     "StageContext": "tokenpress.context",
     "Keep": "tokenpress.decisions",
     "LayerDecision": "tokenpress.decisions",
+    "Merge": "tokenpress.decisions",
     "Route": "tokenpress.decisions",
     "POINTS": "tokenpress.method",
     "Method": "tokenpress.method",
@@ -60,6 +61,7 @@ __all__ = [
     "InputError",
     "Keep",
     "LayerDecision",
+    "Merge",
     "Method",
     "MethodConfig",
     "POINTS",
@@ -107,7 +109,7 @@ if TYPE_CHECKING:
     from tokenpress.attach import Handle, Report, attached_handle, compress, find_adapter
     from tokenpress.cache import CompressedCache
     from tokenpress.context import DecoderContext, StageContext
-    from tokenpress.decisions import Keep, LayerDecision, Route
+    from tokenpress.decisions import Keep, LayerDecision, Merge, Route
     from tokenpress.method import POINTS, Method, MethodConfig, SelectingConfig, WeightedConfig
     from tokenpress.registry import get_registry, list_methods, register_plugin
     from tokenpress.stack import Stack, Stage, load_stack, stack_json_schema

@@ -57,6 +57,10 @@ class StageContext:
     #: Set while a stage runs inside an encoder block (a ``post_encoder`` stage that lists ``layers``):
     #: the block and its keys. ``None`` after the encoder.
     encoder_block: EncoderBlock | None = None
+    #: What the stages of one method share during one prefill (a fresh dict per prompt batch, one per
+    #: method name): e.g. a ``query_conditioned`` stage leaves what it learned of the prompt for the
+    #: method's ``decoder_layer`` stage. Decisions are made once per prompt: nothing here outlives it.
+    state: dict[str, Any] = field(default_factory=dict)
 
     def text_embeddings(self, image_index: int) -> torch.Tensor:
         """Embedded prompt text (T, D) of the sample image ``image_index`` belongs to."""
@@ -91,6 +95,12 @@ class DecoderContext:
     scorer: Scorer
     sample_keys: list[int]  # as in StageContext
     adapter: Any = None  # the model's ModelAdapter, as in StageContext
+    #: The sequence that entered decoder layer 0 (the LLM's input embeddings): what SparseVLM chooses
+    #: its raters from. Its slots map to the current ones by ``slot_id``.
+    initial: Sequence | None = None
+    #: Shared by the stages of one method during one prefill, as in :attr:`StageContext.state` (e.g. the
+    #: raters a stage chose at its first layer, for its later ones).
+    state: dict[str, Any] = field(default_factory=dict)
 
     @property
     def is_visual(self) -> torch.Tensor:

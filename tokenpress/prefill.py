@@ -18,7 +18,7 @@ import torch
 
 from tokenpress.cache import CompressedCache, DecodeState
 from tokenpress.context import DecoderContext, StageContext
-from tokenpress.decisions import Keep, Route
+from tokenpress.decisions import Keep, Merge, Route
 from tokenpress.errors import PluginError
 from tokenpress.flops import adapter_widths, stage_flops
 from tokenpress.method import PRE_LLM_POINTS, Method
@@ -155,6 +155,14 @@ class Prefill:
         self.compact = compact
         self.trace: list[tuple[str, torch.Tensor]] | None = [] if trace else None
         self.final_tokens: TokenState | None = None
+        #: Per method name: what its stages share during this prefill (``context.state``).
+        self.states: dict[str, dict[str, Any]] = {}
+        #: (B, slot_count): the layer-0 slot standing for each layer-0 slot now (merges move it), for traces.
+        self.representative: torch.Tensor | None = None
+        self.initial: Sequence | None = None  # the sequence entering decoder layer 0
+
+    def state(self, entry: StageEntry) -> dict[str, Any]:
+        return self.states.setdefault(entry.stage.method, {})
 
     def run(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, use_cache: bool,
             media: dict[str, Any], prompt_length: int | None) -> tuple[Any, PrefillOutcome]:
@@ -218,6 +226,7 @@ class Prefill:
                 if entry.stage.point != point or entry.stage.inside_encoder:
                     continue
                 context.stage = entry.stage
+                context.state = self.state(entry)
                 rows_before = tokens.counts()
                 hook = entry.hook(point)
                 samples_before = tokens.image_to_sample
@@ -305,27 +314,36 @@ class Prefill:
         implementation = adapter.attention_implementation
         result = PrefillResult(sequence)
         previous: Sequence | None = None
+        initial = self.initial = sequence
+        if self.trace is not None:
+            self.representative = sequence.slot_id.clone()
         for layer in range(adapter.num_layers):
             route: torch.Tensor | None = None
             for entry in self.entries:
                 if entry.stage.point != "decoder_layer" or layer not in entry.stage.layers:
                     continue
                 context = DecoderContext(entry.stage, layer, adapter.num_layers, sequence,
-                                         Scorer(adapter, layer, sequence, previous), sample_keys, adapter)
+                                         Scorer(adapter, layer, sequence, previous), sample_keys, adapter, initial,
+                                         self.state(entry))
                 before = list(sequence.visual_lengths)
                 hook = entry.hook("decoder_layer")
                 decision = self._run_stage(entry, "decoder_layer", context, lambda ctx, hook=hook: hook(context=ctx),
                                            layer=layer)
                 if decision is None:
                     continue
-                if isinstance(decision, Keep):
-                    sequence, kept, picked = sequence.pack(decision.mask.bool() | ~sequence.is_visual)
+                if isinstance(decision, Keep | Merge):
+                    if isinstance(decision, Keep):
+                        sequence, kept, picked = sequence.pack(decision.mask.bool() | ~sequence.is_visual)
+                    else:
+                        self._follow_merge(sequence, decision)
+                        sequence, kept, picked = sequence.merge(decision.group, decision.weight, decision.groups)
                     if route is not None:  # an earlier stage at this layer routed: carry its choice over
                         route = torch.gather(route, 1, kept) & picked
                     if self.compact:
                         sequence = sequence.with_positions(adapter.compact_positions(sequence))
                     records.append(StageRecord(entry.stage.label(), entry.stage.method, "decoder_layer", layer,
-                                               before, list(sequence.visual_lengths), "keep"))
+                                               before, list(sequence.visual_lengths),
+                                               "keep" if isinstance(decision, Keep) else "merge"))
                 elif isinstance(decision, Route):
                     chosen = decision.mask.bool() | ~sequence.is_visual
                     route = chosen if route is None else route & chosen
@@ -335,7 +353,7 @@ class Prefill:
                     deferred.into(record.tokens_out, (route & sequence.is_visual & sequence.valid).sum(-1))
                 else:
                     raise PluginError(f"stage {entry.stage.label()} returned {type(decision).__name__}; "
-                                      "a decoder_layer hook returns Keep, Route or None")
+                                      "a decoder_layer hook returns Keep, Route, Merge or None")
             processed_seq, index, picked = (sequence, None, None) if route is None else sequence.pack(route)
             if self.trace is not None and any(
                     layer in e.stage.layers for e in self.entries if e.stage.point == "decoder_layer"):
@@ -353,13 +371,50 @@ class Prefill:
         result.sequence = sequence
         return result
 
+    def _follow_merge(self, sequence: Sequence, decision: Merge) -> None:
+        """Keep the trace's representatives: every layer-0 slot a merged member stood for now follows the
+        merged token (its first member)."""
+        if self.representative is None:
+            return
+        length = sequence.length
+        member = sequence.is_visual & sequence.valid & (decision.group >= 0)
+        slots = torch.arange(length, device=member.device).expand_as(member)
+        slot = torch.where(member, decision.group, decision.groups)
+        first = torch.full((member.shape[0], decision.groups + 1), length, dtype=torch.long, device=member.device)
+        first.scatter_reduce_(1, slot, torch.where(member, slots, length), reduce="amin")
+        lead = torch.gather(sequence.slot_id, 1, torch.gather(first, 1, slot).clamp_max(length - 1))
+        count = self.representative.shape[1]
+        moved = torch.arange(count + 1, device=member.device).expand(member.shape[0], -1).clone()
+        moved.scatter_(1, torch.where(member, sequence.slot_id, count), torch.where(member, lead, count))
+        self.representative = torch.gather(moved, 1, self.representative)
+
     def _owners(self, sequence: Sequence) -> torch.Tensor:
-        """Patch owners among the visual tokens that ``sequence`` still holds."""
+        """Patch owners among the visual tokens that ``sequence`` still holds (a merged token owns its
+        members' patches)."""
         tokens = self.final_tokens
         alive = (sequence.visual_id >= 0) & sequence.valid
         present = torch.zeros(tokens.num_images * tokens.num_slots, dtype=torch.bool, device=tokens.owner.device)
         present[sequence.visual_id[alive]] = True
-        return tokens.patch_owner(present.view(tokens.num_images, tokens.num_slots))
+        owners = tokens.patch_owner(present.view(tokens.num_images, tokens.num_slots))
+        if self.representative is None or bool((self.representative == torch.arange(
+                self.representative.shape[1], device=owners.device)).all()):
+            return owners
+        return self._merged_owners(owners, present)
+
+    def _merged_owners(self, owners: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
+        """``owners`` with each patch of a merged-away token given to the token it merged into (when both
+        are of the same image; a trace draws one image's patches)."""
+        tokens, initial = self.final_tokens, self.initial
+        visual = (initial.visual_id >= 0) & initial.valid
+        table = torch.arange(present.numel() + 1, device=present.device)
+        represented = torch.gather(initial.visual_id, 1, self.representative)
+        table.scatter_(0, torch.where(visual, initial.visual_id, present.numel()).flatten(), represented.flatten())
+        slots = tokens.num_slots
+        base = torch.arange(tokens.num_images, device=present.device).unsqueeze(1) * slots
+        own = tokens.owner.clamp_min(0) + base
+        target = table[own]
+        same = (target // slots == base) & present.flatten()[target.clamp_min(0)] & (tokens.owner >= 0)
+        return torch.where((owners == -1) & same, target % slots, owners)
 
 
 class _InsideStages:
@@ -380,7 +435,8 @@ class _InsideStages:
             if block.layer not in entry.stage.layers:
                 continue
             context = StageContext(stage=entry.stage, signals={}, project=_no_projection, sample_keys=self.sample_keys,
-                                   image_rank=[], image_samples=[], adapter=prefill.adapter, encoder_block=block)
+                                   image_rank=[], image_samples=[], adapter=prefill.adapter, encoder_block=block,
+                                   state=prefill.state(entry))
             hook = entry.hook("post_encoder")
             before = tokens
             tokens = prefill._run_stage(entry, "post_encoder", tokens,

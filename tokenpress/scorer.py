@@ -63,12 +63,13 @@ def attention_rows(
     sequence: Sequence,
     query_index: torch.Tensor,
     query_valid: torch.Tensor | None = None,
+    per_head: bool = False,
 ) -> torch.Tensor:
     """Attention probabilities of the query slots ``query_index`` (B, R) at layer ``layer_index``.
 
     ``sequence`` must be the hidden states *entering* that layer. Returns (B, R, N) float32,
-    averaged over heads, causal (a query sees only slots up to its own) and over real keys only.
-    Rows whose ``query_valid`` is false are all zero.
+    averaged over heads ((B, H, R, N) with ``per_head``), causal (a query sees only slots up to its
+    own) and over real keys only. Rows whose ``query_valid`` is false are all zero.
     """
     parts = adapter.attention_parts(layer_index)
     query, key = layer_query_key(adapter, layer_index, sequence, query_index)
@@ -76,9 +77,11 @@ def attention_rows(
     key_slot = torch.arange(sequence.hidden.shape[1], device=key.device)
     allowed = sequence.valid.unsqueeze(1) & (key_slot.view(1, 1, -1) <= query_index.unsqueeze(-1))
     logits = logits.masked_fill(~allowed.unsqueeze(1), float("-inf"))
-    probs = torch.softmax(logits, dim=-1).mean(dim=1)
+    probs = torch.softmax(logits, dim=-1)
+    if not per_head:
+        probs = probs.mean(dim=1)
     if query_valid is not None:
-        probs = probs * query_valid.unsqueeze(-1)
+        probs = probs * (query_valid.unsqueeze(1).unsqueeze(-1) if per_head else query_valid.unsqueeze(-1))
     return probs
 
 
@@ -97,6 +100,40 @@ class Scorer:
         self.current = current
         self.previous = previous
 
+    def _scored(self, layer: str) -> tuple[Sequence, int]:
+        """The sequence and the layer that score: layer i-1 and what entered it (``"previous"``; layer 0
+        uses its own), or layer i and the current sequence (``"current"``)."""
+        if layer not in ("previous", "current"):
+            raise ValueError(f"unknown layer {layer!r}: use 'previous' or 'current'")
+        if layer == "previous" and self.previous is not None and self.layer_index > 0:
+            return self.previous, self.layer_index - 1
+        return self.current, self.layer_index
+
+    def attention_from(self, rows: torch.Tensor, layer: str = "previous",
+                       heads: str = "mean") -> tuple[torch.Tensor, torch.Tensor]:
+        """Attention that the slots ``rows`` (B, N bool, over the current sequence; text, such as
+        SparseVLM's raters) pay to every slot of the current sequence.
+
+        Returns ``(probs, valid)``: probs (B, R, N) averaged over heads, or (B, H, R, N) with
+        ``heads="all"``, the R rows of each sample packed in slot order; valid (B, R) marks the real
+        ones. ``layer`` as in :meth:`attention_to_tokens`. Recomputed from the layer's own norm,
+        projections and rotary table for these rows only: O(R x N) memory, no N x N matrix, with any
+        attention backend. Columns of slots the scoring sequence did not hold are zero.
+        """
+        if heads not in ("mean", "all"):
+            raise ValueError(f"unknown heads {heads!r}: use 'mean' or 'all'")
+        sequence, score_layer = self._scored(layer)
+        if sequence is not self.current:  # the same tokens, found by their identity in the other layout
+            chosen = _align(rows.float(), self.current, sequence) > 0
+        else:
+            chosen = rows & sequence.valid
+        query_index, query_valid = pack_index(chosen)
+        probs = attention_rows(self.adapter, score_layer, sequence, query_index, query_valid,
+                               per_head=heads == "all")
+        if sequence is self.current:
+            return probs * sequence.valid.view(probs.shape[0], *([1] * (probs.dim() - 2)), -1), query_valid
+        return _align(probs, sequence, self.current), query_valid
+
     def attention_to_tokens(self, query: str = "last", layer: str = "previous") -> torch.Tensor:
         """Attention paid to each slot of the current sequence, (B, N), averaged over heads.
 
@@ -104,9 +141,7 @@ class Scorer:
         prompt text token). ``layer``: ``"previous"`` (attention inside layer i-1; layer 0 uses its
         own) or ``"current"`` (inside layer i).
         """
-        use_previous = layer == "previous" and self.previous is not None and self.layer_index > 0
-        sequence = self.previous if use_previous else self.current
-        score_layer = self.layer_index - 1 if use_previous else self.layer_index
+        sequence, score_layer = self._scored(layer)
         if query == "last":
             query_index = sequence.last_prompt_index().unsqueeze(1)
             query_valid = None
@@ -126,11 +161,16 @@ class Scorer:
 
 
 def _align(scores: torch.Tensor, source: Sequence, target: Sequence) -> torch.Tensor:
-    """Carry per-slot scores from one layout to another by slot identity (padding slots get 0)."""
+    """Carry per-slot scores (B, ..., N) from one layout to another by slot identity along the last
+    dimension (padding slots, and slots the source did not hold, get 0)."""
     width = max(source.slot_count, target.slot_count) + 1
     dump = width - 1
-    full = scores.new_zeros(scores.shape[0], width)
-    full.scatter_(1, torch.where(source.valid, source.slot_id, dump), scores)
-    full[:, dump] = 0
-    aligned = torch.gather(full, 1, target.slot_id)
-    return aligned * target.valid
+    middle = scores.shape[1:-1]
+    flat = scores.reshape(scores.shape[0], -1, scores.shape[-1])
+    index = torch.where(source.valid, source.slot_id, dump).unsqueeze(1).expand(-1, flat.shape[1], -1)
+    full = flat.new_zeros(flat.shape[0], flat.shape[1], width)
+    full.scatter_(2, index, flat)
+    full[..., dump] = 0
+    aligned = torch.gather(full, 2, target.slot_id.unsqueeze(1).expand(-1, flat.shape[1], -1))
+    aligned = aligned * target.valid.unsqueeze(1)
+    return aligned.reshape(scores.shape[0], *middle, target.slot_id.shape[1])

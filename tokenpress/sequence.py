@@ -33,6 +33,14 @@ class Sequence:
     slot_count: int
     lengths: tuple[int, ...]
     visual_lengths: tuple[int, ...]
+    #: (B, N) float: how many original patches each visual token stands for (1 for text); None: all 1.
+    size: torch.Tensor | None = None
+
+    def sizes(self) -> torch.Tensor:
+        """(B, N) float: :attr:`size`, or ones where it is not kept."""
+        if self.size is None:
+            return torch.ones(self.valid.shape, dtype=torch.float32, device=self.valid.device)
+        return self.size.float()
 
     @property
     def batch_size(self) -> int:
@@ -81,6 +89,38 @@ class Sequence:
                 gathered[f.name] = torch.gather(value, 1, index)
         gathered["valid"] = picked
         return Sequence(**gathered), index, picked
+
+    def merge(self, group: torch.Tensor, weight: torch.Tensor | None, groups: int) -> tuple[Sequence, torch.Tensor,
+                                                                                               torch.Tensor]:
+        """Replace visual tokens by weighted means of them (a :class:`~tokenpress.Merge` decision):
+        ``group`` (B, N) puts a visual token in merged token g >= 0 of its row, keeps it (-1) or drops it
+        (-2); ``weight`` (B, N) weighs it in its group (default: its size); ``groups`` bounds g.
+
+        A merged token takes the slot, position, column and identity of its first member (the earliest
+        slot) and stands for all of them: its size is the sum of theirs. Returns the packed sequence
+        and, like :meth:`pack`, the (index, valid) of the picks into this one."""
+        batch, length, dim = self.hidden.shape
+        device = self.hidden.device
+        visual = self.is_visual & self.valid
+        member = visual & (group >= 0)
+        slot = torch.where(member, group, groups)  # a dump group for everything else
+        sizes = self.sizes()
+        weight = (sizes if weight is None else weight.float()) * member
+        slots = torch.arange(length, device=device).expand(batch, -1)
+        first = torch.full((batch, groups + 1), length, dtype=torch.long, device=device)
+        first.scatter_reduce_(1, slot, torch.where(member, slots, length), reduce="amin")
+        sums = torch.zeros(batch, groups + 1, dim, dtype=torch.float32, device=device)
+        sums.scatter_add_(1, slot.unsqueeze(-1).expand(-1, -1, dim), self.hidden.float() * weight.unsqueeze(-1))
+        totals = torch.zeros(batch, groups + 1, dtype=torch.float32, device=device).scatter_add_(1, slot, weight)
+        merged_size = torch.zeros(batch, groups + 1, dtype=torch.float32, device=device).scatter_add_(
+            1, slot, sizes * member)
+        leads = member & (torch.gather(first, 1, slot) == slots)
+        mean = (sums / totals.clamp_min(1e-12).unsqueeze(-1)).to(self.hidden.dtype)
+        hidden = torch.where(leads.unsqueeze(-1), torch.gather(mean, 1, slot.unsqueeze(-1).expand(-1, -1, dim)),
+                             self.hidden)
+        size = torch.where(leads, torch.gather(merged_size, 1, slot), sizes)
+        keep = self.valid & ~(visual & (group == -2)) & (~member | leads)
+        return dc_replace(self, hidden=hidden, size=size).pack(keep)
 
     def scatter_hidden(self, index: torch.Tensor, picked: torch.Tensor, hidden: torch.Tensor) -> Sequence:
         """Put ``hidden`` (B, K, D) back at the slots ``index`` (B, K) it was packed from."""

@@ -388,6 +388,8 @@ class ModelAdapter:
             parts.append(extra.to(text_embeds.dtype))
         bank = torch.cat(parts)
         index = padded("bank", 0, torch.long)
+        size_bank = torch.cat([torch.ones(batch * columns, device=device), tokens.size.reshape(-1).float().to(device),
+                               torch.ones(0 if extra is None else extra.shape[0], device=device)])
         positions = torch.stack([
             torch.tensor([row["pos"][r] + [0] * (length - len(row["pos"][r])) for row in rows], dtype=torch.long,
                          device=device)
@@ -407,6 +409,7 @@ class ModelAdapter:
             slot_count=length,
             lengths=tuple(len(row["bank"]) for row in rows),
             visual_lengths=tuple(sum(row["visual"]) for row in rows),
+            size=size_bank[index],
         )
 
     # --- decoder --------------------------------------------------------------------------------
