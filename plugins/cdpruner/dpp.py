@@ -1,0 +1,135 @@
+"""CDPruner as pure tensor code: instruction relevance, the conditional DPP kernel and its greedy MAP.
+
+No model knowledge: the method hands in each image row's visual tokens, the mean direction of its
+prompt's text embeddings, and how many tokens each row keeps (``method.py``).
+
+The conditional kernel is ``L = diag(q) S diag(q)`` with ``S`` the cosine similarity of the visual
+tokens and ``q`` their relevance to the instruction. Writing ``b_i = q_i x_i / |x_i|`` gives
+``L = B Bᵀ``: the greedy never builds ``L`` (N x N). It is the fast greedy MAP inference of Chen et
+al. (NeurIPS 2018) - an incremental Cholesky factorisation of the chosen items - with each new
+Cholesky row computed on demand from ``B`` and the unit direction ``w`` of the chosen item's residual
+(``row = B w``, Gram-Schmidt over the chosen items only). Memory is O(N·D + k·D) - linear in the
+tokens even when k grows with them - and time O(N·D·k + D·k²).
+
+Every function works on a batch of rows (R, N) with ``valid`` marking real tokens, so rows of
+different lengths go together, with no host read and no Python loop over tokens.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+#: Added to the min-max range of the relevance, as the published code does: no token gets zero quality.
+RELEVANCE_EPS = 1e-6
+#: Below this residual norm an item adds no new direction (its gain is zero up to rounding).
+RESIDUAL_EPS = 1e-12
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """At least float32 (the published code computes the kernel in float32), float64 kept."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def text_direction(text: torch.Tensor) -> torch.Tensor:
+    """(D,) the mean of the unit-normalised text embeddings ``text`` (T, D) (zeros when T = 0).
+
+    The mean cosine similarity of a visual token to the T text tokens is its cosine to each, averaged:
+    a dot product with this one vector, so relevance costs O(N·D) whatever the prompt's length.
+    """
+    unit = F.normalize(text.to(compute_dtype(text.dtype)), dim=-1)
+    return unit.sum(0) / max(text.shape[0], 1)
+
+
+def unit_tokens(visual: torch.Tensor) -> torch.Tensor:
+    """(R, N, D) the visual tokens scaled to unit length, in the compute dtype: what both the
+    similarity ``S`` (their cosines) and the relevance are made of."""
+    return F.normalize(visual.to(compute_dtype(visual.dtype)), dim=-1)
+
+
+def relevance(unit: torch.Tensor, valid: torch.Tensor, direction: torch.Tensor) -> torch.Tensor:
+    """(R, N) instruction relevance of each visual token, in (0, 1] on real tokens (0 on padding).
+
+    As the published code: the negated mean cosine similarity of the token to the instruction's
+    embeddings (``unit`` (R, N, D) from :func:`unit_tokens` against ``direction`` (R, D), see
+    :func:`text_direction`), min-max normalised over each row's real tokens with ``RELEVANCE_EPS``
+    added to the numerator (a row whose scores are all equal gets 1 everywhere).
+    """
+    cosine = torch.bmm(unit, direction.to(unit.dtype).unsqueeze(-1)).squeeze(-1)  # (R, N)
+    score = -cosine
+    low = torch.where(valid, score, torch.inf).amin(-1, keepdim=True)
+    high = torch.where(valid, score, -torch.inf).amax(-1, keepdim=True)
+    scaled = (score - low + RELEVANCE_EPS) / (high - low).clamp_min(RELEVANCE_EPS)
+    return torch.where(valid, scaled, 0.0)
+
+
+def quality(relevance: torch.Tensor, theta: float | None) -> torch.Tensor:
+    """Each token's quality ``q`` in the kernel: the relevance itself (the published default), or with
+    the trade-off ``theta`` in (0, 1), ``exp(alpha · relevance)`` with ``alpha = theta / (2 (1 - theta))``
+    (the quality-diversity weighting of Chen et al.: ``log det L_Y = theta/(1-theta) Σ r + log det S_Y``)."""
+    if theta is None:
+        return relevance
+    return torch.exp(theta / (2.0 * (1.0 - theta)) * relevance)
+
+
+def greedy_map(items: torch.Tensor, valid: torch.Tensor, steps: int) -> torch.Tensor:
+    """(R, steps) the slots the fast greedy MAP inference picks, in the order picked: at each step the
+    available real token with the largest marginal gain ``det(L_{Y+i}) / det(L_Y)`` (ties: the lower
+    slot), for the kernel ``L = items · itemsᵀ`` (``items`` (R, N, D); for CDPruner ``b_i = q_i x_i / |x_i|``).
+
+    Always ``steps`` picks, as the published code (no early stop when the gains reach zero); a row
+    with fewer real tokens than ``steps`` picks slot 0 past them (callers mask picks beyond a row's
+    count). The Cholesky row of each chosen item is computed on demand; nothing N x N is built.
+    """
+    rows, _, width = items.shape
+    device = items.device
+    gain = (items * items).sum(-1)  # residual variances d_i² = L_ii, then L_ii - Σ (Cholesky entries)², (R, N)
+    available = valid.clone()
+    directions = items.new_zeros(rows, max(steps - 1, 0), width)  # unit residual directions w, (R, k-1, D)
+    picks = torch.zeros(rows, steps, dtype=torch.long, device=device)
+    row_index = torch.arange(rows, device=device)
+    for step in range(steps):
+        chosen = torch.where(available, gain, -torch.inf).argmax(-1)  # the first maximum: lower slot on a tie
+        picks[:, step] = chosen
+        available[row_index, chosen] = False
+        if step == steps - 1:
+            break
+        item = items[row_index, chosen]  # (R, D)
+        residual = item
+        if step:
+            earlier = directions[:, :step]  # (R, step, D)
+            column = torch.bmm(earlier, item.unsqueeze(-1))  # the chosen item's Cholesky entries so far
+            residual = item - torch.bmm(earlier.transpose(1, 2), column).squeeze(-1)
+        norm = residual.norm(dim=-1, keepdim=True)
+        direction = torch.where(norm > RESIDUAL_EPS, residual / norm.clamp_min(RESIDUAL_EPS), 0.0)
+        directions[:, step] = direction
+        # the new Cholesky row: (L_j· - Σ_t c_tj c_t·) / d_j = B w, the chosen item's kernel row made orthogonal
+        cholesky_row = torch.bmm(items, direction.unsqueeze(-1)).squeeze(-1)  # (R, N)
+        gain = (gain - cholesky_row.square()).clamp_min(0.0)  # a residual variance is never negative
+    return picks
+
+
+def select_mask(visual: torch.Tensor, valid: torch.Tensor, direction: torch.Tensor, counts: torch.Tensor,
+                max_count: int, theta: float | None = None) -> torch.Tensor:
+    """(R, N) bool: the ``counts[r]`` tokens (``counts`` (R,) long, at most each row's real tokens,
+    ``max_count`` their largest value as a host int) that the conditional DPP's greedy MAP keeps in
+    row r of ``visual`` (R, N, D), for the instruction ``direction`` (R, D) (:func:`text_direction`)."""
+    rows, slots = valid.shape
+    unit = unit_tokens(visual)
+    score = quality(relevance(unit, valid, direction), theta)
+    items = unit.mul_((score * valid).to(unit.dtype).unsqueeze(-1))  # b_i = q_i x_i / |x_i|; padding zero
+    picks = greedy_map(items, valid, max_count)
+    real = torch.arange(max_count, device=valid.device).unsqueeze(0) < counts.unsqueeze(1)
+    mask = torch.zeros(rows, slots + 1, dtype=torch.bool, device=valid.device)
+    mask.scatter_(1, torch.where(real, picks, slots), True)  # picks past a row's count go to a dump column
+    return mask[:, :slots] & valid
+
+
+def selection_flops(tokens: int, kept: int, width: int) -> float:
+    """Matrix-product FLOPs of :func:`select_mask` on one row of ``tokens`` real tokens keeping ``kept``,
+    ``width`` wide (2 per multiply-add, as torch's FLOP counter): the relevance (one N x D product),
+    and for each pick but the last a Cholesky row (N x D) and the Gram-Schmidt of the chosen item
+    against the earlier directions (two t x D products at step t)."""
+    if kept <= 0 or kept >= tokens:
+        return 0.0
+    return 2.0 * tokens * width * kept + 2.0 * width * (kept - 1) * (kept - 2)
