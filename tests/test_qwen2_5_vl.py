@@ -165,3 +165,47 @@ def test_video_goes_through_the_pre_llm_points(qwen, stage, kept):
     if kept == 32:  # identity settings: the video's 3-D positions (with its time interval) are the model's
         torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
     assert torch.equal(cached, uncached)
+
+
+@torch.no_grad()
+def test_encoder_keys_follow_the_units_as_the_features_do(qwen):
+    """EncoderKeys on Qwen2.5-VL: the block's keys (its norm, the k third of its qkv, before the rotary
+    embedding) of each merge unit's four patches, side by side in the unit's place, exactly as the
+    features are: checked by finding each unit's patches in the encoder's own (windowed) order."""
+    from tokenpress.signals import EncoderKeys
+
+    model = qwen
+    batch = qwen_batch(model, sample_prompts(2))
+    adapter = tokenpress.find_adapter(model)
+    requests = [EncoderKeys(layer=1), EncoderKeys(layer=-1, heads="mean")]
+    plain, _ = adapter.encode_images(batch, [])
+    tokens, found = adapter.encode_images(batch, requests)
+    assert torch.equal(tokens.embeddings, plain.embeddings)  # asking for keys changes nothing else
+    visual = model.model.visual
+    seen = {}
+
+    def keep(key):
+        def hook(module, args, kwargs=None, output=None):
+            seen[key] = output if output is not None else (args[0] if args else kwargs["hidden_states"])
+        return hook
+
+    hooks = [visual.blocks[index].register_forward_pre_hook(keep(index), with_kwargs=True)
+             for index in (1, len(visual.blocks) - 1)]
+    hooks.append(visual.blocks[-1].register_forward_hook(lambda module, args, output: keep("out")(
+        module, args, output=output)))
+    try:
+        visual(batch["pixel_values"].type(visual.dtype), grid_thw=batch["image_grid_thw"])
+    finally:
+        for hook in hooks:
+            hook.remove()
+    width, heads = visual.config.hidden_size, visual.config.num_heads
+    windowed_units = seen["out"].reshape(-1, 4 * width)  # the encoder's output, unit by unit, its own order
+    for index, request in zip((1, len(visual.blocks) - 1), requests, strict=True):
+        block = visual.blocks[index]
+        keys = block.attn.qkv(block.norm1(seen[index]))[:, width:2 * width]
+        if request.heads == "mean":
+            keys = keys.view(-1, heads, width // heads).mean(1)
+        keys = keys.reshape(windowed_units.shape[0], -1)
+        flat = tokens.embeddings[tokens.valid]
+        where = [int(torch.nonzero((windowed_units == unit).all(-1)).flatten()[0]) for unit in flat]
+        torch.testing.assert_close(found[request][tokens.valid], keys[where])

@@ -132,6 +132,21 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_leaderboard(args: argparse.Namespace) -> int:
+    from tokenpress import leaderboard
+
+    models = tuple(model.strip() for model in args.models.split(",") if model.strip())
+    boards = leaderboard.run(models, n=args.n, batch_size=args.batch_size, progress=not args.quiet)
+    command = "tokenpress leaderboard" + (f" --n {args.n}" if args.n != LEADERBOARD_N else "")
+    for path in leaderboard.write_page(boards, args.out, args.n, command):
+        print(f"wrote {path}")
+    return 0
+
+
+#: Questions per proxy of ``tokenpress leaderboard`` (both proxies, every method, in about 15 minutes on 2 cores).
+LEADERBOARD_N = 300
+
+
 def cmd_calibrate(args: argparse.Namespace) -> int:
     import torch
 
@@ -306,6 +321,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plot", metavar="PNG", help="plot accuracy retention against tokens kept")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("leaderboard", help="every registered method at 50/25/11%% of the visual tokens on the shipped "
+                                           "proxies: one Markdown page with tables and plots")
+    p.add_argument("--models", default="zoo:llava-shapes,zoo:qwen2.5-vl-shapes",
+                   help="comma-separated zoo:NAME or checkpoint folders")
+    p.add_argument("--n", type=_positive, default=LEADERBOARD_N, help="test questions per model")
+    p.add_argument("--batch-size", type=_positive, default=50)
+    p.add_argument("--out", default="docs/leaderboard.md", help="the page to write (plots go beside it)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_leaderboard)
 
     p = sub.add_parser("calibrate", help="calibrate a stack's method (ALVTS's selector) on a model; writes a file "
                                          "its params can name", description="Runs the calibration of the stack's "

@@ -97,6 +97,13 @@ class Method:
             return {**cls.example_params, "keep_ratio": keep_ratio}
         return None
 
+    @classmethod
+    def params_for_tokens(cls, tokens: int, keep_ratio: float) -> dict[str, Any] | None:
+        """``params`` that keep about ``keep_ratio`` of an image's ``tokens`` visual tokens: a method whose
+        knob is a count (a Q-Former's queries) needs the image's count; the default is
+        :meth:`params_for_keep`."""
+        return cls.params_for_keep(keep_ratio)
+
     #: True when the method acts inside the vision encoder's blocks: a ``post_encoder`` stage of it lists
     #: encoder blocks in ``layers`` (its hook then runs in each, between the block's attention and its
     #: MLP, where ToMe merges, with ``context.encoder_block`` set), or takes :meth:`default_layers`.

@@ -36,6 +36,11 @@ class QFormer(Method):
     description = "Learned queries read the image by cross-attention and replace its tokens (BLIP-2's Q-Former)."
     identity_params = None
     example_params = {"queries": 8}
+
+    @classmethod
+    def params_for_tokens(cls, tokens: int, keep_ratio: float) -> dict[str, Any]:
+        """As many queries as ``keep_ratio`` of the image's tokens."""
+        return {"queries": max(1, round(tokens * keep_ratio))}
     replaces_projector = True
     summary_tokens = True
     config: QFormerConfig

@@ -12,7 +12,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import contextlib
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
@@ -27,14 +28,18 @@ from tokenpress.tokens import TokenState
 
 
 class _GroupUnits(nn.Module):
-    """Stands in for the merger while encoding: regroups patches into 2x2 units, no weights."""
+    """Stands in for the merger while encoding: regroups patches into 2x2 units, no weights. Values
+    captured per patch inside the encoder (``extra``, in the encoder's own patch order) are grouped
+    the same way beside the features, so the model's own reordering of units carries them along."""
 
     def __init__(self, unit: int) -> None:
         super().__init__()
         self.unit = unit
+        self.extra: list[torch.Tensor] = []
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return hidden.reshape(-1, self.unit * hidden.shape[-1])
+        hidden = torch.cat([hidden, *self.extra], dim=-1)
+        return hidden.reshape(-1, self.unit, hidden.shape[-1])
 
 
 class Qwen2_5_VLCosts(FamilyCosts):
@@ -84,7 +89,8 @@ class Qwen2_5_VLAdapter(ModelAdapter):
     """Adapter for ``Qwen2_5_VLForConditionalGeneration`` (images; videos go through pre-LLM points)."""
 
     family = "qwen2.5-vl"
-    no_signals_because = "its windowed ViT has no class token; keys inside it are not read yet"
+    signals = ("keys",)  # per merge unit: its 2x2 patches' keys side by side, as the features are
+    no_signals_because = "its windowed ViT has no class token, so no CLS attention"
     position_rank = 3
     cost_model = Qwen2_5_VLCosts
     test_family = "tokenpress.testing.families:QWEN2_5_VL"
@@ -143,13 +149,24 @@ class Qwen2_5_VLAdapter(ModelAdapter):
             intervals += [tokens_per_second * s for s in seconds]
         grid_thw = torch.cat(grids).long()
         merger = self.visual.merger
-        self.visual._modules["merger"] = _GroupUnits(self.merge_size ** 2)
+        grouping = _GroupUnits(self.merge_size ** 2)
+        keyed = list(dict.fromkeys(requests))
+        self.visual._modules["merger"] = grouping
         try:
-            units = [self.visual(p.type(self.visual.dtype), grid_thw=g).pooler_output for p, g in
-                     zip(pixels, grids, strict=True)]
+            units = []
+            for p, g in zip(pixels, grids, strict=True):
+                with self._block_keys(keyed, grouping):
+                    units.append(self.visual(p.type(self.visual.dtype), grid_thw=g).pooler_output)
         finally:
             self.visual._modules["merger"] = merger
-        units = torch.cat(units)
+        units = torch.cat(units)  # (units, unit, C + extras): each unit's patches side by side
+        hidden = self.visual.config.hidden_size
+        extras, start = {}, hidden
+        for request in keyed:
+            size = hidden if request.heads == "concat" else hidden // self.visual.config.num_heads
+            extras[request] = units[..., start:start + size].flatten(1)
+            start += size
+        units = units[..., :hidden].flatten(1)
         llm_grids = grid_thw.clone()
         llm_grids[:, 1:] //= self.merge_size
         grids = [tuple(grid) for grid in llm_grids.tolist()]
@@ -160,7 +177,37 @@ class Qwen2_5_VLAdapter(ModelAdapter):
         tokens = TokenState.from_dense(torch.stack(rows), grids)
         images = len(inputs["image_grid_thw"]) if inputs.get("pixel_values") is not None else 0
         self.media = {"time_interval": intervals, "is_video": [False] * images + [True] * (len(intervals) - images)}
-        return tokens, {}
+        found = {request: torch.stack([torch.nn.functional.pad(chunk, (0, 0, 0, width - chunk.shape[0]))
+                                       for chunk in torch.split(value, counts)])
+                 for request, value in extras.items()}
+        return tokens, found
+
+    @contextlib.contextmanager
+    def _block_keys(self, requests: list[Signal], grouping: _GroupUnits) -> Iterator[None]:
+        """While the encoder runs: each requested block's keys (its norm and the k third of its qkv
+        projection, before the rotary embedding), per patch in the encoder's order, handed to
+        ``grouping`` to travel with the features (hooks on this instance's blocks, removed on exit)."""
+        grouping.extra = [None] * len(requests)
+        handles = []
+        blocks = self.visual.blocks
+        heads = self.visual.config.num_heads
+
+        def capture(index: int, request: Signal) -> Any:
+            def hook(block: nn.Module, args: tuple, kwargs: dict) -> None:
+                hidden = args[0] if args else kwargs["hidden_states"]
+                keys = block.attn.qkv(block.norm1(hidden)).unflatten(-1, (3, -1))[:, 1]
+                grouping.extra[index] = keys.unflatten(-1, (heads, -1)).mean(-2) if request.heads == "mean" else keys
+            return hook
+
+        try:
+            for index, request in enumerate(requests):
+                handles.append(blocks[request.layer % len(blocks)].register_forward_pre_hook(
+                    capture(index, request), with_kwargs=True))
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+            grouping.extra = []
 
     def encoder_pixels(self, inputs: dict[str, Any], image: int) -> torch.Tensor:
         """Rebuild the picture from the flattened patches (first frame): the processor lays each patch
