@@ -117,9 +117,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     for path in args.stacks:
         _check_stack(path, None)
+    ranks = evaluate.Ranks.current()  # under torchrun / accelerate launch: the questions shared across ranks
     rows = evaluate.evaluate(args.stacks, model=args.model, n=args.n, batch_size=args.batch_size, split=args.split,
-                             seed=args.seed, max_new_tokens=args.max_new_tokens, progress=not args.quiet)
-    print(f"model {args.model}, {args.n} questions of the {args.split} split (seed {args.seed})\n")
+                             seed=args.seed, max_new_tokens=args.max_new_tokens, progress=not args.quiet,
+                             ranks=ranks)
+    if ranks.rank != 0:
+        return 0  # rank 0 speaks for the run
+    ranked = f", {ranks.world} ranks" if ranks.world > 1 else ""
+    print(f"model {args.model}, {args.n} questions of the {args.split} split (seed {args.seed}){ranked}\n")
     print(evaluate.format_table(rows))
     for option, render in ((args.json, evaluate.rows_to_json), (args.csv, evaluate.rows_to_csv)):
         if option == "-":

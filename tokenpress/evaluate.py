@@ -94,10 +94,54 @@ def _placeholder_ids(model: Any) -> list[int]:
             if i is not None]
 
 
+@dataclass
+class Ranks:
+    """This process's place in a ``torch.distributed`` run (one rank of one when there is none)."""
+
+    rank: int = 0
+    world: int = 1
+    device: str = "cpu"
+
+    @classmethod
+    def current(cls) -> Ranks:
+        """Join the process group ``torchrun`` / ``accelerate launch`` describe in the environment (gloo on a
+        CPU, NCCL on GPUs; one rank per GPU); a single process when there is none."""
+        import os
+
+        import torch.distributed as dist
+
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world <= 1 or not dist.is_available():
+            return cls()
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        device = f"cuda:{local}" if torch.cuda.is_available() else "cpu"
+        if not dist.is_initialized():
+            if device != "cpu":
+                torch.cuda.set_device(local)
+            dist.init_process_group("nccl" if device != "cpu" else "gloo")
+        return cls(dist.get_rank(), dist.get_world_size(), device)
+
+    def gather(self, value: Any) -> list[Any]:
+        """``value`` of every rank, in rank order (just ``[value]`` alone)."""
+        if self.world == 1:
+            return [value]
+        import torch.distributed as dist
+
+        gathered: list[Any] = [None] * self.world
+        dist.all_gather_object(gathered, value)
+        return gathered
+
+
 def evaluate(stacks: list[Stack | str | Path], model: str = DEFAULT_MODEL, n: int = 1000, batch_size: int = 50,
              split: str = "test", seed: int = 0, max_new_tokens: int = 2, progress: bool = True,
-             loaded: tuple[Any, Any] | None = None) -> list[Row]:
-    """Accuracy, retention, tokens kept, FLOPs and prefill-time ratios of each stack vs the baseline."""
+             loaded: tuple[Any, Any] | None = None, ranks: Ranks | None = None) -> list[Row]:
+    """Accuracy, retention, tokens kept, FLOPs and prefill-time ratios of each stack vs the baseline.
+
+    Under ``torchrun``/``accelerate launch`` (``ranks``: default, from the environment) every rank runs
+    every ``world``-th batch and the ranks' results are gathered into one table, the same on every rank:
+    the accuracy table equals the single-process one exactly (each batch is the batch it would be
+    alone, and a sample's answer never depends on its batch).
+    """
     from tqdm.auto import tqdm
 
     from tokenpress.data import shapes
@@ -108,7 +152,10 @@ def evaluate(stacks: list[Stack | str | Path], model: str = DEFAULT_MODEL, n: in
     if not 1 <= n <= available:
         raise InputError(f"--n {n}: the {split} split has {available} questions; ask for 1 to {available}")
     parsed = [load_stack(stack) for stack in stacks]
+    ranks = ranks or Ranks.current()
     model_obj, processor = loaded or load_model_and_processor(model)
+    if ranks.device != "cpu":
+        model_obj = model_obj.to(ranks.device)
     configs: list[tuple[str, Stack | None]] = [("baseline", None)] + [(stack.name, stack) for stack in parsed]
     names = [name for name, _ in configs]
     if len(set(names)) != len(names):
@@ -116,18 +163,22 @@ def evaluate(stacks: list[Stack | str | Path], model: str = DEFAULT_MODEL, n: in
     results = {name: RunResult(name) for name in names}
     image_token = getattr(processor, "image_token", shapes.IMAGE_TOKEN)
     truths: list[Truth] = []  # the samples are made batch by batch: memory does not grow with n
-    bar = tqdm(total=n, desc="eval", unit="question", disable=not progress)
-    for start in range(0, n, batch_size):
+    starts = list(range(0, n, batch_size))[ranks.rank::ranks.world]  # this rank's batches
+    bar = tqdm(total=n, desc="eval", unit="question", disable=not progress or ranks.rank != 0)
+    for start in starts:
         chunk = [shapes.make_sample(split, index, seed) for index in range(start, min(start + batch_size, n))]
         truths += [Truth(sample.answer, sample.family) for sample in chunk]
         inputs = process(processor, [s.image for s in chunk],
                          [shapes.build_prompt(s.question, image_token) for s in chunk],
                          what=f"{split} questions {start}-{start + len(chunk) - 1}", padding=True)
+        inputs = {key: value.to(ranks.device) for key, value in inputs.items()}
         for name, stack in configs:
             tokens = _run_batch(model_obj, inputs, stack, max_new_tokens, results[name])
             results[name].predictions += processor.batch_decode(tokens, skip_special_tokens=True)
-        bar.update(len(chunk))
+        bar.update(len(chunk) * ranks.world)
     bar.close()
+    if ranks.world > 1:
+        truths, results = _gathered(ranks, starts, batch_size, n, truths, results)
 
     for result in results.values():
         scored = shapes.score(result.predictions, truths)
@@ -142,6 +193,35 @@ def evaluate(stacks: list[Stack | str | Path], model: str = DEFAULT_MODEL, n: in
                         result.visual_kept / max(result.visual_in, 1), result.flops / base.flops, time_ratio,
                         result.per_family))
     return rows
+
+
+def _gathered(ranks: Ranks, starts: list[int], size: int, n: int, truths: list[Truth],
+              results: dict[str, RunResult]) -> tuple[list[Truth], dict[str, RunResult]]:
+    """Every rank's batches (of ``size`` questions from each start, ``n`` in all) put back in question
+    order: predictions and truths by batch, counts and FLOPs summed, each batch's prefill times kept
+    (ratios pair every configuration with the baseline of the same batch)."""
+    shards = ranks.gather((starts, truths, results))
+    merged = {name: RunResult(name) for name in results}
+    all_truths: list[Truth] = []
+    batches = []  # (first question, rank, the batch's place and offset in that rank's lists)
+    for rank, (shard_starts, _, _) in enumerate(shards):
+        offset = 0
+        for position, start in enumerate(shard_starts):
+            batches.append((start, rank, position, offset))
+            offset += min(size, n - start)
+    for start, rank, position, offset in sorted(batches):
+        count = min(size, n - start)
+        _, shard_truths, shard_results = shards[rank]
+        all_truths += shard_truths[offset:offset + count]
+        for name, result in shard_results.items():
+            merged[name].predictions += result.predictions[offset:offset + count]
+            merged[name].prefill_seconds.append(result.prefill_seconds[position])
+    for _, _, shard_results in shards:
+        for name, result in shard_results.items():
+            merged[name].visual_in += result.visual_in
+            merged[name].visual_kept += result.visual_kept
+            merged[name].flops += result.flops
+    return all_truths, merged
 
 
 def format_table(rows: list[Row]) -> str:
