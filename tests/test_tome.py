@@ -234,3 +234,32 @@ def test_a_signal_is_read_after_every_merge_and_laid_out_like_the_tokens() -> No
             torch.testing.assert_close(signal[0, slot], by_patches[patches], rtol=1e-4, atol=1e-6)
     finally:
         tokenpress.get_registry(reload=True)
+
+
+@torch.no_grad()
+def test_llava_next_tiles_merge_alone_then_stitch_and_unpad(recorded_tokens) -> None:
+    """Each tile merges on its own; the crops' tokens are stitched and unpadded as the model does it:
+    every unpadded patch has exactly one token, a token's patches lie in one crop, its cell is its first
+    patch, its size the number of its patches. Padded (32x64) and unpadded (64x64) images in one batch."""
+    from tokenpress.testing.families import FAMILIES, prompts
+
+    spec = FAMILIES["llava-next"]
+    model = spec.build("sdpa")
+    batch = spec.mixed_batch(model, prompts(3))
+    stack = {"name": "m", "stages": [{"method": "tome", "params": {"r": 5}}, {"method": "test-record-tokens"}]}
+    with tokenpress.compress(model, stack):
+        model(**batch)
+    tokens = recorded_tokens[0]
+    side = 4  # a 32-pixel tile of 8-pixel patches
+    for row in range(tokens.num_images):
+        _, height, width = tokens.original_grid[row].tolist()
+        owner = tokens.owner[row, : height * width]
+        slots = torch.nonzero(tokens.valid[row]).flatten()
+        assert (owner >= 0).all() and set(owner.tolist()) == set(slots.tolist())
+        cells = torch.arange(height * width)
+        for slot in slots.tolist():
+            patches = cells[owner == slot]
+            assert tokens.grid_index[row, slot] == patches.min() and tokens.size[row, slot] == len(patches)
+            if (height, width) == (2 * side, 2 * side):  # an unpadded 2x2 crop grid: merges stay in a crop
+                assert len({(int(p) // width // side, int(p) % width // side) for p in patches}) == 1
+        assert tokens.grid_index[row, slots].tolist() == sorted(tokens.grid_index[row, slots].tolist())
