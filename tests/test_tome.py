@@ -263,3 +263,15 @@ def test_llava_next_tiles_merge_alone_then_stitch_and_unpad(recorded_tokens) -> 
             if (height, width) == (2 * side, 2 * side):  # an unpadded 2x2 crop grid: merges stay in a crop
                 assert len({(int(p) // width // side, int(p) % width // side) for p in patches}) == 1
         assert tokens.grid_index[row, slots].tolist() == sorted(tokens.grid_index[row, slots].tolist())
+
+
+@torch.no_grad()
+def test_tokens_kept_count_from_the_encoders_patches() -> None:
+    """Reports and eval's 'tokens kept' start from the patches the encoder was given, not from what
+    reached its output after merging inside it."""
+    model = tiny_llava("sdpa", encoder_layers=4)
+    batch = llava_batch(model, sample_prompts(2))
+    with tokenpress.compress(model, {"name": "t", "stages": [{"method": "tome", "params": {"r": 6}}]}) as handle:
+        model(**batch)
+    assert handle.prefill_stats.visual_in == [36, 36]
+    assert handle.prefill_stats.layer_visual[-1] == [18, 18]  # three blocks, six merges each

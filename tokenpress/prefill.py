@@ -75,7 +75,7 @@ class PrefillResult:
 class PrefillStats:
     """Token counts of the last compressed prefill, per sample: what cost models need."""
 
-    visual_in: list[int]  # visual tokens the encoder produced
+    visual_in: list[int]  # visual tokens the encoder produces uncompressed (its patches, before any stage)
     projected: list[int]  # tokens that went through the projector
     layer_tokens: list[list[int]]  # [layer][sample]: tokens (text + visual) each decoder layer processed
     layer_visual: list[list[int]]  # [layer][sample]: visual tokens each decoder layer processed
@@ -200,7 +200,8 @@ class Prefill:
         deferred = DeferredCounts()
         encoder_blocks = inside.finish(deferred, records, adapter.media.get("encoder_run"), spans, batch)
         visual_in: list[int] = []
-        deferred.into(visual_in, _per_sample(tokens.counts(), image_to_sample, batch))
+        # the patches each image had, whatever stages inside the encoder merged on the way
+        deferred.into(visual_in, _per_sample(tokens.original_grid.prod(-1), image_to_sample, batch))
         projected = [0] * batch  # a stage that replaces the projector leaves it at zero
         trace_grids = None
         if self.trace is not None:
