@@ -197,6 +197,14 @@ class Prefill:
                 row_rank[row] = rank * 16 + part  # an image's rows (tiles) draw differently
         image_to_sample = torch.tensor(row_sample, dtype=torch.long, device=device)
         tokens = dc_replace(tokens, image_to_sample=image_to_sample)
+        text_embeds: list[torch.Tensor] = []
+
+        def embedded() -> torch.Tensor:
+            """The prompt's embeddings, computed once for the query_conditioned stages and the layout."""
+            if not text_embeds:
+                text_embeds.append(adapter.embed(input_ids))
+            return text_embeds[0]
+
         deferred = DeferredCounts()
         encoder_blocks = inside.finish(deferred, records, adapter.media.get("encoder_run"), spans, batch)
         visual_in: list[int] = []
@@ -222,7 +230,8 @@ class Prefill:
         for point in PRE_LLM_POINTS:
             if point == "query_conditioned":
                 tokens = project(tokens)
-                context.prompt_embeddings = self._prompt_embeddings(input_ids, valid_in, prompt_length, row_sample)
+                context.prompt_embeddings = self._prompt_embeddings(input_ids, valid_in, prompt_length, row_sample,
+                                                                    embedded())
             for entry in self.entries:
                 if entry.stage.point != point or entry.stage.inside_encoder:
                     continue
@@ -244,7 +253,8 @@ class Prefill:
                 if self.trace is not None:
                     self.trace.append((entry.stage.label(), tokens.owner))
 
-        sequence = adapter.build_sequence(input_ids, attention_mask, tokens, prompt_length, self.compact)
+        sequence = adapter.build_sequence(input_ids, attention_mask, tokens, prompt_length, self.compact, spans,
+                                          embedded())
         # what the placeholders hold, per sample (sized by host numbers: no device read)
         entering, _ = pack_index(sequence.valid & sequence.is_visual, width=max(sequence.visual_lengths, default=0))
         width = sequence.hidden.shape[-1]
@@ -294,12 +304,11 @@ class Prefill:
         deferred.later(torch.cat([rows_before, rows_after, row_sample.to(rows_before.device)]), fill)
 
     def _prompt_embeddings(self, input_ids: torch.Tensor, valid: torch.Tensor, prompt_length: int,
-                           row_sample: list[int]) -> Callable[[int], torch.Tensor]:
+                           row_sample: list[int], embeds: torch.Tensor) -> Callable[[int], torch.Tensor]:
         """The embedded prompt text of each image row's sample, looked up without a device read: its
         columns are found here, with the prompt's layout, before any stage runs."""
         text = valid & ~torch.isin(input_ids, torch.tensor(self.adapter.placeholder_ids(), device=input_ids.device))
         text[:, prompt_length:] = False
-        embeds = self.adapter.embed(input_ids)
         columns = [torch.nonzero(row).flatten() for row in text]
 
         def lookup(image_index: int) -> torch.Tensor:

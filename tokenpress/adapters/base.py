@@ -322,13 +322,20 @@ class ModelAdapter:
         tokens: TokenState,
         prompt_length: int,
         compact: bool,
+        spans: list[ImageSpan] | None = None,
+        text_embeds: torch.Tensor | None = None,
     ) -> Sequence:
-        """Lay out each sample's text and (compressed) visual tokens, left-packed, with positions."""
+        """Lay out each sample's text and (compressed) visual tokens, left-packed, with positions.
+
+        ``spans`` (:meth:`image_spans` of these inputs) and ``text_embeds`` (``embed(input_ids)``), when the
+        caller has them already, are not computed again."""
         batch, columns = input_ids.shape
         device = input_ids.device
         valid_in = attention_mask.bool() if attention_mask is not None else torch.ones_like(input_ids, dtype=torch.bool)
-        spans = self.image_spans(input_ids, valid_in, tokens)
-        text_embeds = self.embed(input_ids)
+        if spans is None:
+            spans = self.image_spans(input_ids, valid_in, tokens)
+        if text_embeds is None:
+            text_embeds = self.embed(input_ids)
         slots = tokens.num_slots
         extra = self.extra_embeddings()
         visual_base = batch * columns
