@@ -43,7 +43,25 @@ def checkpoint(tmp_path_factory):
 
 
 @pytest.fixture
-def recorded_tokens():
+def register_methods():
+    """Register test method classes for one test: ``register_methods(MethodA, MethodB)``; the registry
+    is rebuilt from the entry points afterwards."""
+    import tokenpress
+
+    def register(*classes):
+        class Plugin:
+            @tokenpress.hookimpl
+            def tokenpress_register_methods(self):
+                return list(classes)
+
+        tokenpress.get_registry().register_plugin(Plugin(), name="test-" + "-".join(c.name for c in classes))
+
+    yield register
+    tokenpress.get_registry(reload=True)
+
+
+@pytest.fixture
+def recorded_tokens(register_methods):
     """Registers the test method ``test-record-tokens`` (at ``post_encoder``: records the token state it
     receives, changes nothing) for one test; yields the list of states it saw."""
     import tokenpress
@@ -60,11 +78,5 @@ def recorded_tokens():
             seen.append(tokens)
             return tokens
 
-    class Plugin:
-        @tokenpress.hookimpl
-        def tokenpress_register_methods(self):
-            return [RecordTokens]
-
-    tokenpress.get_registry().register_plugin(Plugin(), name="test-record-tokens-plugin")
-    yield seen
-    tokenpress.get_registry(reload=True)
+    register_methods(RecordTokens)
+    return seen

@@ -63,15 +63,9 @@ class _Decides(tokenpress.Method):
 
 
 @pytest.fixture
-def decides():
-    class Plugin:
-        @tokenpress.hookimpl
-        def tokenpress_register_methods(self):
-            return [_Decides]
-
-    tokenpress.get_registry().register_plugin(Plugin(), name="test-decides-plugin")
-    yield _Decides
-    tokenpress.get_registry(reload=True)
+def decides(register_methods):
+    register_methods(_Decides)
+    return _Decides
 
 
 @torch.no_grad()
@@ -157,22 +151,14 @@ class _Shares(tokenpress.Method):
         return None
 
 
-def test_the_stages_of_one_method_share_one_state_per_prefill():
-    class Plugin:
-        @tokenpress.hookimpl
-        def tokenpress_register_methods(self):
-            return [_Shares]
-
-    tokenpress.get_registry().register_plugin(Plugin(), name="test-shares-plugin")
-    try:
-        model = tiny_llava("sdpa")
-        batch = llava_batch(model, [Prompt([1, 5], [7, 8, 9]), Prompt([1], [7, 8, 9, 10, 11])])
-        stack = {"name": "s", "stages": [{"method": "test-shares", "at": "query_conditioned"},
-                                         {"method": "test-shares", "at": "decoder_layer", "layers": [1, 3]}]}
-        _Shares.seen.clear()
-        with torch.no_grad(), tokenpress.compress(model, stack):
-            model(**batch)
-            model(**batch)  # a second prefill: the query_conditioned stage finds an empty state again
-        assert _Shares.seen == [(1, [5, 6], True), (3, [5, 6], True)] * 2
-    finally:
-        tokenpress.get_registry(reload=True)
+def test_the_stages_of_one_method_share_one_state_per_prefill(register_methods):
+    register_methods(_Shares)
+    model = tiny_llava("sdpa")
+    batch = llava_batch(model, [Prompt([1, 5], [7, 8, 9]), Prompt([1], [7, 8, 9, 10, 11])])
+    stack = {"name": "s", "stages": [{"method": "test-shares", "at": "query_conditioned"},
+                                     {"method": "test-shares", "at": "decoder_layer", "layers": [1, 3]}]}
+    _Shares.seen.clear()
+    with torch.no_grad(), tokenpress.compress(model, stack):
+        model(**batch)
+        model(**batch)  # a second prefill: the query_conditioned stage finds an empty state again
+    assert _Shares.seen == [(1, [5, 6], True), (3, [5, 6], True)] * 2

@@ -197,43 +197,35 @@ class _ReadsCls(tokenpress.Method):
 
 
 @torch.no_grad()
-def test_a_signal_is_read_after_every_merge_and_laid_out_like_the_tokens() -> None:
+def test_a_signal_is_read_after_every_merge_and_laid_out_like_the_tokens(register_methods) -> None:
     """Signals are laid out like the final tokens: one read in layer 2 while ToMe merges in block 2 is
     refused; one read in layer 3 (after every merge) follows the merged tokens, sorted with them."""
 
-    class Plugin:
-        @tokenpress.hookimpl
-        def tokenpress_register_methods(self):
-            return [_ReadsCls]
-
-    tokenpress.get_registry().register_plugin(Plugin(), name="test-reads-cls-plugin")
-    try:
-        model = tiny_llava("sdpa", encoder_layers=4)
-        stages = [{"method": "tome", "params": {"r": 2}}, {"method": "test-reads-cls"}]
-        _ReadsCls.layer = 2
-        with pytest.raises(tokenpress.StackError, match="changes the tokens inside encoder block 2"):
-            tokenpress.compress(model, {"name": "s", "stages": stages})
-        _ReadsCls.layer = 3
-        batch = llava_batch(model, sample_prompts(1))
-        with tokenpress.compress(model, {"name": "s", "stages": stages}) as handle:
-            model(**batch)
-        assert [record.tokens_in for record in handle.records] == [[36], [34], [32], [30]]
-        tokens, signal = _ReadsCls.seen[-1]
-        hidden, size, groups = reference_encoder(model, batch["pixel_values"][0], [2, 2, 2], fold=False)
-        tower = model.model.vision_tower
-        block = getattr(tower, "vision_model", tower).encoder.layers[3]
-        attention, normed = block.self_attn, block.layer_norm1(hidden)
-        heads = attention.num_heads
-        q = attention.q_proj(normed[:1]).view(1, heads, -1).transpose(0, 1)
-        k = attention.k_proj(normed).view(-1, heads, q.shape[-1]).transpose(0, 1)
-        expected = torch.softmax(q @ k.transpose(-1, -2) * attention.scale + size.log(), -1).mean(0)[0, 1:]
-        by_patches = {tuple(group): value for group, value in zip(groups[1:], expected, strict=True)}
-        owner = tokens.patch_owner()[0]
-        for slot in range(30):
-            patches = tuple(torch.nonzero(owner == slot).flatten().tolist())
-            torch.testing.assert_close(signal[0, slot], by_patches[patches], rtol=1e-4, atol=1e-6)
-    finally:
-        tokenpress.get_registry(reload=True)
+    register_methods(_ReadsCls)
+    model = tiny_llava("sdpa", encoder_layers=4)
+    stages = [{"method": "tome", "params": {"r": 2}}, {"method": "test-reads-cls"}]
+    _ReadsCls.layer = 2
+    with pytest.raises(tokenpress.StackError, match="changes the tokens inside encoder block 2"):
+        tokenpress.compress(model, {"name": "s", "stages": stages})
+    _ReadsCls.layer = 3
+    batch = llava_batch(model, sample_prompts(1))
+    with tokenpress.compress(model, {"name": "s", "stages": stages}) as handle:
+        model(**batch)
+    assert [record.tokens_in for record in handle.records] == [[36], [34], [32], [30]]
+    tokens, signal = _ReadsCls.seen[-1]
+    hidden, size, groups = reference_encoder(model, batch["pixel_values"][0], [2, 2, 2], fold=False)
+    tower = model.model.vision_tower
+    block = getattr(tower, "vision_model", tower).encoder.layers[3]
+    attention, normed = block.self_attn, block.layer_norm1(hidden)
+    heads = attention.num_heads
+    q = attention.q_proj(normed[:1]).view(1, heads, -1).transpose(0, 1)
+    k = attention.k_proj(normed).view(-1, heads, q.shape[-1]).transpose(0, 1)
+    expected = torch.softmax(q @ k.transpose(-1, -2) * attention.scale + size.log(), -1).mean(0)[0, 1:]
+    by_patches = {tuple(group): value for group, value in zip(groups[1:], expected, strict=True)}
+    owner = tokens.patch_owner()[0]
+    for slot in range(30):
+        patches = tuple(torch.nonzero(owner == slot).flatten().tolist())
+        torch.testing.assert_close(signal[0, slot], by_patches[patches], rtol=1e-4, atol=1e-6)
 
 
 @torch.no_grad()

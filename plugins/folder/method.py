@@ -10,7 +10,6 @@ from typing import Any
 from tokenpress import MethodConfig, StageContext, TokenState
 from tokenpress.matching import bipartite_assign, matching_scores, most_merges
 from tokenpress_plugins.tome.method import Tome, TomeConfig
-from tokenpress_plugins.tome.schedule import block_merges
 
 
 class FolderConfig(TomeConfig):
@@ -32,13 +31,9 @@ class Folder(Tome):
         """The block whose output is the features (FOLDER's LLaVA setting: every merge there)."""
         return (num_layers - 1,)
 
-    def merges(self, count: int, layer: int) -> int:
-        if layer not in self.layers:
-            return 0
-        config = self.config
-        wanted = block_merges(count, self.layers.index(layer), len(self.layers), config.r, config.inflection,
-                              config.keep_ratio)
-        return min(wanted, count - 1)  # folding removes more than half; one token always stays
+    def most_merges(self, count: int) -> int:
+        """Folding removes more than half: all but one token."""
+        return count - 1
 
     def merge_tokens(self, tokens: TokenState, context: StageContext, merges: list[int]) -> TokenState:
         block = context.encoder_block

@@ -76,7 +76,11 @@ class Tome(Method):
         config = self.config
         wanted = block_merges(count, self.layers.index(layer), len(self.layers), config.r, config.inflection,
                               config.keep_ratio)
-        return min(wanted, most_merges(count))
+        return min(wanted, self.most_merges(count))
+
+    def most_merges(self, count: int) -> int:
+        """The most tokens a row of ``count`` loses in one block: one matching's half."""
+        return most_merges(count)
 
     def merge_tokens(self, tokens: TokenState, context: StageContext, merges: list[int]) -> TokenState:
         """One bipartite matching on the block's keys, ``merges[i]`` tokens of row i merged away."""
