@@ -474,10 +474,11 @@ class _Path:
     applications: list[tuple[Stage, int | None, int, int, float]]  # stage, layer, in, out, scoring
 
 
-def _promise(stage: Stage, counts: list[int], block: int | None = None) -> list[int]:
+def _promise(stage: Stage, counts: list[int], layer: int | None = None) -> list[int]:
+    """What the stage promises for ``counts`` (at ``layer``: its decoder layer, or its encoder block)."""
     method = _method(stage)
     counts_in = torch.tensor(counts, dtype=torch.long)
-    promised = method.promised_count(counts_in) if block is None else method.promised_count_at(counts_in, block)
+    promised = method.promised_count(counts_in) if layer is None else method.promised_count_at(counts_in, layer)
     if promised is None:
         raise FlopsError(f"stage {stage.label()}: method {stage.method!r} makes no promise about how many tokens "
                          "it keeps (promised_count() is None and it has no expected_grid), so its FLOPs cannot be "
@@ -575,7 +576,7 @@ def _run(family: FamilyCosts, image: ImageCosts, stack: Stack, text_tokens: int,
             item = ScoringInput(stage, layer, decoder, text_tokens + visual,
                                 layer_tokens[layer - 1] if layer > 0 else None, text_tokens)
             scoring = _scoring(item)
-            kept = _promise(stage, [visual])[0]
+            kept = _promise(stage, [visual], layer)[0]
             applications.append((stage, layer, visual, kept, scoring))
             costs.scoring += scoring
             if stage.method_class.routes:

@@ -109,14 +109,15 @@ class Scorer:
             return self.previous, self.layer_index - 1
         return self.current, self.layer_index
 
-    def attention_from(self, rows: torch.Tensor, layer: str = "previous",
-                       heads: str = "mean") -> tuple[torch.Tensor, torch.Tensor]:
+    def attention_from(self, rows: torch.Tensor, layer: str = "previous", heads: str = "mean",
+                       width: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Attention that the slots ``rows`` (B, N bool, over the current sequence; text, such as
         SparseVLM's raters) pay to every slot of the current sequence.
 
         Returns ``(probs, valid)``: probs (B, R, N) averaged over heads, or (B, H, R, N) with
         ``heads="all"``, the R rows of each sample packed in slot order; valid (B, R) marks the real
-        ones. ``layer`` as in :meth:`attention_to_tokens`. Recomputed from the layer's own norm,
+        ones; ``width``, the most rows a sample has when the host knows it, spares reading it from the
+        device. ``layer`` as in :meth:`attention_to_tokens`. Recomputed from the layer's own norm,
         projections and rotary table for these rows only: O(R x N) memory, no N x N matrix, with any
         attention backend. Columns of slots the scoring sequence did not hold are zero.
         """
@@ -127,7 +128,7 @@ class Scorer:
             chosen = _align(rows.float(), self.current, sequence) > 0
         else:
             chosen = rows & sequence.valid
-        query_index, query_valid = pack_index(chosen)
+        query_index, query_valid = pack_index(chosen, width=width)
         probs = attention_rows(self.adapter, score_layer, sequence, query_index, query_valid,
                                per_head=heads == "all")
         if sequence is self.current:

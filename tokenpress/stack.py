@@ -328,7 +328,9 @@ def load_stack(source: str | Path | dict | Stack, registry: Any = None) -> Stack
         if method_class is None:
             known = sorted(registry.methods)
             close = difflib.get_close_matches(stage_spec.method, known, n=3) if len(stage_spec.method) <= 60 else []
-            hint = f"did you mean {', '.join(repr(c) for c in close)}?" if close else f"known: {', '.join(known)}"
+            more = f" and {len(known) - 8} more (see tokenpress plugins)" if len(known) > 8 else ""
+            shown = ", ".join(known[:8]) + more
+            hint = f"did you mean {', '.join(repr(c) for c in close)}?" if close else f"known: {shown}"
             raise StackError(f"{where}.method: unknown method {quote(stage_spec.method, 40)}; {hint}")
         point = stage_spec.at or method_class.default_point()
         if point not in method_class.points:

@@ -49,6 +49,7 @@ from torch.utils._pytree import tree_flatten
 
 import tokenpress
 from tokenpress.context import DecoderContext
+from tokenpress.decisions import Merge
 from tokenpress.hookspecs import hookimpl
 from tokenpress.method import Method
 from tokenpress.profiling import observing
@@ -222,6 +223,12 @@ def _describe_call(stage: Any, point: str, payload: Any, result: Any) -> StageCa
         devices = set()
         if result is None:
             tokens_out = list(tokens_in)
+        elif isinstance(result, Merge):  # kept tokens, and one token per group that has members
+            members = visual & (result.group >= 0)
+            joined = torch.zeros(visual.shape[0], result.groups + 1, dtype=torch.bool, device=visual.device)
+            joined.scatter_(1, torch.where(members, result.group, result.groups), members)
+            tokens_out = ((visual & (result.group == -1)).sum(-1) + joined[:, :-1].sum(-1)).tolist()
+            devices = {str(result.group.device)}
         else:
             mask = getattr(result, "mask", None)
             if isinstance(mask, torch.Tensor):
@@ -431,15 +438,15 @@ class MethodContract:
         if method.promised_count(torch.tensor(observer.calls[0].tokens_in or [1])) is None:
             pytest.skip(f"{contract_method} makes no promise on its token count (promised_count returns None)")
         problems = []
-        def promise(counts: list[int], block: int | None) -> list[int]:
+        def promise(counts: list[int], layer: int | None) -> list[int]:
             counts_in = torch.tensor(counts)
-            return (method.promised_count(counts_in) if block is None
-                    else method.promised_count_at(counts_in, block)).tolist()
+            return (method.promised_count(counts_in) if layer is None
+                    else method.promised_count_at(counts_in, layer)).tolist()
 
         for call in observer.calls:
             where = call.label + (f" layer {call.layer}" if call.layer is not None else "") + (
                 f" block {call.block}" if call.block is not None else "")
-            promised = promise(call.tokens_in, call.block)
+            promised = promise(call.tokens_in, call.block if call.block is not None else call.layer)
             if promised != call.tokens_out:
                 unit = "sample" if call.layer is not None else "image"
                 problems.append(f"{where}: tokens in per {unit} {call.tokens_in}, promised {promised}, "
@@ -448,7 +455,7 @@ class MethodContract:
         for record in records:
             call = by_stage.get((record.stage, record.block))
             if record.layer is not None:
-                expected = method.promised_count(torch.tensor(record.tokens_in)).tolist()
+                expected = promise(record.tokens_in, record.layer)
             elif call is not None:
                 promised = promise(call.tokens_in, call.block)
                 expected = [sum(p for p, s in zip(promised, call.samples, strict=True) if s == sample)
