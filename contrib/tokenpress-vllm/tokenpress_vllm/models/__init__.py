@@ -1,0 +1,1 @@
+"""vLLM model classes (one module per family) that serve a model with tokenpress stacks."""
