@@ -149,7 +149,7 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
 
 
 #: Questions per proxy of ``tokenpress leaderboard`` (both proxies, every method, in about 15 minutes on 2 cores).
-LEADERBOARD_N = 300
+LEADERBOARD_N = 600
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:

@@ -111,7 +111,7 @@ def _with_shipped_weights(model: Any, entry: Entry) -> str:
     return "shipped weights"
 
 
-def run(models: tuple[str, ...] = DEFAULT_MODELS, n: int = 300, batch_size: int = 50,
+def run(models: tuple[str, ...] = DEFAULT_MODELS, n: int = 600, batch_size: int = 50,
         progress: bool = True) -> list[Board]:
     """One ``tokenpress eval`` run per proxy over every registered method's stacks."""
     from tokenpress.loading import load_model_and_processor
