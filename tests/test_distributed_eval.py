@@ -19,8 +19,8 @@ def test_torchrun_two_ranks_equal_one_process(tmp_path, capsys):
     assert main(["eval", *STACKS, *common, "--json", str(tmp_path / "one.json")]) == 0
     capsys.readouterr()
     environment = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
-                           "29533", "-m", "tokenpress", "--", "eval", *STACKS, *common, "--json",
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           "-m", "tokenpress", "--", "eval", *STACKS, *common, "--json",
                            str(tmp_path / "two.json")], capture_output=True, text=True, env=environment, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("questions of the test split (seed 0), 2 ranks") == 1  # rank 0 alone speaks

@@ -118,9 +118,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
     for path in args.stacks:
         _check_stack(path, None)
     ranks = evaluate.Ranks.current()  # under torchrun / accelerate launch: the questions shared across ranks
-    rows = evaluate.evaluate(args.stacks, model=args.model, n=args.n, batch_size=args.batch_size, split=args.split,
-                             seed=args.seed, max_new_tokens=args.max_new_tokens, progress=not args.quiet,
-                             ranks=ranks)
+    try:
+        rows = evaluate.evaluate(args.stacks, model=args.model, n=args.n, batch_size=args.batch_size,
+                                 split=args.split, seed=args.seed, max_new_tokens=args.max_new_tokens,
+                                 progress=not args.quiet, ranks=ranks)
+    except BaseException:
+        ranks.close(wait=False)
+        raise
+    ranks.close()
     if ranks.rank != 0:
         return 0  # rank 0 speaks for the run
     ranked = f", {ranks.world} ranks" if ranks.world > 1 else ""

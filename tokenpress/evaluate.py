@@ -101,6 +101,7 @@ class Ranks:
     rank: int = 0
     world: int = 1
     device: str = "cpu"
+    owns_group: bool = False  # this process joined the group, so it must leave it
 
     @classmethod
     def current(cls) -> Ranks:
@@ -115,11 +116,25 @@ class Ranks:
             return cls()
         local = int(os.environ.get("LOCAL_RANK", "0"))
         device = f"cuda:{local}" if torch.cuda.is_available() else "cpu"
-        if not dist.is_initialized():
+        joined = not dist.is_initialized()
+        if joined:
             if device != "cpu":
                 torch.cuda.set_device(local)
             dist.init_process_group("nccl" if device != "cpu" else "gloo")
-        return cls(dist.get_rank(), dist.get_world_size(), device)
+        return cls(dist.get_rank(), dist.get_world_size(), device, joined)
+
+    def close(self, wait: bool = True) -> None:
+        """Leave the process group this process joined (after every rank is done with it, unless this
+        rank failed and must not wait): a group left alive at interpreter exit can abort the process
+        from gloo's threads."""
+        if not self.owns_group:
+            return
+        import torch.distributed as dist
+
+        if wait:
+            dist.barrier()
+        dist.destroy_process_group()
+        self.owns_group = False
 
     def gather(self, value: Any) -> list[Any]:
         """``value`` of every rank, in rank order (just ``[value]`` alone)."""
