@@ -320,8 +320,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="accuracy, tokens, FLOPs and time of stacks vs the uncompressed model")
     p.add_argument("stacks", nargs="+", metavar="STACK")
     p.add_argument("--model", default="zoo:llava-shapes", help="zoo:NAME or a checkpoint folder")
-    p.add_argument("--n", type=_positive, default=1000,
-                   help="number of questions (at most the split's size: train 20000, val 500, test 1000)")
+    p.add_argument("-n", "--n", type=_positive, default=1000,
+                   help="number of questions (at most the split's size: train 20000, val 500, test 1000); "
+                        "under torchrun write -n, which torchrun does not mistake for one of its own options")
     p.add_argument("--batch-size", type=_positive, default=50)
     p.add_argument("--split", default="test", choices=("train", "val", "test"))
     p.add_argument("--seed", type=int, default=0)
