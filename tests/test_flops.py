@@ -129,7 +129,7 @@ def test_analytical_matches_flop_counter(models: dict, family: str, stack_name: 
     if family == "llava-next":
         padding = NEXT_PADDING_SLOTS[stack_name] * flops.llava_shapes(model.config)[0].projector_flops(1)
         if stack_name == "qformer":  # its queries also read the base row's padding slots (4x4 padded to 8x8)
-            widths = flops._family(model.config).widths()
+            widths = flops.family_costs(model.config).widths()
             stage = load_stack(stack).stages[0]
             method = stage.method_class(stage.config, stage.layers)
             padded, real = (flops.stage_flops(method, [count], [6], widths)[0] for count in (64, 16))

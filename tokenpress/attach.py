@@ -285,7 +285,10 @@ def _validate(stack: Stack, adapter: ModelAdapter) -> None:
                                  f"{adapter.num_layers} decoder layers (0-{adapter.num_layers - 1})")
 
 
-def _make_entries(stack: Stack, adapter: ModelAdapter) -> list[StageEntry]:
+def prepare_stages(stack: Stack, adapter: ModelAdapter) -> list[StageEntry]:
+    """``stack``'s stages (layers resolved) checked against ``adapter``'s model, each with its method set up
+    and its weights built (and loaded from the stage's file): what :func:`compress` attaches, and what a
+    serving engine runs itself. Nothing stays set up when a stage is refused."""
     methods = check_stack(stack, adapter)
     ready: list[Method] = []
     try:
@@ -336,7 +339,7 @@ def compress(model: nn.Module, stack: Stack | str | Path | dict, registry: Regis
     compat.check_transformers()
     # stages that list no layers take their method's default (decoder layers, or encoder blocks)
     stack = stack.resolved(adapter.num_layers, adapter.feature_blocks())
-    entries = _make_entries(stack, adapter)
+    entries = prepare_stages(stack, adapter)
     handle = Handle(model, stack, adapter, entries, registry)
     handle._attach()
     return handle

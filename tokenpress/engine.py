@@ -24,6 +24,7 @@ from tokenpress.prefill import (
     PrefillStats,
     StageEntry,
     StageRecord,
+    observed_runner,
     prompt_fingerprints,
 )
 from tokenpress.sequence import attention_mask_for
@@ -127,17 +128,13 @@ class CompressedForward:
         return self.handle.registry.plugin_manager.hook.tokenpress_prefill(
             adapter=self.adapter, batch_size=input_ids.shape[0], call=call)
 
-    def _run_stage(self, entry: StageEntry, point: str, payload: Any, call: Callable[[Any], Any],
-                   layer: int | None = None) -> Any:
-        return self.handle.registry.plugin_manager.hook.tokenpress_run_stage(
-            stage=entry.stage, method=entry.method, point=point, payload=payload, call=call, layer=layer)
-
     # --- prefill --------------------------------------------------------------------------------
 
     def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, use_cache: bool,
                 media: dict[str, Any]) -> Any:
         handle = self.handle
-        run = Prefill(self.adapter, self.entries, self._run_stage, compact=self.compact, trace=handle.trace is not None)
+        run = Prefill(self.adapter, self.entries, observed_runner(handle.registry), compact=self.compact,
+                      trace=handle.trace is not None)
         output, outcome = run.run(input_ids, attention_mask, use_cache, media, handle.prompt_length)
         handle.store(outcome)
         return output

@@ -453,8 +453,9 @@ class _SimulatedFamilies(Mapping[str, str]):
 SIMULATED_FAMILIES: Mapping[str, str] = _SimulatedFamilies()
 
 
-def _family(config: Any) -> FamilyCosts:
-    """The cost model of ``config``'s family, built from it."""
+def family_costs(config: Any) -> FamilyCosts:
+    """The cost model of ``config``'s family, built from it (its layer counts, widths and image layouts,
+    known from the config alone)."""
     model_type = getattr(config, "model_type", None)
     cost_model = _cost_models().get(model_type)
     if cost_model is None:
@@ -620,7 +621,7 @@ def simulate(config: Any, stack: Stack | str | Path | dict, text_tokens: int,
     stack = load_stack(stack)
     if text_tokens < 0:
         raise FlopsError(f"text_tokens must be >= 0, got {text_tokens}")
-    family = _family(config)
+    family = family_costs(config)
     image = family.image(image_size)
     decoder = family.decoder
     stack = stack.resolved(decoder.layers, family.feature_blocks())
@@ -675,7 +676,7 @@ def measured(config: Any, inputs: Mapping[str, Any], stats: PrefillStats | None 
     from tokenpress.stack import load_stack
 
     config = _config_of(config)
-    family = _family(config)
+    family = family_costs(config)
     decoder = family.decoder
     encoder, projected_per_image = family.batch_encoder(inputs)
     if stats is None:
@@ -792,6 +793,6 @@ def format_breakdown(breakdown: Breakdown) -> str:
 __all__ = [
     "SIMULATED_FAMILIES", "Breakdown", "Costs", "DecoderShape", "EncoderShape", "FamilyCosts", "FlopsError",
     "ImageCosts", "ScoringInput", "SimulatedRow", "StageCost", "StageShape", "adapter_widths", "decoder_prefill_flops",
-    "fastv_paper_flops", "format_breakdown", "format_flops", "llava_shapes", "load_config", "measured",
+    "family_costs", "fastv_paper_flops", "format_breakdown", "format_flops", "llava_shapes", "load_config", "measured",
     "measured_from_handle", "parse_image_size", "qwen_vision_flops", "scorer_flops", "simulate", "stage_flops",
 ]

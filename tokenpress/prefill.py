@@ -30,6 +30,7 @@ from tokenpress.weights import follow
 
 if TYPE_CHECKING:
     from tokenpress.adapters.base import ModelAdapter
+    from tokenpress.registry import Registry
     from tokenpress.stack import Stage
 
 
@@ -60,6 +61,34 @@ class StageEntry:
 
     def hook(self, point: str) -> Callable[..., Any]:
         return getattr(self.method, point)
+
+
+#: How a stage's hook is called: ``(entry, point, payload, call, layer=None)`` returns ``call(payload)``'s
+#: result, wrapped by whatever observes stages (see :func:`observed_runner`).
+StageRunner = Callable[..., Any]
+
+
+def observed_runner(registry: Registry) -> StageRunner:
+    """A :data:`StageRunner` calling each hook through ``registry``'s ``tokenpress_run_stage`` observers
+    (profiling, tracing), as an attached model does."""
+    def run(entry: StageEntry, point: str, payload: Any, call: Callable[[Any], Any], layer: int | None = None) -> Any:
+        return registry.plugin_manager.hook.tokenpress_run_stage(
+            stage=entry.stage, method=entry.method, point=point, payload=payload, call=call, layer=layer)
+    return run
+
+
+def run_token_stage(entry: StageEntry, point: str, tokens: TokenState, context: StageContext,
+                    states: dict[str, dict[str, Any]], run_stage: StageRunner, layer: int | None = None) -> TokenState:
+    """One ``post_encoder`` / ``projector`` / ``query_conditioned`` stage on ``tokens``: ``context`` set to
+    the stage (and to what its method's stages share, kept in ``states``), the hook called through
+    ``run_stage``, its result checked to be tokens."""
+    context.stage = entry.stage
+    context.state = states.setdefault(entry.stage.method, {})
+    hook = entry.hook(point)
+    result = run_stage(entry, point, tokens, lambda state: hook(tokens=state, context=context), layer=layer)
+    if not isinstance(result, TokenState):
+        raise PluginError(f"stage {entry.stage.label()} returned {type(result).__name__}, not a TokenState")
+    return result
 
 
 @dataclass
@@ -147,7 +176,7 @@ class Prefill:
     """
 
     def __init__(self, adapter: ModelAdapter, entries: list[StageEntry],
-                 run_stage: Callable[[StageEntry, str, Any, Callable[[Any], Any]], Any], *, compact: bool = False,
+                 run_stage: StageRunner, *, compact: bool = False,
                  trace: bool = False) -> None:
         self.adapter = adapter
         self.entries = entries
@@ -180,7 +209,8 @@ class Prefill:
 
         requests = list(dict.fromkeys(request for entry in self.entries  # each distinct request once
                                       for request in as_requests(entry.method.required_signals())))
-        inside = _InsideStages(self, [entry for entry in self.entries if entry.stage.inside_encoder], sample_keys)
+        inside = InsideEncoderStages(adapter, [entry for entry in self.entries if entry.stage.inside_encoder],
+                                     self._run_stage, self.states, sample_keys)
         if inside.entries:
             adapter.media.pop("encoder_run", None)
             tokens, computed = adapter.encode_images(media, requests, inside)
@@ -206,7 +236,8 @@ class Prefill:
             return text_embeds[0]
 
         deferred = DeferredCounts()
-        encoder_blocks = inside.finish(deferred, records, adapter.media.get("encoder_run"), spans, batch)
+        encoder_blocks = inside.finish(deferred, records, adapter.media.get("encoder_run"), spans, batch,
+                                       self._own_flops)
         visual_in: list[int] = []
         # the patches each image had, whatever stages inside the encoder merged on the way
         deferred.into(visual_in, _per_sample(tokens.original_grid.prod(-1), image_to_sample, batch))
@@ -235,15 +266,9 @@ class Prefill:
             for entry in self.entries:
                 if entry.stage.point != point or entry.stage.inside_encoder:
                     continue
-                context.stage = entry.stage
-                context.state = self.state(entry)
                 rows_before = tokens.counts()
-                hook = entry.hook(point)
                 samples_before = tokens.image_to_sample
-                tokens = self._run_stage(entry, point, tokens,
-                                         lambda state, hook=hook: hook(tokens=state, context=context))
-                if not isinstance(tokens, TokenState):
-                    raise PluginError(f"stage {entry.stage.label()} returned {type(tokens).__name__}, not a TokenState")
+                tokens = run_token_stage(entry, point, tokens, context, self.states, self._run_stage)
                 record = StageRecord(entry.stage.label(), entry.stage.method, point, None, [], [])
                 records.append(record)
                 deferred.into(record.tokens_in, _per_sample(rows_before, samples_before, batch))
@@ -427,33 +452,31 @@ class Prefill:
         return torch.where((owners == -1) & same, target % slots, owners)
 
 
-class _InsideStages:
+class InsideEncoderStages:
     """The stages that act inside the encoder, as the adapter's encoder loop calls them
-    (:class:`tokenpress.encoder.InsideEncoder`): in stack order in each block they list, recorded like
-    every stage once the encoder rows are matched to samples (:meth:`finish`)."""
+    (:class:`tokenpress.encoder.InsideEncoder`): in stack order in each block they list, each call kept
+    so that it can be recorded like every stage once the encoder rows are matched to samples
+    (:meth:`finish`)."""
 
-    def __init__(self, prefill: Prefill, entries: list[StageEntry], sample_keys: list[int]) -> None:
-        self.prefill = prefill
+    def __init__(self, adapter: ModelAdapter, entries: list[StageEntry], run_stage: StageRunner,
+                 states: dict[str, dict[str, Any]], sample_keys: list[int]) -> None:
+        self.adapter = adapter
         self.entries = entries
+        self.run_stage = run_stage
+        self.states = states
         self.sample_keys = sample_keys
         self.layers = frozenset(layer for entry in entries for layer in entry.stage.layers)
         self.calls: list[tuple[StageEntry, int, torch.Tensor, torch.Tensor]] = []  # entry, block, in, out
 
     def __call__(self, block: Any, tokens: TokenState) -> TokenState:
-        prefill = self.prefill
         for entry in self.entries:
             if block.layer not in entry.stage.layers:
                 continue
             context = StageContext(stage=entry.stage, signals={}, project=_no_projection, sample_keys=self.sample_keys,
-                                   image_rank=[], image_samples=[], adapter=prefill.adapter, encoder_block=block,
-                                   state=prefill.state(entry))
-            hook = entry.hook("post_encoder")
+                                   image_rank=[], image_samples=[], adapter=self.adapter, encoder_block=block)
             before = tokens
-            tokens = prefill._run_stage(entry, "post_encoder", tokens,
-                                        lambda state, hook=hook, context=context: hook(tokens=state, context=context),
-                                        layer=block.layer)
-            if not isinstance(tokens, TokenState):
-                raise PluginError(f"stage {entry.stage.label()} returned {type(tokens).__name__}, not a TokenState")
+            tokens = run_token_stage(entry, "post_encoder", tokens, context, self.states, self.run_stage,
+                                     layer=block.layer)
             if (tokens.space != "encoder" or tokens.num_images != before.num_images
                     or tokens.embeddings.shape[-1] != before.embeddings.shape[-1]):
                 raise PluginError(f"stage {entry.stage.label()} inside encoder block {block.layer} must return the "
@@ -461,10 +484,11 @@ class _InsideStages:
             self.calls.append((entry, block.layer, before.counts(), tokens.counts()))
         return tokens
 
-    def finish(self, deferred: DeferredCounts, records: list[StageRecord], run: Any, spans: list[Any],
-               batch: int) -> list[tuple[list[int], list[int]]] | None:
-        """Record the calls per sample (the encoder rows now matched to samples through ``spans``) and
-        return the per-block token counts of the encoder run for the FLOPs model (None: no stage ran inside)."""
+    def finish(self, deferred: DeferredCounts, records: list[StageRecord], run: Any, spans: list[Any], batch: int,
+               own_flops: Callable[..., None]) -> list[tuple[list[int], list[int]]] | None:
+        """Record the calls per sample (the encoder rows now matched to samples through ``spans``; each
+        stage's own FLOPs through ``own_flops``, :meth:`Prefill._own_flops`) and return the per-block token
+        counts of the encoder run for the FLOPs model (None: no stage ran inside)."""
         if not self.entries or run is None:
             return None
         image_sample = {span.image: span.sample for span in spans}
@@ -475,7 +499,7 @@ class _InsideStages:
             records.append(record)
             deferred.into(record.tokens_in, _per_sample(counts_in, row_sample, batch))
             deferred.into(record.tokens_out, _per_sample(counts_out, row_sample, batch))
-            self.prefill._own_flops(deferred, record, entry.method, counts_in, counts_out, row_sample, batch)
+            own_flops(deferred, record, entry.method, counts_in, counts_out, row_sample, batch)
         blocks: list[tuple[list[int], list[int]]] = [([], []) for _ in run.attention]
         for (attention, mlp), entering, leaving in zip(blocks, run.attention, run.mlp, strict=True):
             deferred.into(attention, entering)

@@ -11,7 +11,6 @@ model then takes those embeddings in place of the image's placeholders.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
 from dataclasses import replace as dc_replace
 from typing import Any
 
@@ -19,11 +18,11 @@ import torch
 from torch import nn
 
 from tokenpress.adapters.base import ImageSpan, ModelAdapter
-from tokenpress.attach import _make_entries, find_adapter
-from tokenpress.context import EncoderBlock, StageContext
-from tokenpress.errors import CompressionError, PluginError
+from tokenpress.attach import find_adapter, prepare_stages
+from tokenpress.context import StageContext
+from tokenpress.errors import CompressionError
 from tokenpress.loading import load_model
-from tokenpress.prefill import StageEntry
+from tokenpress.prefill import InsideEncoderStages, StageEntry, observed_runner, run_token_stage
 from tokenpress.registry import get_registry
 from tokenpress.signals import as_requests, keyed
 from tokenpress.tokens import TokenState
@@ -48,23 +47,17 @@ class PreLLM:
         # what is left (vision side, embeddings) to vLLM's device and dtype; the dropped layers stay on meta
         self.model = model._apply(lambda tensor: tensor if tensor.is_meta else tensor.to(
             device=device, dtype=dtype if tensor.is_floating_point() else tensor.dtype))
-        self.registry = get_registry()
+        self.run_stage = observed_runner(get_registry())
         self.stacks = stacks
         self.entries: dict[int, list[StageEntry]] = {}
         adapter = self.adapter
         for served in stacks:
             stack = served.stack.resolved(adapter.num_layers, adapter.feature_blocks())
-            self.entries[served.index] = _make_entries(stack, adapter) if stack.stages else []
+            self.entries[served.index] = prepare_stages(stack, adapter) if stack.stages else []
 
     @property
     def dtype(self) -> torch.dtype:
         return next(p for p in self.model.parameters() if p.is_floating_point()).dtype
-
-    def _run_stage(self, entry: StageEntry, point: str, payload: Any, call: Callable[[Any], Any],
-                   layer: int | None = None) -> Any:
-        """A stage's hook through tokenpress's observers (``tokenpress_run_stage``), as the prefill calls it."""
-        return self.registry.plugin_manager.hook.tokenpress_run_stage(
-            stage=entry.stage, method=entry.method, point=point, payload=payload, call=call, layer=layer)
 
     @torch.inference_mode()
     def embed(self, served: ServedStack, media: dict[str, Any], num_images: int) -> list[torch.Tensor]:
@@ -77,7 +70,8 @@ class PreLLM:
         states: dict[str, dict[str, Any]] = {}
         requests = list(dict.fromkeys(request for entry in entries
                                       for request in as_requests(entry.method.required_signals())))
-        inside = _InsideStages(self, [entry for entry in entries if entry.stage.inside_encoder], states)
+        inside = InsideEncoderStages(adapter, [entry for entry in entries if entry.stage.inside_encoder],
+                                     self.run_stage, states, [0] * num_images)
         if inside.entries:
             tokens, computed = adapter.encode_images(media, requests, inside)
         else:
@@ -99,15 +93,8 @@ class PreLLM:
                                adapter=adapter)
         for point in ("post_encoder", "projector"):
             for entry in entries:
-                if entry.stage.point != point or entry.stage.inside_encoder:
-                    continue
-                context.stage = entry.stage
-                context.state = states.setdefault(entry.stage.method, {})
-                hook = entry.hook(point)
-                tokens = self._run_stage(entry, point, tokens,
-                                         lambda state, hook=hook: hook(tokens=state, context=context))
-                if not isinstance(tokens, TokenState):
-                    raise PluginError(f"stage {entry.stage.label()} returned {type(tokens).__name__}, not a TokenState")
+                if entry.stage.point == point and not entry.stage.inside_encoder:
+                    tokens = run_token_stage(entry, point, tokens, context, states, self.run_stage)
         tokens = project(tokens)
         return self._per_image(tokens, served, rows_per_image, num_images)
 
@@ -131,34 +118,3 @@ class PreLLM:
                                  dtype=torch.long, device=bank.device)
             images.append(bank.index_select(0, index))
         return images
-
-
-class _InsideStages:
-    """The stages acting inside the encoder, as the adapter's encoder loop calls them
-    (:class:`tokenpress.encoder.InsideEncoder`): in stack order, in each block they list."""
-
-    def __init__(self, pre_llm: PreLLM, entries: Sequence[StageEntry], states: dict[str, dict[str, Any]]) -> None:
-        self.pre_llm = pre_llm
-        self.entries = list(entries)
-        self.states = states
-        self.layers = frozenset(layer for entry in self.entries for layer in entry.stage.layers)
-
-    def __call__(self, block: EncoderBlock, tokens: TokenState) -> TokenState:
-        for entry in self.entries:
-            if block.layer not in entry.stage.layers:
-                continue
-            context = StageContext(stage=entry.stage, signals={}, project=_no_projection, sample_keys=[],
-                                   image_rank=[], image_samples=[], adapter=self.pre_llm.adapter, encoder_block=block,
-                                   state=self.states.setdefault(entry.stage.method, {}))
-            hook = entry.hook("post_encoder")
-            tokens = self.pre_llm._run_stage(entry, "post_encoder", tokens,
-                                             lambda state, hook=hook, context=context: hook(tokens=state,
-                                                                                             context=context),
-                                             layer=block.layer)
-            if not isinstance(tokens, TokenState):
-                raise PluginError(f"stage {entry.stage.label()} returned {type(tokens).__name__}, not a TokenState")
-        return tokens
-
-
-def _no_projection(tokens: TokenState) -> TokenState:
-    raise PluginError("a stage inside the encoder cannot project its tokens (the encoder's blocks still follow)")

@@ -91,9 +91,9 @@ def _refusal(stage: Stage) -> str | None:
 def _family_blocks(config: Any) -> tuple[int, int | None]:
     """(decoder layers, encoder blocks that feed the features) of a model config, as tokenpress resolves
     a stack's default layers (``None``: the family runs no stage inside its encoder)."""
-    from tokenpress.flops import _family
+    from tokenpress.flops import family_costs
 
-    family = _family(config)
+    family = family_costs(config)
     return family.decoder.layers, family.feature_blocks()
 
 
@@ -123,9 +123,9 @@ def check_servable(stack: Stack, config: Any) -> Stack:
 
 def _llm_grids(config: Any, image_size: tuple[int, int] | None) -> tuple[tuple[int, int, int], ...]:
     """The uncompressed rows' (t, h, w) grids of one image, as tokenpress's adapter lays them out."""
-    from tokenpress.flops import _family
+    from tokenpress.flops import family_costs
 
-    return tuple(row.grid for row in _family(config).image(image_size).rows)
+    return tuple(row.grid for row in family_costs(config).image(image_size).rows)
 
 
 def image_layout(stack: Stack, config: Any, image_size: tuple[int, int] | None) -> ImageLayout:
