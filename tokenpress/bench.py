@@ -2,7 +2,9 @@
 uncompressed model, measured in the same run.
 
 The benchmark interleaves the configurations (baseline, stack 1, stack 2, ..., baseline, ...) for
-every repeat and reports medians, so drifts in machine speed hit all of them alike. It is a
+every repeat and reports medians, so drifts in machine speed hit all of them alike; a speedup is the
+median of each round's baseline time over the same round's time, with half its interquartile range
+(``±``) as the noise this machine put on it. It is a
 benchmark, not a test: nothing here asserts a speed.
 """
 
@@ -34,6 +36,8 @@ class BenchRow:
     overhead: float  # the stages' own time / the prefill time they save
     peak_memory_mb: float
     accuracy_retention: float | None = None
+    #: half the interquartile range of the per-round speedups: how far this machine's noise moves it
+    speedup_spread: float = 0.0
 
 
 #: The bench row of the model with an empty stack attached (interception only).
@@ -164,12 +168,16 @@ def bench(model: Any, inputs: dict[str, torch.Tensor], stacks: list[Stack], repe
     rows = []
     for name, _ in configs:
         median = statistics.median(times[name])
-        speedup = base / median
+        # each round's baseline against the same round's run: drifts slower than a round cancel out
+        ratios = [b / t for b, t in zip(times["baseline"], times[name], strict=True)]
+        speedup = statistics.median(ratios)
+        quartiles = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else [speedup, speedup, speedup]
         flops_speedup = flops["baseline"] / flops[name]
         saved = base - median
         overhead = statistics.median(stage_time[name]) / saved if saved > 0 else float("nan")
         rows.append(BenchRow(name, kept[name], median * 1000, speedup, flops_speedup, speedup / flops_speedup,
-                             overhead if name != "baseline" else 0.0, memory[name] / 2**20))
+                             overhead if name != "baseline" else 0.0, memory[name] / 2**20,
+                             speedup_spread=(quartiles[2] - quartiles[0]) / 2))
     return rows
 
 
@@ -183,7 +191,8 @@ def format_bench(rows: list[BenchRow], device: str) -> str:
         retention = "n/a" if row.accuracy_retention is None else f"{row.accuracy_retention:.1%}"
         overhead = "-" if row.stack == "baseline" else (
             "n/a" if row.overhead != row.overhead else f"{row.overhead:.1%}")
-        lines.append(f"| {row.stack} | {row.tokens_kept:.1%} | {row.prefill_ms:.1f} | {row.speedup:.2f}x | "
+        spread = f" ±{row.speedup_spread:.2f}" if row.stack != "baseline" else ""
+        lines.append(f"| {row.stack} | {row.tokens_kept:.1%} | {row.prefill_ms:.1f} | {row.speedup:.2f}x{spread} | "
                      f"{row.flops_speedup:.2f}x | {row.efficiency:.2f} | {overhead} | {row.peak_memory_mb:.1f} | "
                      f"{retention} |")
     return "\n".join(lines)

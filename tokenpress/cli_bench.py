@@ -45,7 +45,8 @@ def _model_and_inputs(args: argparse.Namespace) -> tuple[Any, dict[str, torch.Te
 def cmd_bench(args: argparse.Namespace) -> int:
     from tokenpress import bench, evaluate
 
-    stacks = bench.sweep_stacks(args.methods.split(","), [float(r) for r in args.ratios.split(",")], args.layer)
+    methods = [name.strip() for name in args.methods.split(",") if name.strip()]  # "": the interception alone
+    stacks = bench.sweep_stacks(methods, [float(r) for r in args.ratios.split(",")], args.layer)
     model, inputs, processor = _model_and_inputs(args)
     rows = bench.bench(model, inputs, stacks, repeats=args.repeats, progress=not args.quiet)
     if processor is not None and args.accuracy_n > 0 and str(args.model).startswith("zoo:"):
@@ -98,7 +99,8 @@ def register(sub: Any) -> None:
     """Add the bench and profile subcommands to the CLI's subparsers."""
     p = sub.add_parser("bench", help="speed, FLOPs and memory of methods x keep ratios vs the uncompressed model")
     _model_options(p)
-    p.add_argument("--methods", default="fastv,pool,random")
+    p.add_argument("--methods", default="fastv,pool,random",
+                   help="comma-separated methods to sweep (\"\": only the baseline and the empty stack)")
     p.add_argument("--ratios", default="0.5,0.25,0.11")
     p.add_argument("--layer", type=int, default=None,
                    help="layer K of decoder-layer methods (default: the method's own layers, else 2)")
