@@ -23,7 +23,7 @@ from tokenpress.errors import PluginError
 from tokenpress.flops import adapter_widths, stage_flops
 from tokenpress.method import PRE_LLM_POINTS, Method
 from tokenpress.scorer import Scorer
-from tokenpress.sequence import Sequence, attention_mask_for, next_positions
+from tokenpress.sequence import Sequence, attention_mask_for, first_members, next_positions
 from tokenpress.signals import as_requests, keyed
 from tokenpress.tokens import TokenState, pack_index
 from tokenpress.weights import follow
@@ -227,14 +227,7 @@ class Prefill:
                 row_rank[row] = rank * 16 + part  # an image's rows (tiles) draw differently
         image_to_sample = torch.tensor(row_sample, dtype=torch.long, device=device)
         tokens = dc_replace(tokens, image_to_sample=image_to_sample)
-        text_embeds: list[torch.Tensor] = []
-
-        def embedded() -> torch.Tensor:
-            """The prompt's embeddings, computed once for the query_conditioned stages and the layout."""
-            if not text_embeds:
-                text_embeds.append(adapter.embed(input_ids))
-            return text_embeds[0]
-
+        prompt_embeds = adapter.embed(input_ids)  # once, for the query_conditioned stages and the layout
         deferred = DeferredCounts()
         encoder_blocks = inside.finish(deferred, records, adapter.media.get("encoder_run"), spans, batch,
                                        self._own_flops)
@@ -262,7 +255,7 @@ class Prefill:
             if point == "query_conditioned":
                 tokens = project(tokens)
                 context.prompt_embeddings = self._prompt_embeddings(input_ids, valid_in, prompt_length, row_sample,
-                                                                    embedded())
+                                                                    prompt_embeds)
             for entry in self.entries:
                 if entry.stage.point != point or entry.stage.inside_encoder:
                     continue
@@ -279,7 +272,7 @@ class Prefill:
                     self.trace.append((entry.stage.label(), tokens.owner))
 
         sequence = adapter.build_sequence(input_ids, attention_mask, tokens, prompt_length, self.compact, spans,
-                                          embedded())
+                                          prompt_embeds)
         # what the placeholders hold, per sample (sized by host numbers: no device read)
         entering, _ = pack_index(sequence.valid & sequence.is_visual, width=max(sequence.visual_lengths, default=0))
         width = sequence.hidden.shape[-1]
@@ -413,10 +406,8 @@ class Prefill:
             return
         length = sequence.length
         member = sequence.is_visual & sequence.valid & (decision.group >= 0)
-        slots = torch.arange(length, device=member.device).expand_as(member)
         slot = torch.where(member, decision.group, decision.groups)
-        first = torch.full((member.shape[0], decision.groups + 1), length, dtype=torch.long, device=member.device)
-        first.scatter_reduce_(1, slot, torch.where(member, slots, length), reduce="amin")
+        first = first_members(member, slot, decision.groups)
         lead = torch.gather(sequence.slot_id, 1, torch.gather(first, 1, slot).clamp_max(length - 1))
         count = self.representative.shape[1]
         moved = torch.arange(count + 1, device=member.device).expand(member.shape[0], -1).clone()

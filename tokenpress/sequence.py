@@ -107,8 +107,7 @@ class Sequence:
         sizes = self.sizes()
         weight = (sizes if weight is None else weight.float()) * member
         slots = torch.arange(length, device=device).expand(batch, -1)
-        first = torch.full((batch, groups + 1), length, dtype=torch.long, device=device)
-        first.scatter_reduce_(1, slot, torch.where(member, slots, length), reduce="amin")
+        first = first_members(member, slot, groups)
         sums = torch.zeros(batch, groups + 1, dim, dtype=torch.float32, device=device)
         sums.scatter_add_(1, slot.unsqueeze(-1).expand(-1, -1, dim), self.hidden.float() * weight.unsqueeze(-1))
         totals = torch.zeros(batch, groups + 1, dtype=torch.float32, device=device).scatter_add_(1, slot, weight)
@@ -175,3 +174,13 @@ def attention_mask_for(
         return allowed
     mask = torch.zeros(allowed.shape, dtype=dtype, device=key_valid.device)
     return mask.masked_fill(~allowed, torch.finfo(dtype).min)
+
+
+def first_members(member: torch.Tensor, slot: torch.Tensor, groups: int) -> torch.Tensor:
+    """(B, groups + 1): the earliest slot among each merge group's members (``member`` (B, N) bool,
+    ``slot`` (B, N) the group of each slot, ``groups`` the dump group of non-members); N where a group
+    has none. A merged token sits where its first member was."""
+    length = member.shape[1]
+    slots = torch.arange(length, device=member.device).expand_as(member)
+    first = torch.full((member.shape[0], groups + 1), length, dtype=torch.long, device=member.device)
+    return first.scatter_reduce_(1, slot, torch.where(member, slots, length), reduce="amin")

@@ -110,6 +110,14 @@ def clip_encode_inside(tower: nn.Module, pixel_values: torch.Tensor, blocks: int
     return tokens, {request: gather_rows(value, order) for request, value in found.items()}, run
 
 
+def feature_block_count(feature_layer: int | list[int], encoder_layers: int) -> int | None:
+    """How many CLIP blocks feed the features: they are ``hidden_states[vision_feature_layer]``, the
+    output of that many blocks (None: several layers' features concatenated, or the embeddings alone)."""
+    if not isinstance(feature_layer, int):
+        return None
+    return feature_layer % (encoder_layers + 1) or None
+
+
 class LlavaCosts(FamilyCosts):
     """LLaVA-1.5's prefill costs: a CLIP-style encoder over one tile, the 2-layer MLP projector."""
 
@@ -141,9 +149,7 @@ class LlavaCosts(FamilyCosts):
         return self.shape.projector_flops(tokens)
 
     def feature_blocks(self) -> int | None:
-        layer = self.config.vision_feature_layer
-        count = layer % (self.shape.layers + 1) if isinstance(layer, int) else 0
-        return count or None
+        return feature_block_count(self.config.vision_feature_layer, self.shape.layers)
 
     def encoder_run_flops(self, attention: list[int], mlp: list[int]) -> float:
         return self.shape.encoder_run_flops(attention, mlp)
@@ -208,12 +214,7 @@ class LlavaAdapter(ModelAdapter):
         return len(self._encoder_layers())
 
     def feature_blocks(self) -> int | None:
-        """The features are ``hidden_states[vision_feature_layer]``: the output of that many blocks."""
-        layer = self.model.config.vision_feature_layer
-        if not isinstance(layer, int):
-            return None
-        count = layer % (self.num_encoder_layers() + 1)
-        return count or None
+        return feature_block_count(self.model.config.vision_feature_layer, self.num_encoder_layers())
 
     def encoder_stages_refusal(self) -> str:
         layer = self.model.config.vision_feature_layer

@@ -184,25 +184,24 @@ class Qwen2_5_VLAdapter(ModelAdapter):
 
     @contextlib.contextmanager
     def _block_keys(self, requests: list[Signal], grouping: _GroupUnits) -> Iterator[None]:
-        """While the encoder runs: each requested block's keys (its norm and the k third of its qkv
-        projection, before the rotary embedding), per patch in the encoder's order, handed to
-        ``grouping`` to travel with the features (hooks on this instance's blocks, removed on exit)."""
+        """While the encoder runs: each requested block's keys (the k third of its qkv projection, read
+        as the block computes it, before the rotary embedding), per patch in the encoder's order, handed
+        to ``grouping`` to travel with the features (hooks on this instance's modules, removed on exit)."""
         grouping.extra = [None] * len(requests)
         handles = []
         blocks = self.visual.blocks
         heads = self.visual.config.num_heads
 
         def capture(index: int, request: Signal) -> Any:
-            def hook(block: nn.Module, args: tuple, kwargs: dict) -> None:
-                hidden = args[0] if args else kwargs["hidden_states"]
-                keys = block.attn.qkv(block.norm1(hidden)).unflatten(-1, (3, -1))[:, 1]
+            def hook(_module: nn.Module, _args: tuple, qkv: torch.Tensor) -> None:
+                keys = qkv.unflatten(-1, (3, -1))[:, 1]
                 grouping.extra[index] = keys.unflatten(-1, (heads, -1)).mean(-2) if request.heads == "mean" else keys
             return hook
 
         try:
             for index, request in enumerate(requests):
-                handles.append(blocks[request.layer % len(blocks)].register_forward_pre_hook(
-                    capture(index, request), with_kwargs=True))
+                handles.append(blocks[request.layer % len(blocks)].attn.qkv.register_forward_hook(
+                    capture(index, request)))
             yield
         finally:
             for handle in handles:
