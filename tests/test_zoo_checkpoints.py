@@ -18,8 +18,10 @@ from transformers import (  # noqa: E402
     Qwen2_5_VLForConditionalGeneration,
 )
 
+import tokenpress  # noqa: E402
 from tokenpress import compat  # noqa: E402
 from tokenpress.data import shapes  # noqa: E402
+from tokenpress.errors import InputError  # noqa: E402
 from tokenpress.zoo import ZOO_DIR, ZOO_NAMES, card, zoo_path  # noqa: E402
 from tokenpress.zoo.train import Encoder, greedy_answers, train  # noqa: E402
 
@@ -193,7 +195,7 @@ def test_zoo_train_refuses_an_unknown_recipe_field(capsys: pytest.CaptureFixture
     """`--set` names a Recipe field; a typo is one line and exit 2, before any training."""
     from tokenpress.cli import main
 
-    assert main(["zoo", "train", "llava-shapes", "--set", "text_layer=6"]) == 2
+    assert main(["zoo", "train", "llava-shapes", "--out", "unused", "--set", "text_layer=6"]) == 2
     expected = "tokenpress: error: --set text_layer=6: the recipe has no field 'text_layer'"
     assert capsys.readouterr().err.strip() == expected
 
@@ -251,3 +253,79 @@ def test_the_shipped_alvts_selector_belongs_to_its_model(loaded: tuple[str, torc
     stack["stages"][0]["params"]["weights"] = f"zoo:{other}"
     with pytest.raises(InputError, match="made for another model"):
         tokenpress.compress(model, stack)
+
+
+def test_an_interrupted_training_run_resumes_to_the_same_weights(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run stopped after an evaluation and resumed with --resume ends bit for bit where an uninterrupted
+    run ends (the state is saved at every evaluation; the batches depend on the step alone)."""
+    from safetensors.torch import load_file
+
+    from tokenpress.zoo import train as training
+
+    options = {"seed": 0, "steps": 5, "progress": False, "tiny": True, "device": "cpu", "measure": False,
+               "overrides": {"eval_every": 2}}
+    train("llava-shapes", tmp_path / "whole", **options)
+    real_loss, calls = training._loss_and_stats, []
+
+    def interrupted(*args: object, **kwargs: object) -> object:
+        calls.append(1)
+        if len(calls) == 4:  # during step 4: the state of step 2 is on disk
+            raise KeyboardInterrupt
+        return real_loss(*args, **kwargs)
+
+    monkeypatch.setattr(training, "_loss_and_stats", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        train("llava-shapes", tmp_path / "resumed", **options)
+    assert (tmp_path / "resumed" / training.STATE_FILE).is_file()
+    monkeypatch.setattr(training, "_loss_and_stats", real_loss)
+    train("llava-shapes", tmp_path / "resumed", resume=True, **options)
+    whole, resumed = (load_file(tmp_path / folder / "model.safetensors") for folder in ("whole", "resumed"))
+    assert all(torch.equal(whole[k], resumed[k]) for k in whole)
+    history = [json.loads((tmp_path / f / card.TRAINING_FILE).read_text())["history"] for f in ("whole", "resumed")]
+    assert [h["step"] for h in history[0]] == [h["step"] for h in history[1]] == [2, 4, 5]
+    assert not (tmp_path / "resumed" / training.STATE_FILE).exists()  # a finished run leaves nothing to resume
+    with pytest.raises(InputError, match="no train-state.pt to resume from"):
+        train("llava-shapes", tmp_path / "fresh", resume=True, **options)
+
+
+def _package_files() -> dict[str, bytes]:
+    root = Path(tokenpress.__file__).parent
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
+            if p.is_file() and "__pycache__" not in p.parts}
+
+
+@pytest.mark.parametrize("argv", [
+    ["zoo", "train", "llava-shapes", "--out", "{zoo}/llava-shapes", "--steps", "2"],
+    ["zoo", "train", "llava-shapes", "--out", "{zoo}", "--steps", "2"],
+    ["zoo", "card", "zoo:llava-shapes", "--n", "5"],
+    ["zoo", "card", "zoo:qwen2.5-vl-shapes", "--no-measure"],
+    ["zoo", "card", "zoo:llava-shapes", "--n", "5", "--out", "{zoo}/qwen2.5-vl-shapes"],
+])
+def test_zoo_commands_never_write_into_the_package(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    """The shipped checkpoints are read-only: one line, exit 2, every file of the package byte-identical."""
+    from tokenpress.cli import main
+
+    before = _package_files()
+    assert main([arg.format(zoo=ZOO_DIR) for arg in argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("tokenpress: error: ") and "refusing to write" in err and "\n" not in err
+    assert _package_files() == before
+
+
+def test_zoo_card_writes_to_its_out_folder(tmp_path: Path) -> None:
+    """`zoo card zoo:NAME --out DIR` measures the shipped checkpoint and writes eval.json and the card to DIR."""
+    from tokenpress.cli import main
+
+    before = _package_files()
+    assert main(["zoo", "card", "zoo:qwen2.5-vl-shapes", "--n", "8", "--out", str(tmp_path / "card")]) == 0
+    assert _package_files() == before
+    assert json.loads((tmp_path / "card" / card.EVAL_FILE).read_text())["n"] == 8
+    assert "# qwen2.5-vl-shapes" in (tmp_path / "card" / card.CARD_FILE).read_text()
+
+
+def test_zoo_train_requires_an_out_folder(capsys: pytest.CaptureFixture[str]) -> None:
+    from tokenpress.cli import main
+
+    assert main(["zoo", "train", "llava-shapes"]) == 2
+    assert "--out" in capsys.readouterr().err

@@ -264,15 +264,19 @@ def cmd_zoo_train(args: argparse.Namespace) -> int:
 
 def cmd_zoo_card(args: argparse.Namespace) -> int:
     from tokenpress.loading import resolve_model_path
-    from tokenpress.zoo import card
+    from tokenpress.zoo import card, check_not_shipped
 
     folder = resolve_model_path(args.model)
     if not (folder / card.TRAINING_FILE).is_file():
         raise UserError(f"{folder}: no {card.TRAINING_FILE}; model cards are written for checkpoints that "
                         "`tokenpress zoo train` made")
+    out = Path(args.out) if args.out else folder
+    check_not_shipped(out, "a model card (name another folder with --out)")
+    if args.no_measure and not (out / card.EVAL_FILE).is_file():
+        raise UserError(f"--no-measure: {out} has no {card.EVAL_FILE} to render the card from")
     if not args.no_measure:
-        card.measure(folder, n=args.n, batch_size=args.batch_size)
-    print(card.write_model_card(folder).read_text(encoding="utf-8"))
+        card.measure(folder, n=args.n, batch_size=args.batch_size, out=out)
+    print(card.write_model_card(folder, out).read_text(encoding="utf-8"))
     return 0
 
 
@@ -403,6 +407,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(func=cmd_zoo_train)
     c = zoo.add_parser("card", help="measure a trained checkpoint with `tokenpress eval` and rewrite its MODEL_CARD.md")
     c.add_argument("model", help="zoo:NAME or a folder written by `tokenpress zoo train`")
+    c.add_argument("--out", "-o", metavar="DIR", help="where eval.json and MODEL_CARD.md go (default: the model's "
+                   "folder; required for a shipped zoo model, whose files are read-only)")
     c.add_argument("--n", type=int, default=1000, help="test questions")
     c.add_argument("--batch-size", type=int, default=50)
     c.add_argument("--no-measure", action="store_true", help="re-render from the saved eval.json only")

@@ -12,6 +12,8 @@ import pathlib
 
 ZOO_DIR = pathlib.Path(__file__).parent / "checkpoints"
 ZOO_NAMES: tuple[str, ...] = ("llava-shapes", "qwen2.5-vl-shapes")
+#: The proxies ``tokenpress zoo train`` can build: the shipped ones and those whose recipe is ready.
+TRAINABLE: tuple[str, ...] = (*ZOO_NAMES, "llava-shapes-deep")
 
 
 def zoo_path(name: str) -> pathlib.Path:
@@ -22,12 +24,26 @@ def zoo_path(name: str) -> pathlib.Path:
     return ZOO_DIR / key
 
 
+def check_not_shipped(folder: pathlib.Path, what: str) -> None:
+    """Refuse to write ``what`` into the package's own files (in a normal install: site-packages)."""
+    package = pathlib.Path(__file__).resolve().parent.parent
+    target = folder.expanduser().resolve()
+    if target == package or package in target.parents:
+        from tokenpress.errors import InputError
+
+        raise InputError(f"{folder}: refusing to write {what} inside the installed tokenpress package (its shipped "
+                         "files are read-only); choose a folder of your own")
+
+
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of ``tokenpress zoo train`` and ``python -m tokenpress.zoo.train`` (kept light:
     building the ``tokenpress`` parser must not import torch)."""
-    parser.add_argument("name", choices=ZOO_NAMES)
-    parser.add_argument("--out", type=pathlib.Path, default=None,
-                        help="checkpoint folder (default: the shipped one, tokenpress/zoo/checkpoints/NAME)")
+    parser.add_argument("name", choices=TRAINABLE)
+    parser.add_argument("--out", type=pathlib.Path, required=True,
+                        help="the folder to write the checkpoint to (never the shipped one: copy a checkpoint "
+                             "into tokenpress/zoo/checkpoints/ by hand to ship it)")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the run saved in --out (its train-state.pt, written at every evaluation)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--steps", type=int, default=None, help="override the recipe's number of steps")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")

@@ -21,8 +21,10 @@ tokens.  Two measures remove the long plateau a from-scratch model otherwise sit
 discovers what each visual token shows and where it is: a linear probe (training only, discarded)
 that predicts each visual token's row, column, colour, shape and size from its decoder hidden
 state (``AuxProbe``), and, for LLaVA, a 2-D sine-cosine start for the CLIP position embeddings
-(``init_positions``).  AdamW, warm-up + cosine schedule; bf16 autocast on a GPU, float32 on a CPU
-(bf16 autocast on a CPU without bf16 instructions is about 15x slower than float32).
+(``init_positions``).  AdamW, warm-up + cosine schedule; bf16 autocast on a GPU and on a CPU with bf16
+instructions (AVX512-BF16/AMX: a 12-layer step 2.9 s instead of 4-6 s in float32), float32 on other CPUs
+(there bf16 autocast is about 15x slower than float32).  A run saves its training state beside the
+weights at every evaluation; ``--resume`` continues it (the data stream depends on the step alone).
 
 The final evaluation runs greedy decoding on the test split of the reloaded checkpoint (as
 shipped, float16 weights upcast to float32) with all visual tokens and with a random 50%, 25% and
@@ -66,7 +68,8 @@ from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLIm
 
 from tokenpress import compat
 from tokenpress.data import shapes
-from tokenpress.zoo import add_train_arguments, card, zoo_path
+from tokenpress.errors import InputError
+from tokenpress.zoo import add_train_arguments, card, check_not_shipped
 
 SPECIAL_TOKENS = [
     "<pad>",
@@ -106,7 +109,7 @@ class Recipe:
     eval_every: int = 250
     val_size: int = 250
     test_size: int = shapes.SPLIT_SIZES["test"]
-    bf16: bool = True  # autocast to bf16 on CUDA (a CPU always trains in float32)
+    bf16: bool = True  # autocast to bf16 on CUDA and on CPUs with bf16 instructions (others train in float32)
     # Auxiliary probes (training only, not saved): a linear classifier reads each visual token's
     # decoder hidden state after layer ``aux_layer`` and predicts its cell's row, column, colour,
     # shape and size.  See ``AuxProbe``.
@@ -128,6 +131,10 @@ RECIPES: dict[str, Recipe] = {
     # Four decoder layers left the Qwen model on a plateau (about 79% on validation: "exists" and
     # "relative_position" near chance) through 1200-2250 steps; with six it leaves it by step 1000.
     "qwen2.5-vl-shapes": Recipe(arch="qwen", steps=1500, text_layers=6),
+    # A deep, narrow LLaVA-1.5 for layer-wise methods (FastV's K, ALVTS's routing, PyramidDrop's stages):
+    # 12 decoder layers of width 128 at about the parameter count of llava-shapes' 4 of width 192.
+    "llava-shapes-deep": Recipe(arch="llava", text_hidden=128, text_layers=12, text_heads=4, aux_layer=3,
+                                name_layer=5),
 }
 # Sizes for smoke tests: a few seconds end to end.
 TINY = {
@@ -658,6 +665,49 @@ class _TrainingBatches(torch.utils.data.Dataset):
         return self.encoder.training_batch(self.recipe, step, self.seed, self.is_caption_step(step))
 
 
+#: The training state beside the weights, written at every evaluation (``--resume`` reads it).
+STATE_FILE = "train-state.pt"
+
+
+def bf16_autocast(device: torch.device) -> bool:
+    """Whether bf16 autocast pays on ``device``: on CUDA, and on CPUs whose oneDNN has bf16 instructions."""
+    if device.type == "cuda":
+        return True
+    return device.type == "cpu" and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def _save_state(path: Path, recipe: Recipe, seed: int, step: int, model: torch.nn.Module, probe: torch.nn.Module,
+                opt: torch.optim.Optimizer, history: list[dict[str, Any]], running: dict[str, Any],
+                minutes: float) -> None:
+    """Everything a resumed run needs (the batches depend on the step alone), written atomically."""
+    state = {"recipe": asdict(recipe), "seed": seed, "step": step, "model": model.state_dict(),
+             "probe": probe.state_dict(), "optimizer": opt.state_dict(), "history": history,
+             "running": {k: float(v) for k, v in running.items()}, "minutes": minutes}
+    partial = path.with_suffix(".partial")
+    torch.save(state, partial)
+    partial.replace(path)
+
+
+def _load_state(path: Path, recipe: Recipe, seed: int, model: torch.nn.Module, probe: torch.nn.Module,
+                opt: torch.optim.Optimizer, history: list[dict[str, Any]],
+                running: dict[str, Any]) -> tuple[int, float]:
+    """Restore a run saved by :func:`_save_state`: (the next step, the minutes it had trained)."""
+    if not path.is_file():
+        raise InputError(f"{path.parent}: no {STATE_FILE} to resume from (it is written at every evaluation of a "
+                         "run, and removed when the run completes)")
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    recorded = {**state["recipe"], "family_weights": tuple(state["recipe"]["family_weights"])}
+    if recorded != asdict(recipe) or state["seed"] != seed:
+        raise InputError(f"{path}: saved by a run with another recipe or seed; resume with the same name, seed, "
+                         "--steps and --set options")
+    model.load_state_dict(state["model"])
+    probe.load_state_dict(state["probe"])
+    opt.load_state_dict(state["optimizer"])
+    history.extend(state["history"])
+    running.update({k: torch.tensor(v) for k, v in state["running"].items()})
+    return int(state["step"]), float(state["minutes"])
+
+
 def resolve_device(device: str | None) -> torch.device:
     """``"auto"``/None: CUDA when available, else the CPU."""
     if device in (None, "auto"):
@@ -678,6 +728,7 @@ def train(
     device: str | None = "auto",
     workers: int = 0,
     measure: bool = True,
+    resume: bool = False,
 ) -> dict[str, Any]:
     """Train zoo model ``name`` from scratch into ``out_dir`` and return its training metrics.
 
@@ -686,7 +737,8 @@ def train(
     shrinks the model and evaluation for smoke tests; ``overrides`` sets any ``Recipe`` field;
     ``workers`` builds batches in that many background processes.  With ``measure`` the saved
     checkpoint is then measured with ``tokenpress eval`` on the CPU and its model card written
-    (``tokenpress zoo card`` does that step alone).
+    (``tokenpress zoo card`` does that step alone). ``resume`` continues the run saved in ``out_dir``
+    (:data:`STATE_FILE`, written at every evaluation) with the same recipe and seed.
     """
     if name.removeprefix("zoo:") not in RECIPES:
         raise ValueError(f"Unknown zoo model {name!r}; available: {', '.join(RECIPES)}.")
@@ -726,15 +778,22 @@ def train(
     )
     val = shapes.generate_split("val", recipe.val_size, seed)
     stream = _TrainingBatches(encoder, recipe, seed)
+    history: list[dict[str, Any]] = []
+    running: dict[str, Any] = {}
+    first = 0
+    minutes_before = 0.0
+    if resume:
+        first, minutes_before = _load_state(out_dir / STATE_FILE, recipe, seed, model, probe, opt, history, running)
+    stream = torch.utils.data.Subset(stream, range(first, recipe.steps))
     loader = torch.utils.data.DataLoader(
         stream, batch_size=None, num_workers=workers, prefetch_factor=4 if workers else None,
         pin_memory=dev.type == "cuda",
     )
-    history: list[dict[str, Any]] = []
-    bar = tqdm(loader, desc=name, disable=not progress, mininterval=5.0, file=sys.stdout)
-    running: dict[str, float] = {}
-    bf16 = recipe.bf16 and dev.type == "cuda"
-    for step, batch in enumerate(bar):
+    bar = tqdm(loader, desc=name, disable=not progress, mininterval=5.0, file=sys.stdout, initial=first,
+               total=recipe.steps)
+    bf16 = recipe.bf16 and bf16_autocast(dev)
+    t0 -= minutes_before * 60
+    for step, batch in enumerate(bar, start=first):
         model.train()
         stage = 1 if step < recipe.caption_steps else 2
         batch = {k: v.to(dev, non_blocking=True) for k, v in batch.items()}
@@ -783,10 +842,13 @@ def train(
             msg = " ".join(f"{f}={a:.2f}" for f, a in res["per_family"].items())
             losses = " ".join(f"{k}={entry[k]:.3f}" for k in running)
             tqdm.write(f"[{name}] step {step + 1} val acc {res['accuracy']:.3f} ({msg}) {losses}", file=sys.stdout)
-            if not last:  # an interrupted run still leaves its latest weights
+            if not last:  # an interrupted run still leaves its latest weights, and can be resumed
                 save_checkpoint(model, processor, out_dir)
+                _save_state(out_dir / STATE_FILE, recipe, seed, step + 1, model, probe, opt, history, running,
+                            (time.time() - t0) / 60)
     train_minutes = (time.time() - t0) / 60
     save_checkpoint(model, processor, out_dir)
+    (out_dir / STATE_FILE).unlink(missing_ok=True)  # the run is complete: nothing to resume
 
     metrics = {
         "name": name,
@@ -810,129 +872,6 @@ def train(
     return metrics
 
 
-# ----------------------------------------------------------------------------------------------
-# model card
-
-
-def model_card(metrics: dict[str, Any]) -> str:
-    """The training half of MODEL_CARD.md (``card.write_model_card`` adds the measured accuracies)."""
-    r = metrics["recipe"]
-    name = metrics["name"]
-    if r["arch"] == "llava":
-        arch = (
-            "`LlavaForConditionalGeneration`: CLIP ViT encoder "
-            f"(hidden {r['vision_hidden']}, {r['vision_layers']} layers, {r['vision_heads']} heads, "
-            '96x96 images, patch 8, `vision_feature_layer=-1`, `vision_feature_select_strategy="default"` '
-            "drops CLS) -> 2-layer GELU projector -> Llama decoder "
-            f"(hidden {r['text_hidden']}, {r['text_layers']} layers, {r['text_heads']} heads)."
-        )
-        proc = (
-            "`LlavaProcessor` + `CLIPImageProcessorPil` (other pictures are resized to 96x96, benchmark images "
-            "pass unchanged; no crop; `pixel / 255`, CLIP mean/std normalisation; identical to "
-            "`tokenpress.data.shapes.to_pixel_array`)."
-        )
-        prompt = "<image>\\n{question}"
-    else:
-        arch = (
-            "`Qwen2_5_VLForConditionalGeneration`: Qwen2.5-VL vision tower "
-            f"(hidden {r['vision_hidden']}, depth {r['vision_layers']}, {r['vision_heads']} heads, patch 8, "
-            "temporal patch 2, full attention in every block) with its 2x2 patch merger -> Qwen2.5-VL "
-            f"decoder with M-RoPE (hidden {r['text_hidden']}, {r['text_layers']} layers, "
-            f"{r['text_heads']} heads)."
-        )
-        proc = (
-            "`PaddleOCRVLProcessor` + `Qwen2VLImageProcessorPil` (patch 8, merge 2, images kept at "
-            "96x96 -> `image_grid_thw=[1, 12, 12]`, CLIP mean/std). `Qwen2_5_VLProcessor` cannot be "
-            "built without torchvision in transformers 5.x (it requires a video processor); for images "
-            "`PaddleOCRVLProcessor` does the same thing: it expands `<|image_pad|>` to "
-            "`prod(image_grid_thw) / merge_size**2` placeholders and returns `mm_token_type_ids`."
-        )
-        prompt = "<|vision_start|><|image_pad|><|vision_end|>\\n{question}"
-    size_mb = metrics["checkpoint_bytes"] / 1e6
-    pos_note = (
-        " The CLIP position embeddings start from a 2-D sine-cosine table scaled to the patch"
-        " embeddings' magnitude (the default 0.02 init makes position ~25x weaker than content)."
-        if r["arch"] == "llava"
-        else ""
-    )
-    model_class = "LlavaForConditionalGeneration" if r["arch"] == "llava" else "Qwen2_5_VLForConditionalGeneration"
-    device = metrics.get("device", "cpu")
-    workers = metrics.get("data_workers", 0)
-    if device == "cpu":
-        device_flags = f" --device cpu --threads {metrics['torch_threads']}"
-        where = f"float32, {metrics['train_minutes']:.1f} minutes with {metrics['torch_threads']} CPU thread(s)"
-    else:
-        device_flags = f" --device cuda --workers {workers}"
-        minutes = metrics["train_minutes"]
-        where = f"bf16 autocast, {minutes:.1f} minutes on one {device} ({workers} processes building batches)"
-    return f"""# {name}
-
-A tiny vision-language model trained from scratch on the procedurally generated
-`tokenpress.data.shapes` benchmark, shipped as a proxy for token-compression experiments on a CPU.
-It is a plain Hugging Face checkpoint:
-
-```python
-from transformers import AutoProcessor, {model_class} as Model
-model = Model.from_pretrained(path)          # float16 weights on disk, loaded as float32
-processor = AutoProcessor.from_pretrained(path)
-```
-
-- Architecture: {arch}
-- Parameters: {metrics["parameters"]:,} ({size_mb:.1f} MB on disk, weights stored as float16).
-- Visual tokens per image: **{metrics["visual_tokens"]}**.
-- Processor: {proc}
-- Prompt: `{prompt}` (also what `processor.apply_chat_template` renders for one user turn holding an
-  image and a text), then greedy decoding; the answer is one word followed by `</s>`.
-- Tokenizer: word level over the closed vocabulary of the benchmark
-  (`tokenpress.data.shapes.vocabulary()`) plus special tokens; `<s>` is prepended automatically.
-
-## Training
-
-```
-tokenpress zoo train {name} --out DIR --seed {metrics["seed"]}{device_flags}
-```
-
-{r["steps"]} AdamW steps (lr {r["lr"]}, betas 0.9/0.98, weight decay {r["weight_decay"]}, {r["warmup"]} warm-up
-steps then cosine to 10%), batch {r["batch_size"]} freshly generated images per step; {where}.
-
-1. Steps 1-{r["caption_steps"]}: captions only. The sequence is `<s>` + image + `describe <kind>` +
-   the caption, `<kind>` cycling over color / shape / size / exists: every cell as `row column ? word`
-   (`4 2 ? red 1 5 ? none ...`) or every colour-shape pair as `colour shape ? yes|no`
-   (`red square ? yes blue circle ? no ...`), in a random order. Each entry ends like the matching
-   question (`what color is at 4 2 ?`, `is there a red square ?`); the word after each `?` is
-   supervised, the rest is given.
-2. Remaining steps: one batch in {r["caption_every"]} is a caption batch; the others pack
-   {r["n_questions"]} distinct question/answer pairs per image (`question answer </s>` each, families
-   sampled with weights {r["family_weights"]} over {list(shapes.FAMILIES)}). Caption and answer losses are
-   averaged separately and summed.
-3. Throughout, an auxiliary linear probe (not part of the checkpoint, weight {r["aux_weight"]}) reads
-   decoder hidden states after layer {r["aux_layer"]}: at every visual token it predicts the row,
-   column, colour, shape and size of that token's cell; at every `?` that ends `row column ?` it
-   predicts, with the same row/column read-out, the cell referred to, and so it does after layer
-   {r["name_layer"]} at the shape word of `the|a <colour> <shape>` when that names a unique object.{pos_note}
-
-Without the dense captions and the probe, a from-scratch model sits at chance for many hundreds of
-steps. Listing caption entries in random order matters: in raster order the model reads the cell off
-its position in the caption and the skill does not carry over to questions.
-
-Greedy accuracy on {r["val_size"]} validation questions during training, in %:
-
-{validation_table(metrics["history"])}
-
-"""
-
-
-def validation_table(history: list[dict[str, Any]]) -> str:
-    """Markdown: validation accuracy overall and per family at each evaluation step of training."""
-    families = list(history[0]["val_per_family"]) if history else list(shapes.FAMILIES)
-    return card.markdown_table(
-        ["step", "all", *families],
-        [[str(entry["step"]), f"{100 * entry['val_accuracy']:.1f}",
-          *(f"{100 * entry['val_per_family'].get(f, float('nan')):.0f}" for f in families)] for entry in history],
-        right_from=0,
-    )
-
-
 def parse_overrides(items: list[str]) -> dict[str, Any]:
     """``["text_layers=6", ...]`` -> Recipe field overrides (values parsed as JSON)."""
     overrides = {}
@@ -950,11 +889,12 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
 def run_from_args(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
     """Train as the command line asked (``add_train_arguments``; ``overrides`` from ``parse_overrides``),
     then print the card or a summary."""
-    out = args.out if args.out is not None else zoo_path(args.name)
+    out = args.out
+    check_not_shipped(out, "a training run")
     metrics = train(
         args.name, out, seed=args.seed, steps=args.steps, progress=not args.no_progress, threads=args.threads,
         device=args.device, workers=args.workers, measure=not args.no_card,
-        overrides=overrides or None,
+        overrides=overrides or None, resume=args.resume,
     )
     if not args.no_card:
         print((out / card.CARD_FILE).read_text(encoding="utf-8"))
