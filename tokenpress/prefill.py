@@ -106,8 +106,8 @@ class PrefillStats:
 
     visual_in: list[int]  # visual tokens the encoder produces uncompressed (its patches, before any stage)
     projected: list[int]  # tokens that went through the projector
-    layer_tokens: list[list[int]]  # [layer][sample]: tokens (text + visual) each decoder layer processed
-    layer_visual: list[list[int]]  # [layer][sample]: visual tokens each decoder layer processed
+    layer_tokens: list[list[int]]  # per layer, per sample: tokens (text + visual) each decoder layer processed
+    layer_visual: list[list[int]]  # per layer, per sample: visual tokens each decoder layer processed
     #: When stages acted inside the encoder: [block] -> (tokens its attention saw, tokens its MLP saw) per
     #: encoder run (image or tile), class token not counted; None when the encoder ran as the model's own.
     encoder_blocks: list[tuple[list[int], list[int]]] | None = None
