@@ -6,16 +6,23 @@ with tokenpress.compress(model, "stacks/fastv.yaml") as handle:
     print(handle.report())
 ```
 
-Only the instance is touched: the inner module gets an instance attribute ``forward`` and the model
-an instance attribute ``generate`` (which records the prompt length so that selections are made
-from the prompt alone). Detaching deletes both (or restores what was there before). Everything
-that can be wrong with the stack or the model is checked before anything is touched.
+Only the instance is touched: the inner module gets instance attributes ``forward`` and
+``get_image_features``/``get_video_features`` (which, inside ``generate``, defer the encoding to the
+compressed prefill), and the model an instance attribute ``generate`` (which records the prompt length
+so that selections are made from the prompt alone). Detaching deletes them (or restores what was there
+before). Everything that can be wrong with the stack or the model is checked before anything is touched.
+
+**Threads.** Nothing is replaced during a forward: what one call needs (the prompt length, whether its
+encoder call is deferred, the adapter's media, the prefill's outcome) lives in that call's thread, so
+several threads may run ``generate`` or forward passes on one attached model at once, each getting
+its single-thread answer. Attaching and detaching are not meant to race with running forwards.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import threading
 import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -90,15 +97,32 @@ class Handle:
         self.adapter = adapter
         self.entries = entries
         self.registry = registry
-        #: What the last compressed prefill did (None before the first).
-        self.outcome: PrefillOutcome | None = None
         #: Set to a list to record, at the next prefills, which original patches each stage (and each
         #: decoder layer with a stage) still represents: ``(label, (images, patches) bool)`` pairs.
         self.trace: list[tuple[str, Any]] | None = None
         self.trace_grids: Any = None  # (images, 3) original (t, h, w) grids of the traced prefill
-        self.prompt_length: int | None = None
         self.attached = False
         self._saved: dict[tuple[int, str], Any] = {}
+        self._last: PrefillOutcome | None = None  # the last prefill of any thread
+        self._thread = threading.local()  # per thread: its last outcome, its generate's prompt length
+
+    # --- per-thread state -------------------------------------------------------------------------
+
+    @property
+    def outcome(self) -> PrefillOutcome | None:
+        """What the last compressed prefill of this thread did (of any thread, in a thread that ran none;
+        None before the first)."""
+        return getattr(self._thread, "outcome", None) or self._last
+
+    @property
+    def prompt_length(self) -> int | None:
+        """The prompt length of the ``generate`` call running in this thread (None outside one)."""
+        return getattr(self._thread, "prompt_length", None)
+
+    @property
+    def deferring(self) -> bool:
+        """Whether this thread is inside an attached ``generate``, whose encoder calls the prefill makes."""
+        return getattr(self._thread, "deferring", False)
 
     # --- attach / detach ------------------------------------------------------------------------
 
@@ -110,17 +134,20 @@ class Handle:
         inner = self.adapter.inner_module()
         forward = CompressedForward(self, inner.forward)
         self._set(inner, "forward", forward)
+        # transformers' generate() runs the vision encoder itself before the prefill (through the
+        # inner module's get_*_features) and passes the result as `mm_encoder_outputs`. The
+        # post_encoder stages need the raw encoder (and its signals), so in a thread inside an attached
+        # generate() those calls only record their arguments and the compressed prefill encodes.
+        if self.entries:
+            for name in ("get_image_features", "get_video_features"):
+                encoder = getattr(inner, name, None)
+                if encoder is not None:
+                    self._set(inner, name, _deferring(encoder, self))
         self._set(self.model, "generate", self._wrap_generate(self.model.generate))
         _ATTACHED[self.model] = self
         self.attached = True
 
     def _wrap_generate(self, generate: Any) -> Any:
-        # transformers' generate() runs the vision encoder itself before the prefill (through the
-        # inner module's get_*_features) and passes the result as `mm_encoder_outputs`. The
-        # post_encoder stages need the raw encoder (and its signals), so during generate() those
-        # calls only record their arguments and the compressed prefill encodes.
-        inner = self.adapter.inner_module()
-
         @functools.wraps(generate)
         def generate_with_prompt(*args: Any, **kwargs: Any) -> Any:
             input_ids = kwargs.get("input_ids", args[0] if args else None)
@@ -131,21 +158,14 @@ class Handle:
                 if self.entries and (value or 1) > 1:
                     raise CompressionError(f"generate({option}={value}) is not supported while a compression stack "
                                            "is attached (greedy or sampled single sequences are)")
-            outer = self.prompt_length
-            self.prompt_length = input_ids.shape[1] if input_ids is not None else None
-            deferred = []
-            if self.entries:
-                for name in ("get_image_features", "get_video_features"):
-                    encoder = getattr(inner, name, None)
-                    if encoder is not None and name not in inner.__dict__:
-                        setattr(inner, name, _deferring(encoder))
-                        deferred.append(name)
+            local = self._thread
+            outer = (getattr(local, "prompt_length", None), getattr(local, "deferring", False))
+            local.prompt_length = input_ids.shape[1] if input_ids is not None else None
+            local.deferring = True
             try:
                 return generate(*args, **kwargs)
             finally:
-                self.prompt_length = outer
-                for name in deferred:
-                    inner.__dict__.pop(name, None)
+                local.prompt_length, local.deferring = outer
 
         return generate_with_prompt
 
@@ -188,15 +208,17 @@ class Handle:
     # --- reporting ------------------------------------------------------------------------------
 
     def store(self, outcome: PrefillOutcome) -> None:
-        """Keep a prefill's outcome (the compressed forward calls this after each prefill)."""
-        self.outcome = outcome
+        """Keep a prefill's outcome (the compressed forward calls this after each prefill), for this thread
+        and as the handle's last."""
+        self._thread.outcome = outcome
+        self._last = outcome
         if self.trace is not None and outcome.trace is not None:
             self.trace.extend(outcome.trace)
             self.trace_grids = outcome.trace_grids
 
     @property
     def records(self) -> list[StageRecord]:
-        """What each stage did at the last compressed prefill."""
+        """What each stage did at this thread's last compressed prefill."""
         return self.outcome.records if self.outcome is not None else []
 
     @property
@@ -205,18 +227,21 @@ class Handle:
         return self.outcome.stats if self.outcome is not None else None
 
     def report(self) -> Report:
-        """What each stage did at the last compressed prefill."""
+        """What each stage did at this thread's last compressed prefill."""
         return Report(self.stack.name, list(self.records))
 
 
-def _deferring(encoder: Any) -> Any:
-    """A stand-in for ``get_*_features`` with the same signature that defers the encoding."""
+def _deferring(encoder: Any, handle: Handle) -> Any:
+    """``get_*_features`` with the same signature, deferring the encoding in a thread inside the attached
+    ``generate`` (the compressed prefill encodes), encoding as usual elsewhere."""
 
     @functools.wraps(encoder)
-    def record(*args: Any, **kwargs: Any) -> DeferredEncoding:
-        return DeferredEncoding(encoder, args, kwargs)
+    def maybe_record(*args: Any, **kwargs: Any) -> Any:
+        if handle.deferring:
+            return DeferredEncoding(encoder, args, kwargs)
+        return encoder(*args, **kwargs)
 
-    return record
+    return maybe_record
 
 
 def check_stack(stack: Stack, adapter: ModelAdapter) -> list[Method]:

@@ -12,10 +12,12 @@ beyond what the encoder's own attention backend forms.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+import copy
+import threading
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from dataclasses import replace as dc_replace
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -52,15 +54,32 @@ def size_bias(tokens: TokenState, dtype: torch.dtype, class_token: bool) -> torc
 
 
 @contextlib.contextmanager
-def captured_output(module: nn.Module) -> Iterator[list[torch.Tensor]]:
-    """Record ``module``'s forward outputs while the block runs (a forward hook on this instance,
-    removed on exit): how an encoder loop reads a block's keys without computing them twice."""
-    outputs: list[torch.Tensor] = []
-    handle = module.register_forward_hook(lambda _module, _args, output: outputs.append(output))
+def captured_output(module: nn.Module, keep: Callable[[torch.Tensor], Any] | None = None) -> Iterator[list[Any]]:
+    """Record ``module``'s forward outputs (``keep(output)`` when given) made by this thread inside the
+    block: how an encoder loop reads a block's keys without computing them twice. A forward hook on this
+    instance, removed on exit; calls of the module by other threads (one model may serve several) are
+    not recorded."""
+    outputs: list[Any] = []
+    thread = threading.get_ident()
+
+    def record(_module: nn.Module, _args: Any, output: torch.Tensor) -> None:
+        if threading.get_ident() == thread:
+            outputs.append(output if keep is None else keep(output))
+
+    handle = module.register_forward_hook(record)
     try:
         yield outputs
     finally:
         handle.remove()
+
+
+def module_view(module: nn.Module, **children: nn.Module) -> nn.Module:
+    """A shallow copy of ``module`` whose named children are replaced, for one call: runs the model's own
+    forward (its weights, its hooks, its transformers release's code) with a piece changed, while the
+    model's module tree is never touched (another thread may be running it)."""
+    view = copy.copy(module)
+    view._modules = {**module._modules, **children}
+    return view
 
 
 def sort_by_cell(tokens: TokenState) -> tuple[TokenState, torch.Tensor]:

@@ -13,6 +13,7 @@ A third party adds a family by subclassing this and returning the class from the
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -108,10 +109,21 @@ class ModelAdapter:
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
-        #: What :meth:`encode_images` learned about the current prefill's media that only this adapter
-        #: reads later in the same prefill (Qwen2.5-VL: which rows are videos, their time intervals):
-        #: kept here, out of the stages' :class:`TokenState`.
-        self.media: dict[str, Any] = {}
+        self._calls = threading.local()
+
+    @property
+    def media(self) -> dict[str, Any]:
+        """What :meth:`encode_images` learned about the current prefill's media that only this adapter
+        reads later in the same prefill (Qwen2.5-VL: which rows are videos, their time intervals): kept
+        out of the stages' :class:`TokenState`, and per thread, since threads may share one model."""
+        media = getattr(self._calls, "media", None)
+        if media is None:
+            media = self._calls.media = {}
+        return media
+
+    @media.setter
+    def media(self, value: dict[str, Any]) -> None:
+        self._calls.media = value
 
     # --- identification -------------------------------------------------------------------------
 

@@ -21,6 +21,7 @@ from torch import nn
 
 from tokenpress import compat
 from tokenpress.adapters.base import ImageSpan, ModelAdapter, ProjectorMLP, summary_positions
+from tokenpress.encoder import captured_output, module_view
 from tokenpress.errors import CompressionError, UnsupportedModelError
 from tokenpress.flops import FamilyCosts, FlopsError, ImageCosts, SimulatedRow, qwen_vision_flops
 from tokenpress.signals import Signal
@@ -35,10 +36,10 @@ class _GroupUnits(nn.Module):
     def __init__(self, unit: int) -> None:
         super().__init__()
         self.unit = unit
-        self.extra: list[torch.Tensor] = []
+        self.extra: list[list[torch.Tensor]] = []  # per value: what was captured (the last capture is used)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        hidden = torch.cat([hidden, *self.extra], dim=-1)
+        hidden = torch.cat([hidden, *(captured[-1] for captured in self.extra)], dim=-1)
         return hidden.reshape(-1, self.unit, hidden.shape[-1])
 
 
@@ -148,17 +149,15 @@ class Qwen2_5_VLAdapter(ModelAdapter):
             seconds = [1.0] * count if seconds is None else [float(s) for s in seconds]
             intervals += [tokens_per_second * s for s in seconds]
         grid_thw = torch.cat(grids).long()
-        merger = self.visual.merger
-        grouping = _GroupUnits(self.merge_size ** 2)
         keyed = list(dict.fromkeys(requests))
-        self.visual._modules["merger"] = grouping
-        try:
-            units = []
-            for p, g in zip(pixels, grids, strict=True):
-                with self._block_keys(keyed, grouping):
-                    units.append(self.visual(p.type(self.visual.dtype), grid_thw=g).pooler_output)
-        finally:
-            self.visual._modules["merger"] = merger
+        units = []
+        for p, g in zip(pixels, grids, strict=True):
+            grouping = _GroupUnits(self.merge_size ** 2)
+            # the model's own vision forward on a per-call view whose merger only regroups the patches:
+            # the model's modules are never replaced (other threads may be running them)
+            visual = module_view(self.visual, merger=grouping)
+            with self._block_keys(keyed, grouping):
+                units.append(visual(p.type(self.visual.dtype), grid_thw=g).pooler_output)
         units = torch.cat(units)  # (units, unit, C + extras): each unit's patches side by side
         hidden = self.visual.config.hidden_size
         extras, start = {}, hidden
@@ -186,27 +185,22 @@ class Qwen2_5_VLAdapter(ModelAdapter):
     def _block_keys(self, requests: list[Signal], grouping: _GroupUnits) -> Iterator[None]:
         """While the encoder runs: each requested block's keys (the k third of its qkv projection, read
         as the block computes it, before the rotary embedding), per patch in the encoder's order, handed
-        to ``grouping`` to travel with the features (hooks on this instance's modules, removed on exit)."""
-        grouping.extra = [None] * len(requests)
-        handles = []
+        to ``grouping`` to travel with the features (this thread's calls only)."""
         blocks = self.visual.blocks
         heads = self.visual.config.num_heads
 
-        def capture(index: int, request: Signal) -> Any:
-            def hook(_module: nn.Module, _args: tuple, qkv: torch.Tensor) -> None:
-                keys = qkv.unflatten(-1, (3, -1))[:, 1]
-                grouping.extra[index] = keys.unflatten(-1, (heads, -1)).mean(-2) if request.heads == "mean" else keys
-            return hook
+        def keys_of(request: Signal) -> Any:
+            def keys(qkv: torch.Tensor) -> torch.Tensor:
+                key = qkv.unflatten(-1, (3, -1))[:, 1]
+                return key.unflatten(-1, (heads, -1)).mean(-2) if request.heads == "mean" else key
+            return keys
 
-        try:
-            for index, request in enumerate(requests):
-                handles.append(blocks[request.layer % len(blocks)].attn.qkv.register_forward_hook(
-                    capture(index, request)))
+        with contextlib.ExitStack() as captures:
+            found = [captures.enter_context(captured_output(blocks[request.layer % len(blocks)].attn.qkv,
+                                                            keys_of(request)))
+                     for request in requests]
+            grouping.extra = found
             yield
-        finally:
-            for handle in handles:
-                handle.remove()
-            grouping.extra = []
 
     def encoder_pixels(self, inputs: dict[str, Any], image: int) -> torch.Tensor:
         """Rebuild the picture from the flattened patches (first frame): the processor lays each patch
