@@ -168,7 +168,7 @@ def evaluate(stacks: list[Stack | str | Path], model: str = DEFAULT_MODEL, n: in
         raise InputError(f"--n {n}: the {split} split has {available} questions; ask for 1 to {available}")
     parsed = [load_stack(stack) for stack in stacks]
     ranks = ranks or Ranks.current()
-    model_obj, processor = loaded or load_model_and_processor(model)
+    model_obj, processor = loaded or load_model_and_processor(model, progress=progress)
     if ranks.device != "cpu":
         model_obj = model_obj.to(ranks.device)
     configs: list[tuple[str, Stack | None]] = [("baseline", None)] + [(stack.name, stack) for stack in parsed]

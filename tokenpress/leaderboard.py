@@ -118,7 +118,7 @@ def run(models: tuple[str, ...] = DEFAULT_MODELS, n: int = 600, batch_size: int 
 
     boards = []
     for name in models:
-        loaded = load_model_and_processor(name)
+        loaded = load_model_and_processor(name, progress=progress)
         tokens = tokens_per_image(*loaded)
         entries, refused = entries_for(loaded[0], tokens)
         rows = evaluate.evaluate([entry.stack for entry in entries], model=name, n=n, batch_size=batch_size,

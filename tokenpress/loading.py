@@ -8,6 +8,8 @@ through here, so they refuse the same inputs the same way.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -57,9 +59,27 @@ def load_config(path: str | Path) -> Any:
     return config
 
 
-def load_model(path: str | Path, meta: bool = False) -> Any:
+@contextlib.contextmanager
+def _progress_bars(shown: bool) -> Iterator[None]:
+    """transformers' progress bars (its "Loading weights" bar) switched off inside the block unless
+    ``shown``; their previous state is restored afterwards."""
+    from transformers.utils import logging as transformers_logging
+
+    was_enabled = transformers_logging.is_progress_bar_enabled()
+    if shown or not was_enabled:
+        yield
+        return
+    transformers_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        transformers_logging.enable_progress_bar()
+
+
+def load_model(path: str | Path, meta: bool = False, progress: bool = True) -> Any:
     """An image-text-to-text model from a checkpoint folder with plain ``from_pretrained``, in eval
-    mode (``meta=True``: built from its config on the meta device, no weights read)."""
+    mode (``meta=True``: built from its config on the meta device, no weights read; ``progress=False``:
+    without transformers' weight-loading bar, for ``--quiet``)."""
     config = load_config(path)
     from transformers import AutoModelForImageTextToText
 
@@ -69,8 +89,9 @@ def load_model(path: str | Path, meta: bool = False) -> Any:
 
             with torch.device("meta"):
                 return AutoModelForImageTextToText.from_config(config)
-        return AutoModelForImageTextToText.from_pretrained(resolve_model_path(path),
-                                                           **compat.PRETRAINED_OPTIONS).eval()
+        with _progress_bars(progress):
+            return AutoModelForImageTextToText.from_pretrained(resolve_model_path(path),
+                                                               **compat.PRETRAINED_OPTIONS).eval()
     except ValueError as exc:
         raise UnsupportedModelError(f"{path}: cannot load model_type {config.model_type!r} as an "
                                     f"image-text-to-text model ({_first_line(exc)})") from None
@@ -95,9 +116,10 @@ def load_processor(path: str | Path) -> Any:
     return processor
 
 
-def load_model_and_processor(path: str | Path) -> tuple[Any, Any]:
-    """``zoo:NAME`` or a checkpoint folder, loaded offline: the model (eval mode) and its processor."""
-    return load_model(path), load_processor(path)
+def load_model_and_processor(path: str | Path, progress: bool = True) -> tuple[Any, Any]:
+    """``zoo:NAME`` or a checkpoint folder, loaded offline: the model (eval mode) and its processor
+    (``progress=False``: no weight-loading bar)."""
+    return load_model(path, progress=progress), load_processor(path)
 
 
 def open_image(path: str | Path) -> Any:
@@ -105,6 +127,8 @@ def open_image(path: str | Path) -> Any:
     from PIL import Image
 
     file = Path(path)
+    if file.is_dir():
+        raise InputError(f"{path}: is a folder, not an image file")
     if not file.is_file():
         raise InputError(f"{path}: no such image file")
     try:
