@@ -1,19 +1,24 @@
 """The ``tokenpress`` command line.
 
-User mistakes (a bad stack, a missing file, an unsupported model) print one line and exit 2; no
-traceback. Subcommands: ``plugins``, ``validate``, ``schema``, ``run``.
+User mistakes (a bad stack, a missing file, an unsupported model, an output path that cannot be
+written) print one line and exit 2; no traceback. Output paths are checked before any work starts
+(:mod:`tokenpress.outputs`). Subcommands: ``plugins``, ``validate``, ``schema``, ``run``, ``eval``,
+``leaderboard``, ``calibrate``, ``fit``, ``flops``, ``viz``, ``zoo``, and ``bench``/``profile``
+(:mod:`tokenpress.cli_bench`).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
+from tokenpress import outputs
 from tokenpress.errors import InputError, TokenpressError
 
 EXIT_USAGE = 2
@@ -22,14 +27,34 @@ EXIT_USAGE = 2
 UserError = InputError
 
 
-def _positive(value: str) -> int:
-    """argparse type: an integer >= 1."""
+def whole_number(minimum: int) -> Callable[[str], int]:
+    """argparse type: an integer >= ``minimum`` (a seed or a count below it is refused in one line)."""
+
+    def parse(value: str) -> int:
+        try:
+            number = int(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {value!r}") from None
+        if number < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {number}")
+        return number
+
+    return parse
+
+
+#: argparse types: counts of at least one, and counts or seeds of at least zero.
+positive_int = whole_number(1)
+non_negative_int = whole_number(0)
+
+
+def positive_float(value: str) -> float:
+    """argparse type: a finite number > 0 (a learning rate)."""
     try:
-        number = int(value)
+        number = float(value)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {value!r}") from None
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {number}")
+        raise argparse.ArgumentTypeError(f"expected a number, got {value!r}") from None
+    if not (number > 0 and math.isfinite(number)):
+        raise argparse.ArgumentTypeError(f"must be a number above 0, got {value}")
     return number
 
 
@@ -81,9 +106,11 @@ def cmd_validate(args: argparse.Namespace) -> int:
 def cmd_schema(args: argparse.Namespace) -> int:
     from tokenpress.stack import dump_schema
 
+    output = outputs.check_file(args.output, "--output", ".json", "the JSON schema") if args.output else None
     text = dump_schema()
-    if args.output:
-        Path(args.output).write_text(text + "\n", encoding="utf-8")
+    if output:
+        outputs.write_text(output, text + "\n")
+        print(f"wrote {output}")
     else:
         print(text)
     return 0
@@ -104,12 +131,35 @@ def cmd_run(args: argparse.Namespace) -> int:
         output = model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False)
         report = handle.report()
     answer = processor.batch_decode(output[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)[0]
+    hint = _proxy_hint(args.model) if not answer.strip() else None
     if args.json:
         print(json.dumps({"answer": answer.strip(), "stack": stack.name, "stages": report.as_dicts()}, indent=2))
+        if hint:
+            print(hint, file=sys.stderr)  # stdout stays one JSON document
     else:
-        print(f"answer: {answer.strip()}\n")
+        print(f"answer: {answer.strip()}")
+        if hint:
+            print(hint)
+        print()
         print(report)
     return 0
+
+
+def _proxy_hint(model: str) -> str | None:
+    """Why a zoo proxy gave an empty answer (it knows only the shapes benchmark's questions), or None
+    for a model that is not a proxy."""
+    from tokenpress.loading import resolve_model_path
+    from tokenpress.zoo import TRAINABLE, card
+
+    if not str(model).startswith("zoo:"):  # a folder `tokenpress zoo train` wrote names its proxy in metrics.json
+        try:
+            trained = json.loads((resolve_model_path(model) / card.TRAINING_FILE).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+        if not isinstance(trained, dict) or trained.get("name") not in TRAINABLE:
+            return None
+    return (f"hint: {model} is a proxy trained only on the shapes benchmark's questions, such as "
+            "\"what color is at 3 5 ?\" (row 3, column 5); other prompts get an empty answer")
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -117,6 +167,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     for path in args.stacks:
         _check_stack(path, None)
+    written = {option: outputs.check_file(value, option, suffix, what)
+               for option, value, suffix, what in (("--json", args.json, ".json", "the rows as JSON"),
+                                                   ("--csv", args.csv, ".csv", "the rows as CSV"))
+               if value and value != "-"}  # '-': stdout
+    plot = outputs.check_plot(args.plot, "--plot") if args.plot else None
     ranks = evaluate.Ranks.current()  # under torchrun / accelerate launch: the questions shared across ranks
     try:
         rows = evaluate.evaluate(args.stacks, model=args.model, n=args.n, batch_size=args.batch_size,
@@ -131,14 +186,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
     ranked = f", {ranks.world} ranks" if ranks.world > 1 else ""
     print(f"model {args.model}, {args.n} questions of the {args.split} split (seed {args.seed}){ranked}\n")
     print(evaluate.format_table(rows))
-    for option, render in ((args.json, evaluate.rows_to_json), (args.csv, evaluate.rows_to_csv)):
-        if option == "-":
+    for option, value, render in (("--json", args.json, evaluate.rows_to_json),
+                                  ("--csv", args.csv, evaluate.rows_to_csv)):
+        if value == "-":
             print(render(rows))
-        elif option:
-            Path(option).write_text(render(rows), encoding="utf-8")
-            print(f"\nwrote {option}")
-    if args.plot:
-        print(f"wrote {evaluate.plot_rows(rows, args.plot, title=f'{args.model}, n={args.n}')}")
+        elif option in written:
+            outputs.write_text(written[option], render(rows))
+            print(f"\nwrote {written[option]}")
+    if plot:
+        print(f"wrote {evaluate.plot_rows(rows, outputs.ready(plot), title=f'{args.model}, n={args.n}')}")
     return 0
 
 
@@ -146,9 +202,11 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
     from tokenpress import leaderboard
 
     models = tuple(model.strip() for model in args.models.split(",") if model.strip())
+    page = outputs.check_file(args.out, "--out", ".md", "the leaderboard page")
+    outputs.check_folder(str(page.parent / page.stem), "--out", "the leaderboard's plots", plots=True)
     boards = leaderboard.run(models, n=args.n, batch_size=args.batch_size, progress=not args.quiet)
     command = "tokenpress leaderboard" + (f" --n {args.n}" if args.n != LEADERBOARD_N else "")
-    for path in leaderboard.write_page(boards, args.out, args.n, command):
+    for path in leaderboard.write_page(boards, page, args.n, command):
         print(f"wrote {path}")
     return 0
 
@@ -176,8 +234,9 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         indexes = [s.index for s in stages]
         raise UserError(f"{args.stack}: stages {indexes} can all be calibrated; choose one with --stage")
     stage = stages[0]
+    out = outputs.check_file(args.out, "--out", ".safetensors", "the calibrated weights")
     train, held_out = calibration.split_samples(args.model, args.data, args.samples, args.seed)
-    model, processor = load_model_and_processor(args.model)
+    model, processor = load_model_and_processor(args.model, progress=not args.quiet)
     chat = args.data is not None
     spec = stage.as_dict()
     torch.manual_seed(args.seed)
@@ -187,7 +246,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         epochs=args.epochs, lr=args.lr, seed=args.seed, progress=not args.quiet)
     print(f"model {args.model}: {len(train)} calibration samples, {len(held_out)} held out (seed {args.seed})\n")
     print(result.table())
-    print(f"\nwrote {result.save(args.out)}")
+    print(f"\nwrote {result.save(outputs.ready(out))}")
     return 0
 
 
@@ -204,10 +263,13 @@ def cmd_fit(args: argparse.Namespace) -> int:
         also = f"; {', '.join(calibrated)} learns with `tokenpress calibrate`" if calibrated else ""
         raise UserError(f"{args.stack}: no stage of this stack has weights to fit (methods with weights: "
                         f"{methods}){also}")
+    out = outputs.check_folder(args.out, "--out", "the fitted weights")
+    if args.resume and not (out / fitting.STATE_FILE).is_file():
+        raise UserError(f"--resume: {out} holds no {fitting.STATE_FILE} to continue from (a fit saves it every "
+                        f"{fitting.SAVE_EVERY} steps and at the end); drop --resume to start a new fit there")
     samples = min(args.steps * args.batch_size, shapes.SPLIT_SIZES["train"])
     train, held_out = calibration.split_samples(args.model, args.data, samples, args.seed)
-    model, processor = load_model_and_processor(args.model)
-    out = Path(args.out)
+    model, processor = load_model_and_processor(args.model, progress=not args.quiet)
     report = fitting.fit(model, processor, stack, train, held_out, out, steps=args.steps, batch_size=args.batch_size,
                          lr=args.lr, seed=args.seed, chat=args.data is not None, resume=args.resume,
                          progress=not args.quiet)
@@ -248,7 +310,8 @@ def cmd_viz(args: argparse.Namespace) -> int:
     from tokenpress.viz import visualize
 
     _check_stack(args.stack, None)
-    print(f"wrote {visualize(args.stack, args.image, args.output, model=args.model, prompt=args.prompt)}")
+    output = outputs.check_file(args.output, "--output", ".png", "the picture")
+    print(f"wrote {visualize(args.stack, args.image, outputs.ready(output), model=args.model, prompt=args.prompt)}")
     return 0
 
 
@@ -259,6 +322,7 @@ def cmd_zoo_train(args: argparse.Namespace) -> int:
         overrides = parse_overrides(args.set)
     except ValueError as exc:
         raise UserError(str(exc)) from None
+    outputs.check_folder(str(args.out), "--out", "the checkpoint")
     return run_from_args(args, overrides)
 
 
@@ -272,6 +336,7 @@ def cmd_zoo_card(args: argparse.Namespace) -> int:
                         "`tokenpress zoo train` made")
     out = Path(args.out) if args.out else folder
     check_not_shipped(out, "a model card (name another folder with --out)")
+    outputs.check_folder(str(out), "--out" if args.out else "the model folder", "eval.json and MODEL_CARD.md")
     if args.no_measure and not (out / card.EVAL_FILE).is_file():
         raise UserError(f"--no-measure: {out} has no {card.EVAL_FILE} to render the card from")
     if not args.no_measure:
@@ -308,8 +373,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="also check layers etc. against this model folder (config only)")
     p.set_defaults(func=cmd_validate)
 
-    p = sub.add_parser("schema", help="print the JSON schema of stack files")
-    p.add_argument("--output", "-o", help="write to this file")
+    p = sub.add_parser("schema", help="print the JSON schema of stack files", epilog=outputs.RULES)
+    p.add_argument("--output", "-o", metavar="JSON", help="write to this .json file instead")
     p.set_defaults(func=cmd_schema)
 
     p = sub.add_parser("run", help="answer a prompt about an image with a stack attached")
@@ -317,64 +382,68 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="model folder (from_pretrained) or zoo:NAME")
     p.add_argument("--image", required=True)
     p.add_argument("--prompt", required=True)
-    p.add_argument("--max-new-tokens", type=_positive, default=16)
+    p.add_argument("--max-new-tokens", type=positive_int, default=16)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_run)
 
-    p = sub.add_parser("eval", help="accuracy, tokens, FLOPs and time of stacks vs the uncompressed model")
+    p = sub.add_parser("eval", help="accuracy, tokens, FLOPs and time of stacks vs the uncompressed model",
+                       epilog=outputs.RULES)
     p.add_argument("stacks", nargs="+", metavar="STACK")
     p.add_argument("--model", default="zoo:llava-shapes", help="zoo:NAME or a checkpoint folder")
-    p.add_argument("-n", "--n", type=_positive, default=1000,
+    p.add_argument("-n", "--n", type=positive_int, default=1000,
                    help="number of questions (at most the split's size: train 20000, val 500, test 1000); "
                         "under torchrun write -n, which torchrun does not mistake for one of its own options")
-    p.add_argument("--batch-size", type=_positive, default=50)
+    p.add_argument("--batch-size", type=positive_int, default=50)
     p.add_argument("--split", default="test", choices=("train", "val", "test"))
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--max-new-tokens", type=_positive, default=2)
-    p.add_argument("--json", metavar="FILE", help="write the rows as JSON ('-' for stdout)")
-    p.add_argument("--csv", metavar="FILE", help="write the rows as CSV ('-' for stdout)")
-    p.add_argument("--plot", metavar="PNG", help="plot accuracy retention against tokens kept")
+    p.add_argument("--seed", type=non_negative_int, default=0)
+    p.add_argument("--max-new-tokens", type=positive_int, default=2)
+    p.add_argument("--json", metavar="FILE", help="write the rows to this .json file ('-' for stdout)")
+    p.add_argument("--csv", metavar="FILE", help="write the rows to this .csv file ('-' for stdout)")
+    p.add_argument("--plot", metavar="PNG", help="plot accuracy retention against tokens kept into this .png file")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("leaderboard", help="every registered method at 50/25/11%% of the visual tokens on the shipped "
-                                           "proxies: one Markdown page with tables and plots")
+                                           "proxies: one Markdown page with tables and plots", epilog=outputs.RULES)
     p.add_argument("--models", default="zoo:llava-shapes,zoo:qwen2.5-vl-shapes",
                    help="comma-separated zoo:NAME or checkpoint folders")
-    p.add_argument("--n", type=_positive, default=LEADERBOARD_N, help="test questions per model")
-    p.add_argument("--batch-size", type=_positive, default=50)
-    p.add_argument("--out", default="docs/leaderboard.md", help="the page to write (plots go beside it)")
+    p.add_argument("--n", type=positive_int, default=LEADERBOARD_N, help="test questions per model")
+    p.add_argument("--batch-size", type=positive_int, default=50)
+    p.add_argument("--out", default="docs/leaderboard.md", help="the .md page to write (its plots go beside it, in "
+                   "a folder of the page's name; default: %(default)s)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_leaderboard)
 
     p = sub.add_parser("calibrate", help="calibrate a stack's method (ALVTS's selector) on a model; writes a file "
                                          "its params can name", description="Runs the calibration of the stack's "
                        "calibratable stage on the shapes train split (zoo models) or on --data, prints what it "
-                       "changed on held-out samples, and writes the result to --out.")
+                       "changed on held-out samples, and writes the result to --out.", epilog=outputs.RULES)
     _add_training_data_arguments(p)
-    p.add_argument("--samples", type=_positive, default=256, help="calibration samples (default: %(default)s)")
-    p.add_argument("--epochs", type=_positive, default=4, help="passes over the samples (default: %(default)s)")
-    p.add_argument("--batch-size", type=_positive, default=16)
-    p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (default: %(default)s)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--samples", type=positive_int, default=256, help="calibration samples (default: %(default)s)")
+    p.add_argument("--epochs", type=positive_int, default=4, help="passes over the samples (default: %(default)s)")
+    p.add_argument("--batch-size", type=positive_int, default=16)
+    p.add_argument("--lr", type=positive_float, default=1e-3, help="Adam learning rate (default: %(default)s)")
+    p.add_argument("--seed", type=non_negative_int, default=0)
     p.add_argument("--stage", type=int, help="the stage index, when several stages can be calibrated")
-    p.add_argument("--out", "-o", default="selector.safetensors", help="file to write (default: %(default)s)")
+    p.add_argument("--out", "-o", default="selector.safetensors", help=".safetensors file to write (default: "
+                   "%(default)s)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_calibrate)
 
     p = sub.add_parser("fit", help="train a stack's method weights by self-distillation against the model uncompressed",
                        description="Trains only the weights of the stack's methods (the model never changes) so that "
                                    "the compressed model answers like the uncompressed one; writes one weights file "
-                                   "per weighted stage, FIT.md and fit.json to --out.")
+                                   "per weighted stage, FIT.md and fit.json to --out.", epilog=outputs.RULES)
     _add_training_data_arguments(p)
-    p.add_argument("--steps", type=_positive, default=300, help="optimizer steps (default: %(default)s)")
-    p.add_argument("--batch-size", type=_positive, default=16)
-    p.add_argument("--lr", type=float, default=3e-4, help="AdamW learning rate (default: %(default)s)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", "-o", default="fitted", help="output folder (default: %(default)s)")
-    p.add_argument("--resume", action="store_true", help="continue from --out's fit-state.pt")
-    p.add_argument("--eval-n", type=int, default=200, help="val questions for accuracy before/after (zoo models; "
-                   "0: skip)")
+    p.add_argument("--steps", type=positive_int, default=300, help="optimizer steps (default: %(default)s)")
+    p.add_argument("--batch-size", type=positive_int, default=16)
+    p.add_argument("--lr", type=positive_float, default=3e-4, help="AdamW learning rate (default: %(default)s)")
+    p.add_argument("--seed", type=non_negative_int, default=0)
+    p.add_argument("--out", "-o", default="fitted", help="output folder, created if missing (default: %(default)s)")
+    p.add_argument("--resume", action="store_true", help="continue from --out's fit-state.pt (refused when there is "
+                   "none)")
+    p.add_argument("--eval-n", type=non_negative_int, default=200,
+                   help="val questions for accuracy before/after (zoo models; 0: skip)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_fit)
 
@@ -389,7 +458,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("viz", help="PNG of the patches each stage keeps",
                        description="One prefill of STACK on the image; writes a PNG with one panel per stage (and per "
                                    "decoder layer with a stage): dropped patches dimmed, the patches of a merged token "
-                                   "outlined together, each panel titled with its tokens and the patches they cover.")
+                                   "outlined together, each panel titled with its tokens and the patches they cover.",
+                       epilog=outputs.RULES)
     p.add_argument("stack", help="the stack file")
     p.add_argument("--image", required=True, help="the picture (any format PIL reads)")
     p.add_argument("--model", default="zoo:llava-shapes", help="zoo:NAME or a checkpoint folder (default: %(default)s)")
@@ -402,15 +472,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("zoo", help="the shipped proxy models")
     zoo = p.add_subparsers(dest="zoo_command", required=True)
-    t = zoo.add_parser("train", help="train a proxy model from scratch (reproducible from the seed)")
+    t = zoo.add_parser("train", help="train a proxy model from scratch (reproducible from the seed)",
+                       epilog=outputs.RULES)
     add_train_arguments(t)
     t.set_defaults(func=cmd_zoo_train)
-    c = zoo.add_parser("card", help="measure a trained checkpoint with `tokenpress eval` and rewrite its MODEL_CARD.md")
+    c = zoo.add_parser("card", help="measure a trained checkpoint with `tokenpress eval` and rewrite its MODEL_CARD.md",
+                       epilog=outputs.RULES)
     c.add_argument("model", help="zoo:NAME or a folder written by `tokenpress zoo train`")
-    c.add_argument("--out", "-o", metavar="DIR", help="where eval.json and MODEL_CARD.md go (default: the model's "
-                   "folder; required for a shipped zoo model, whose files are read-only)")
-    c.add_argument("--n", type=int, default=1000, help="test questions")
-    c.add_argument("--batch-size", type=int, default=50)
+    c.add_argument("--out", "-o", metavar="DIR", help="the folder, created if missing, where eval.json and "
+                   "MODEL_CARD.md go (default: the model's folder; required for a shipped zoo model, whose files are "
+                   "read-only)")
+    c.add_argument("--n", type=positive_int, default=1000, help="test questions")
+    c.add_argument("--batch-size", type=positive_int, default=50)
     c.add_argument("--no-measure", action="store_true", help="re-render from the saved eval.json only")
     c.set_defaults(func=cmd_zoo_card)
 

@@ -9,6 +9,8 @@ from typing import Any
 
 import torch
 
+from tokenpress import outputs
+from tokenpress.cli import non_negative_int, positive_int
 from tokenpress.errors import TokenpressError
 
 
@@ -31,7 +33,7 @@ def _model_and_inputs(args: argparse.Namespace) -> tuple[Any, dict[str, torch.Te
         return model, bench.synthetic_inputs(model, args.batch_size, args.text_tokens), None
     from tokenpress.loading import load_model_and_processor
 
-    model, processor = load_model_and_processor(args.model)
+    model, processor = load_model_and_processor(args.model, progress=not getattr(args, "quiet", False))
     if args.dtype != "float32":
         model = model.to(getattr(torch, args.dtype))
     if torch.cuda.is_available():
@@ -47,6 +49,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     methods = [name.strip() for name in args.methods.split(",") if name.strip()]  # "": the interception alone
     stacks = bench.sweep_stacks(methods, [float(r) for r in args.ratios.split(",")], args.layer)
+    markdown = outputs.check_file(args.markdown, "--markdown", ".md", "the table") if args.markdown else None
+    json_file = outputs.check_file(args.json, "--json", ".json", "the rows as JSON") if args.json else None
+    plot = outputs.check_plot(args.plot, "--plot") if args.plot else None
     model, inputs, processor = _model_and_inputs(args)
     rows = bench.bench(model, inputs, stacks, repeats=args.repeats, progress=not args.quiet)
     if processor is not None and args.accuracy_n > 0 and str(args.model).startswith("zoo:"):
@@ -57,14 +62,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
             row.accuracy_retention = retention.get(row.stack)
     table = bench.format_bench(rows, _device_name())
     print(table)
-    if args.markdown:
-        Path(args.markdown).write_text(table + "\n", encoding="utf-8")
-        print(f"\nwrote {args.markdown}")
-    if args.json:
-        Path(args.json).write_text(json.dumps(bench.rows_as_dicts(rows), indent=2), encoding="utf-8")
-        print(f"wrote {args.json}")
-    if args.plot:
-        print(f"wrote {bench.plot_bench(rows, args.plot)}")
+    if markdown:
+        outputs.write_text(markdown, table + "\n")
+        print(f"\nwrote {markdown}")
+    if json_file:
+        outputs.write_text(json_file, json.dumps(bench.rows_as_dicts(rows), indent=2))
+        print(f"wrote {json_file}")
+    if plot:
+        print(f"wrote {bench.plot_bench(rows, outputs.ready(plot))}")
     return 0
 
 
@@ -73,14 +78,16 @@ def cmd_profile(args: argparse.Namespace) -> int:
     from tokenpress.stack import load_stack
 
     stack = load_stack(args.stack)
+    trace = outputs.check_folder(args.trace, "--trace", "the profiler trace") if args.trace else None
     model, inputs, _ = _model_and_inputs(args)
-    rows, totals, prof = bench.profile(model, inputs, stack, trace_dir=args.trace, max_new_tokens=args.max_new_tokens)
+    rows, totals, prof = bench.profile(model, inputs, stack, trace_dir=str(trace) if trace else None,
+                                       max_new_tokens=args.max_new_tokens)
     print(bench.format_profile(rows, totals, _device_name()))
     if args.ops:
         sort = "cuda_time_total" if torch.cuda.is_available() else "cpu_time_total"
         print("\n" + prof.key_averages().table(sort_by=sort, row_limit=args.ops))
-    if args.trace:
-        print(f"\ntrace written to {args.trace} (open with: tensorboard --logdir {args.trace}, torch-tb-profiler)")
+    if trace:
+        print(f"\ntrace written to {trace} (open with: tensorboard --logdir {trace}, torch-tb-profiler)")
     return 0
 
 
@@ -91,31 +98,36 @@ def _model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     parser.add_argument("--attn", default="sdpa", choices=("eager", "sdpa", "flash_attention_2"),
                         help="attention implementation (with --config)")
-    parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--text-tokens", type=int, default=48, help="prompt length (with --config)")
+    parser.add_argument("--batch-size", type=positive_int, default=4)
+    parser.add_argument("--text-tokens", type=non_negative_int, default=48, help="prompt length (with --config)")
 
 
 def register(sub: Any) -> None:
     """Add the bench and profile subcommands to the CLI's subparsers."""
-    p = sub.add_parser("bench", help="speed, FLOPs and memory of methods x keep ratios vs the uncompressed model")
+    p = sub.add_parser("bench", help="speed, FLOPs and memory of methods x keep ratios vs the uncompressed model",
+                       epilog=outputs.RULES)
     _model_options(p)
     p.add_argument("--methods", default="fastv,pool,random",
                    help="comma-separated methods to sweep (\"\": only the baseline and the empty stack)")
     p.add_argument("--ratios", default="0.5,0.25,0.11")
-    p.add_argument("--layer", type=int, default=None,
+    p.add_argument("--layer", type=non_negative_int, default=None,
                    help="layer K of decoder-layer methods (default: the method's own layers, else 2)")
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--accuracy-n", type=int, default=200, help="questions for accuracy retention (zoo models)")
-    p.add_argument("--markdown", metavar="FILE")
-    p.add_argument("--json", metavar="FILE")
-    p.add_argument("--plot", metavar="PNG")
+    p.add_argument("--repeats", type=positive_int, default=5)
+    p.add_argument("--accuracy-n", type=non_negative_int, default=200,
+                   help="questions for accuracy retention (zoo models; 0: skip)")
+    p.add_argument("--markdown", metavar="FILE", help="write the table to this .md file")
+    p.add_argument("--json", metavar="FILE", help="write the rows to this .json file")
+    p.add_argument("--plot", metavar="PNG", help="plot speedups against tokens kept into this .png file")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_bench)
 
-    p = sub.add_parser("profile", help="torch.profiler run of a prefill and a short generation with a stack")
+    p = sub.add_parser("profile", help="torch.profiler run of a prefill and a short generation with a stack",
+                       epilog=outputs.RULES)
     p.add_argument("stack")
     _model_options(p)
-    p.add_argument("--max-new-tokens", type=int, default=8)
-    p.add_argument("--trace", metavar="DIR", help="write a TensorBoard profiler trace here")
-    p.add_argument("--ops", type=int, default=0, metavar="N", help="also print the N most expensive operators")
+    p.add_argument("--max-new-tokens", type=positive_int, default=8)
+    p.add_argument("--trace", metavar="DIR", help="write a TensorBoard profiler trace into this folder (created if "
+                   "missing)")
+    p.add_argument("--ops", type=non_negative_int, default=0, metavar="N",
+                   help="also print the N most expensive operators")
     p.set_defaults(func=cmd_profile)

@@ -30,6 +30,8 @@ from tokenpress.stack import Stack, load_stack
 
 STATE_FILE = "fit-state.pt"
 CARD_FILE = "FIT.md"
+#: Steps between two saves of the fit's state (``--resume`` continues from the latest).
+SAVE_EVERY = 50
 
 
 @dataclass
@@ -89,9 +91,10 @@ def _weighted(handle: Any) -> list[Any]:
 def fit(model: Any, processor: Any, stack: Stack | str | Path | dict, train: list[PromptedImage],
         held_out: list[PromptedImage], out_dir: str | Path, *, steps: int = 300, batch_size: int = 16,
         lr: float = 3e-4, seed: int = 0, chat: bool = False, answer_tokens: int = 2, resume: bool = False,
-        save_every: int = 50, progress: bool = True) -> FitReport:
+        save_every: int = SAVE_EVERY, progress: bool = True) -> FitReport:
     """Fit the weights of ``stack``'s stages on ``model``; write them (one file per weighted stage) and
-    a card to ``out_dir``. ``train`` is cycled through in order, ``batch_size`` samples a step."""
+    a card to ``out_dir``. ``train`` is cycled through in order, ``batch_size`` samples a step.
+    ``resume``: continue from ``out_dir``'s saved state, refused when there is none (never a silent restart)."""
     from tqdm.auto import tqdm
 
     from tokenpress import weights as weights_io
@@ -100,6 +103,8 @@ def fit(model: Any, processor: Any, stack: Stack | str | Path | dict, train: lis
         raise InputError(f"--lr {lr}: the learning rate must be positive")
     parsed = load_stack(stack)
     out = Path(out_dir)
+    if resume and not (out / STATE_FILE).is_file():
+        raise InputError(f"{out}: no {STATE_FILE} to resume from")
     held_batches = list(batches(processor, held_out, batch_size, chat))
     frozen = [p for p in model.parameters() if p.requires_grad]
     start_time = time.perf_counter()
@@ -116,7 +121,7 @@ def fit(model: Any, processor: Any, stack: Stack | str | Path | dict, train: lis
             optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=0.0)
             start, losses = 0, []
             state_path = out / STATE_FILE
-            if resume and state_path.is_file():
+            if resume:
                 state = torch.load(state_path, weights_only=False)
                 for entry, module_state in zip(stages, state["modules"], strict=True):
                     entry.method.weights.load_state_dict(module_state)
