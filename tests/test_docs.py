@@ -1,4 +1,6 @@
-"""The documentation site: its example code runs, every built-in method has a page, and it builds.
+"""The documentation site: its example code runs, every built-in method has a page, the lists that
+would drift (methods, commands, the contract kit's checks, the public modules) are generated or
+checked against the code, and it builds with ``mkdocs build --strict`` without a warning.
 
 Code blocks with a file name (```` ```python title="acme_keepfirst.py" ````) in the docs are the
 examples: they are written to a temporary folder, imported and run on a tiny LLaVA here, so the
@@ -7,7 +9,10 @@ text and the tests cannot drift apart.
 
 from __future__ import annotations
 
+import ast
 import contextlib
+import dataclasses
+import functools
 import importlib
 import importlib.util
 import io
@@ -25,6 +30,7 @@ import torch
 import yaml
 
 import tokenpress
+from tokenpress import cli
 from tokenpress.testing import llava_batch, sample_prompts, tiny_llava
 from tokenpress.testing.families import FAMILIES
 
@@ -256,11 +262,19 @@ def nav_pages(node: object) -> list[str]:
     return []
 
 
-def _method_pages_hook() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("method_pages", DOCS / "_hooks" / "method_pages.py")
+@functools.cache
+def _hook(name: str) -> ModuleType:
+    """The mkdocs hook ``docs/_hooks/NAME.py``, loaded the way mkdocs loads it (a file, not a package,
+    in ``sys.modules`` under its own name)."""
+    spec = importlib.util.spec_from_file_location(f"docs_hook_{name}", DOCS / "_hooks" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
     spec.loader.exec_module(module)
     return module
+
+
+def _method_pages_hook() -> ModuleType:
+    return _hook("method_pages")
 
 
 def test_every_built_in_method_has_a_page_in_the_nav():
@@ -291,20 +305,138 @@ def test_every_top_level_export_is_in_the_api_index():
     assert not missing, f"docs/api/index.md does not list {missing}"
 
 
+def _api_index_sections() -> tuple[str, str]:
+    """docs/api/index.md's table of the top level and its table of the other public modules."""
+    text = (DOCS / "api" / "index.md").read_text(encoding="utf-8")
+    top, _, others = text.partition("## Other public modules")
+    assert others, "docs/api/index.md has no 'Other public modules' section"
+    return top, others
+
+
+def test_the_api_index_claims_only_top_level_names_that_are_there():
+    """A name in the top-level table must be importable from ``tokenpress`` (``prepare_stages`` was listed
+    there while only ``tokenpress.attach`` has it)."""
+    top, _ = _api_index_sections()
+    claimed = re.findall(r"\[`(\w+)`\]\[tokenpress\.", top)
+    assert claimed
+    wrong = [name for name in claimed if name not in tokenpress.__all__]
+    assert not wrong, f"docs/api/index.md lists {wrong} as top-level names; they are not in tokenpress.__all__"
+
+
+def plugin_imports() -> set[tuple[str, str]]:
+    """(module, name) of every ``from tokenpress... import name`` in the built-in plugins' own code."""
+    found = set()
+    for path in (ROOT / "plugins").rglob("*.py"):
+        if path.name.startswith("test_") or "tests" in path.parts:
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "tokenpress":
+                found |= {(node.module, alias.name) for alias in node.names}
+    return found
+
+
+def test_the_api_index_names_what_the_built_in_plugins_import():
+    """A third-party plugin imports what the built-in ones do: each such module has its row in the API
+    index with the names imported from it, and an API page in the nav."""
+    _, others = _api_index_sections()
+    rows = {match[1]: match[0] for match in re.finditer(r"^\| \[`(tokenpress[\w.]*)`\].*$", others, re.MULTILINE)}
+    nav = nav_pages(yaml.safe_load((ROOT / "mkdocs.yml").read_text(encoding="utf-8"))["nav"])
+    assert "api/flops.md" in nav and "api/matching.md" in nav
+    imports = plugin_imports()
+    assert ("tokenpress.select", "topk_mask") in imports and ("tokenpress.flops", "StageShape") in imports
+    problems = []
+    for module, name in sorted(imports):
+        if module == "tokenpress":
+            submodule = f"tokenpress.{name}"
+            if name not in tokenpress.__all__ and submodule not in rows:
+                problems.append(f"`from tokenpress import {name}`: neither a top-level name nor a listed module")
+        elif module not in rows:
+            problems.append(f"{module} (imported for {name}) has no row")
+        elif f"`{name}`" not in rows[module]:
+            problems.append(f"the {module} row does not name `{name}`")
+    assert not problems, "docs/api/index.md, Other public modules:\n  " + "\n  ".join(problems)
+
+
+#: StageContext fields a stage does not read itself: what random_key() and text_embeddings() are made
+#: from, and a dict nothing fills.
+STAGE_CONTEXT_PLUMBING = {"sample_keys", "image_rank", "prompt_embeddings", "extras"}
+
+
+def test_the_stage_context_table_lists_every_member():
+    text = AUTHORING.read_text(encoding="utf-8")
+    table = text.partition("### Pre-LLM stages: `StageContext`")[2].partition("\n\n|")[2].partition("\n\n")[0]
+    members = {field.name for field in dataclasses.fields(tokenpress.StageContext)} | {
+        name for name, value in vars(tokenpress.StageContext).items() if callable(value) and not name.startswith("_")}
+    missing = sorted(name for name in members - STAGE_CONTEXT_PLUMBING if f"`context.{name}" not in table)
+    assert not missing, f"the StageContext table of plugin-authoring.md does not list {missing}"
+
+
+# --- (2b) lists generated from the code: methods, commands, the contract kit's checks -------------
+
+
+def test_home_and_getting_started_generate_their_lists_of_methods_and_commands():
+    """The site's lists of methods and commands are markers the hooks fill from the registry and the CLI
+    parser, and what they render names every built-in method and every subcommand."""
+    index = (DOCS / "index.md").read_text(encoding="utf-8")
+    getting_started = (DOCS / "getting-started.md").read_text(encoding="utf-8")
+    methods_hook, tables = _method_pages_hook(), _hook("reference_tables")
+    assert methods_hook.TABLE_MARKER in index and tables.COMMANDS_MARKER in index
+    assert tables.PLUGINS_MARKER in getting_started
+    assert "$ tokenpress plugins\n" not in getting_started, "a hand-written `tokenpress plugins` output"
+    methods = methods_hook.methods_table("")
+    for name in built_in_methods():
+        assert f"[`{name}`](methods/{name}.md)" in methods
+    commands = tables.commands_table()
+    top_level = {name for action in cli.build_parser()._subparsers._group_actions for name in action.choices}
+    listed = [command.name for command in tables.commands()]
+    assert top_level == {name.split()[1] for name in listed}
+    assert {"tokenpress zoo train", "tokenpress zoo card", "tokenpress leaderboard"} <= set(listed)
+    assert all(f"| `{name}" in commands for name in listed)
+    plugins = tables.plugins_output()
+    assert all(re.search(rf"^{re.escape(name)} ", plugins, re.MULTILINE) for name in built_in_methods())
+
+
+def test_the_testing_page_lists_every_check_the_kit_runs():
+    """docs/testing.md, as the hook renders it, has one row per ``test_*`` check of MethodContract and
+    one per tunable class attribute, and names no check that does not exist."""
+    from tokenpress.testing.contract import MethodContract
+
+    rendered = _hook("reference_tables").render((DOCS / "testing.md").read_text(encoding="utf-8"))
+    checks = sorted(name for name in dir(MethodContract) if name.startswith("test_"))
+    listed = re.findall(r"^\| `(test_\w+)` \|", rendered, re.MULTILINE)
+    assert sorted(listed) == checks
+    assert {"test_declared_flops_match_the_counter", "test_grid_matches_expected_grid"} <= set(listed)
+    unknown = set(re.findall(r"`(test_\w+)`", rendered)) - set(checks)  # a check named in prose or a table
+    assert not unknown, f"docs/testing.md names checks the kit does not have: {sorted(unknown)}"
+    tunable = [name for name, annotation in MethodContract.__annotations__.items()
+               if str(annotation).startswith("ClassVar")]
+    assert {"method", "params", "atol"} <= set(tunable)
+    undocumented = [name for name in tunable if not re.search(rf"^\| `{name}` \|", rendered, re.MULTILINE)]
+    assert not undocumented, (f"MethodContract attributes {undocumented} are missing from docs/testing.md's "
+                              "table: give each a `#:` comment in tokenpress/testing/contract.py")
+    assert "within 5%" in rendered  # the FLOPs check's tolerance, from its docstring
+
+
 # --- (3) the site builds --------------------------------------------------------------------------
 
 
 def test_mkdocs_build_is_strict_clean(tmp_path):
+    """``mkdocs build --strict``, as mkdocs.yml says, without ``-q`` (which hides the warnings that make a
+    strict build fail): it succeeds and prints no warning."""
     pytest.importorskip("mkdocs")
     pytest.importorskip("material")
     pytest.importorskip("mkdocstrings_handlers.python")
-    env = {**os.environ, "NO_MKDOCS_2_WARNING": "1"}
+    env = {**os.environ, "NO_MKDOCS_2_WARNING": "1"}  # mkdocs-material's banner (not a warning of the build)
     start = time.perf_counter()
     result = subprocess.run(
-        [sys.executable, "-m", "mkdocs", "build", "--strict", "-q", "-f", "mkdocs.yml", "-d", str(tmp_path / "site")],
+        [sys.executable, "-m", "mkdocs", "build", "--strict", "-f", "mkdocs.yml", "-d", str(tmp_path / "site")],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
     elapsed = time.perf_counter() - start
-    assert result.returncode == 0, result.stdout + result.stderr
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output
+    warnings = [line for line in output.splitlines() if line.startswith("WARNING")]
+    assert not warnings, "\n".join(warnings)
+    assert "Documentation built in" in output  # the log was not silenced: an empty warning list means something
     assert elapsed < 60
     api = (tmp_path / "site" / "api" / "tokens" / "index.html").read_text(encoding="utf-8")
     assert 'id="tokenpress.tokens.TokenState.keep"' in api  # mkdocstrings rendered the API
@@ -315,3 +447,18 @@ def test_mkdocs_build_is_strict_clean(tmp_path):
         page = (tmp_path / "site" / "methods" / name / "index.html").read_text(encoding="utf-8")
         assert method_class.Config.__name__ in page, name
         assert f'href="{name}/"' in index, name
+    site = tmp_path / "site"
+    home = (site / "index.html").read_text(encoding="utf-8")
+    assert all(f'href="methods/{name}/"' in home for name in built_in_methods())
+    assert all(f"<code>{command.name}" in home for command in _hook("reference_tables").commands())
+    getting_started = (site / "getting-started" / "index.html").read_text(encoding="utf-8")
+    assert all(f"(entry point {name})" in getting_started for name in built_in_methods())
+    testing = (site / "testing" / "index.html").read_text(encoding="utf-8")
+    from tokenpress.testing.contract import MethodContract
+
+    assert all(f"<code>{name}</code>" in testing for name in dir(MethodContract) if name.startswith("test_"))
+    assert "tokenpress.flops.ScoringInput" in (site / "api" / "flops" / "index.html").read_text(encoding="utf-8")
+    escaped = [page.relative_to(site) for page in site.rglob("*.html")
+               if re.search(r"<code>[^<]*\\\|", page.read_text(encoding="utf-8"))]
+    assert not escaped, f"a literal backslash before a pipe in code on {escaped}"
+    assert not (site / "_hooks").exists()  # build tooling is not published

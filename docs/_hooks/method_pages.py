@@ -1,6 +1,9 @@
 """mkdocs hook: every built-in method's page, nav entry and row of the methods table, made from its
 plugin folder (its ``README.md`` and its ``Config`` reference) and its registered ``Method`` class.
 
+The table replaces ``<!-- methods-table -->`` on any page (the methods index and the home page), its
+links relative to that page.
+
 A new built-in method is its folder under ``plugins/`` and one entry-point line: the docs need no
 file of their own. A method that wants more than its README on its page adds
 ``docs/methods/NAME.md`` by hand; that file is used instead of the generated one.
@@ -8,6 +11,7 @@ file of their own. A method that wants more than its README on its page adds
 
 from __future__ import annotations
 
+import posixpath
 from typing import Any
 
 from mkdocs.structure.files import File, Files
@@ -43,12 +47,14 @@ def page_source(method_class: type[tokenpress.Method]) -> str:
             "      heading_level: 3\n")
 
 
-def methods_table() -> str:
-    """One row per built-in method: its page, its points (the first is the default) and its description."""
+def methods_table(page_folder: str = "methods") -> str:
+    """One row per built-in method: its page (linked from a page in ``page_folder``), its points (the
+    first is the default) and its description."""
     rows = ["| method | points (first = default) | what it does |", "| --- | --- | --- |"]
     for name, method_class in built_in_methods().items():
         points = ", ".join(f"`{point}`" for point in method_class.points)
-        rows.append(f"| [`{name}`]({name}.md) | {points} | {method_class.description} |")
+        link = posixpath.relpath(f"methods/{name}.md", page_folder or ".")
+        rows.append(f"| [`{name}`]({link}) | {points} | {method_class.description} |")
     return "\n".join(rows)
 
 
@@ -72,6 +78,6 @@ def on_files(files: Files, config: Any) -> Files:
 
 
 def on_page_markdown(markdown: str, page: Any, config: Any, files: Files) -> str:
-    if page.file.src_uri == "methods/index.md":
-        return markdown.replace(TABLE_MARKER, methods_table())
+    if TABLE_MARKER in markdown:
+        return markdown.replace(TABLE_MARKER, methods_table(posixpath.dirname(page.file.src_uri)))
     return markdown
