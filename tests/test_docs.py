@@ -30,7 +30,8 @@ import torch
 import yaml
 
 import tokenpress
-from tokenpress import cli
+from tokenpress import cli, leaderboard
+from tokenpress.evaluate import Row
 from tokenpress.testing import llava_batch, sample_prompts, tiny_llava
 from tokenpress.testing.families import FAMILIES
 
@@ -415,6 +416,50 @@ def test_the_testing_page_lists_every_check_the_kit_runs():
     assert not undocumented, (f"MethodContract attributes {undocumented} are missing from docs/testing.md's "
                               "table: give each a `#:` comment in tokenpress/testing/contract.py")
     assert "within 5%" in rendered  # the FLOPs check's tolerance, from its docstring
+
+
+# --- the leaderboard page: the writer's layout, and the committed page in it ---------------------
+
+
+def _fake_board() -> leaderboard.Board:
+    entries = [leaderboard.Entry("tome", 0.5, {"name": "tome 50%"}),
+               leaderboard.Entry("alvts", 0.5, {"name": "alvts 50%"}, "shipped weights"),
+               leaderboard.Entry("qformer", 0.25, {"name": "qformer 25% (unfitted)"}, "unfitted: no weights"),
+               leaderboard.Entry("prumerge", None, {"name": "prumerge (own count)"})]
+    rows = [Row("baseline", 0.9, 1.0, 1.0, 1.0, 1.0, {}), Row("tome 50%", 0.81, 0.9, 0.5, 0.557, 0.5434, {}),
+            Row("alvts 50%", 0.855, 0.95, 0.5, 0.684, 0.912, {}),
+            Row("qformer 25% (unfitted)", 0.45, 0.5, 0.25, 0.494, 0.487, {}),
+            Row("prumerge (own count)", 0.414, 0.46, 0.083, 0.357, 0.409, {})]
+    return leaderboard.Board("zoo:tiny", 36, entries, rows, ["folder: cannot merge here"])
+
+
+def test_the_leaderboard_writer_keeps_notes_out_of_the_table_and_captions_its_plots(tmp_path):
+    pytest.importorskip("matplotlib")
+    page = tmp_path / "board.md"
+    written = leaderboard.write_page([_fake_board()], page, 600, "tokenpress leaderboard")
+    text = page.read_text(encoding="utf-8")
+    assert "\n| stack | tokens kept | accuracy | retention | FLOPs ratio | prefill time ratio |\n" in text
+    assert "\n| baseline | 100.0% | 90.0% | 100.0% | 1.000 | 1.000 |\n" in text
+    assert "\n| alvts 50% ¹ | 50.0% | 85.5% | 95.0% | 0.684 | 0.912 |\n" in text  # sorted by accuracy
+    assert text.index("| alvts 50% ¹") < text.index("| tome 50% |") < text.index("| qformer 25% (unfitted) ² |")
+    assert text.index("| qformer 25% (unfitted) ²") < text.index("| prumerge (own count) |")
+    assert "\n- ¹ shipped weights\n- ² unfitted: no weights\n" in text
+    assert all(line.count("|") == 7 for line in text.splitlines() if line.startswith("|"))  # six columns
+    assert "- folder: cannot merge here" in text
+    plots = [path for path in written if path.suffix == ".png"]
+    assert [path.name for path in plots] == ["tiny-flops.png", "tiny-time.png"]
+    for plot in plots:
+        image = f"![zoo:tiny: accuracy retained against the {leaderboard.PLOT_AXES[plot.stem.split('-')[-1]][1]}]"
+        after = text.partition(f"{image}(board/{plot.name})\n\n")[2]
+        assert after.startswith("Colour: the method (legend); shape: the share of the visual tokens asked "
+                                "(● 50% asked, ■ 25% asked, ◆ own count); ★ the uncompressed baseline.")
+
+
+def test_the_committed_leaderboard_page_has_the_writers_layout():
+    text = (DOCS / "leaderboard.md").read_text(encoding="utf-8")
+    headers = [line for line in text.splitlines() if line.startswith("| stack ")]
+    assert headers and set(headers) == {leaderboard.TABLE_HEADER[0]}
+    assert text.count("![") == text.count("\nColour: the method (legend); shape: ") == 2 * len(headers)
 
 
 # --- (3) the site builds --------------------------------------------------------------------------

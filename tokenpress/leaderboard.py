@@ -127,33 +127,99 @@ def run(models: tuple[str, ...] = DEFAULT_MODELS, n: int = 600, batch_size: int 
     return boards
 
 
+#: The plots' marker for each share of the visual tokens asked (None: the method's own count), with
+#: the shape it draws (for the caption under a plot) and its legend label.
+MARKERS: dict[float | None, tuple[str, str, str]] = {
+    0.5: ("o", "●", "50% asked"), 0.25: ("s", "■", "25% asked"), 0.11: ("^", "▲", "11% asked"),
+    None: ("D", "◆", "own count"),
+}
+BASELINE_MARKER = ("*", "★", "baseline")
+PLOT_AXES = {"flops": ("prefill FLOPs (% of baseline)", "FLOPs ratio"),
+             "time": ("measured prefill time (% of baseline)", "measured prefill time ratio")}
+
+
+def plot_caption(board: Board) -> str:
+    """The line under each of a board's plots: what the colours and the marker shapes stand for."""
+    targets = {entry.target for entry in board.entries}
+    shapes = ", ".join(f"{shape} {label}" for target, (_, shape, label) in MARKERS.items() if target in targets)
+    return (f"Colour: the method (legend); shape: the share of the visual tokens asked ({shapes}); "
+            f"{BASELINE_MARKER[1]} the uncompressed baseline.")
+
+
 def _plot(board: Board, path: Path, x: str) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
 
     by_name = {row.stack: row for row in board.rows}
     methods = sorted({entry.method for entry in board.entries})
-    colours = plt.get_cmap("tab20")(range(len(methods)))
-    markers = {0.5: "o", 0.25: "s", 0.11: "^", None: "D"}
-    figure, axis = plt.subplots(figsize=(7.5, 5), dpi=120)
-    for colour, method in zip(colours, methods, strict=True):
-        for entry in (e for e in board.entries if e.method == method):
-            row = by_name[entry.stack["name"]]
-            value = row.flops_ratio if x == "flops" else row.prefill_time_ratio
-            axis.scatter(value * 100, row.retention * 100, color=colour, marker=markers[entry.target], s=45,
-                         label=method if entry is next(e for e in board.entries if e.method == method) else None)
-    axis.scatter([100], [100], color="black", marker="*", s=80, label="baseline")
-    axis.set_xlabel("prefill FLOPs (% of baseline)" if x == "flops" else "measured prefill time (% of baseline)")
+    colours = dict(zip(methods, plt.get_cmap("tab20")(range(len(methods))), strict=True))
+    figure, axis = plt.subplots(figsize=(9, 5), dpi=120, layout="constrained")  # room for the legends beside
+    for entry in board.entries:
+        row = by_name[entry.stack["name"]]
+        value = row.flops_ratio if x == "flops" else row.prefill_time_ratio
+        axis.scatter(value * 100, row.retention * 100, color=colours[entry.method], marker=MARKERS[entry.target][0],
+                     s=45)
+    axis.scatter([100], [100], color="black", marker=BASELINE_MARKER[0], s=80)
+    label, what = PLOT_AXES[x]
+    axis.set_xlabel(label)
     axis.set_ylabel("accuracy retained (%)")
-    axis.set_title(f"{board.model}: o 50%  s 25%  ^ 11% of the visual tokens")
+    axis.set_title(f"{board.model}: accuracy retained against the {what}")
     axis.grid(alpha=0.3)
-    axis.legend(fontsize=7, ncol=2)
-    figure.tight_layout()
+    figure.legend(handles=[Patch(color=colours[method], label=method) for method in methods], title="method",
+                  fontsize=7, title_fontsize=8, loc="outside right upper")
+    targets = {entry.target for entry in board.entries}
+    shapes = [Line2D([], [], color="grey", marker=marker, linestyle="", label=text)
+              for target, (marker, _, text) in MARKERS.items() if target in targets]
+    shapes.append(Line2D([], [], color="black", marker=BASELINE_MARKER[0], linestyle="", markersize=9,
+                         label=BASELINE_MARKER[2]))
+    figure.legend(handles=shapes, title="share of tokens", fontsize=7, title_fontsize=8, loc="outside right lower")
     figure.savefig(path)
     plt.close(figure)
     return path
+
+
+#: Six columns fit the docs site's page; a row's stack name says the share asked ("tome 25%").
+TABLE_HEADER = ["| stack | tokens kept | accuracy | retention | FLOPs ratio | prefill time ratio |",
+                "| --- | ---: | ---: | ---: | ---: | ---: |"]
+SUPERSCRIPT_DIGITS = str.maketrans("0123456789", "⁰¹²³⁴⁵⁶⁷⁸⁹")
+
+
+def board_table(board: Board) -> list[str]:
+    """One proxy's table (the baseline, then by share asked and accuracy) and, under it, the notes its
+    rows point to with a superscript number (kept out of the table so that it fits the page)."""
+    entries = {entry.stack["name"]: entry for entry in board.entries}
+    ordered = sorted(board.rows[1:], key=lambda row: (-(entries[row.stack].target or 0), -row.accuracy))
+    notes: list[str] = []
+    lines = list(TABLE_HEADER)
+    for row in [board.rows[0], *ordered]:
+        entry = entries.get(row.stack)
+        mark = ""
+        if entry is not None and entry.note:
+            if entry.note not in notes:
+                notes.append(entry.note)
+            mark = " " + str(notes.index(entry.note) + 1).translate(SUPERSCRIPT_DIGITS)
+        lines.append(f"| {row.stack}{mark} | {row.tokens_kept:.1%} | {row.accuracy:.1%} | "
+                     f"{row.retention:.1%} | {row.flops_ratio:.3f} | {row.prefill_time_ratio:.3f} |")
+    if notes:
+        lines.append("")
+        lines += [f"- {str(number).translate(SUPERSCRIPT_DIGITS)} {note}" for number, note in enumerate(notes, start=1)]
+    return lines
+
+
+def board_section(board: Board, plots: dict[str, str]) -> list[str]:
+    """One proxy's part of the page: its table and notes, its refusals, and its plots (``x`` -> the
+    plot's path relative to the page), each with its caption."""
+    lines = [f"## {board.model} ({board.tokens_per_image} visual tokens per image)", "", *board_table(board)]
+    if board.refused:
+        lines += ["", "Refused on this model:", ""] + [f"- {line}" for line in board.refused]
+    for x, link in plots.items():
+        lines += ["", f"![{board.model}: accuracy retained against the {PLOT_AXES[x][1]}]({link})", "",
+                  plot_caption(board)]
+    return lines
 
 
 def write_page(boards: list[Board], path: str | Path, n: int, command: str) -> list[Path]:
@@ -174,23 +240,8 @@ def write_page(boards: list[Board], path: str | Path, n: int, command: str) -> l
              "as it is.", ""]
     for board in boards:
         slug = board.model.replace("zoo:", "").replace("/", "-")
-        lines += [f"## {board.model} ({board.tokens_per_image} visual tokens per image)", "",
-                  "| stack | asked | tokens kept | accuracy | retention | FLOPs ratio | prefill time ratio | note |",
-                  "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
-        notes = {entry.stack["name"]: entry for entry in board.entries}
-        ordered = sorted(board.rows[1:], key=lambda row: (-(notes[row.stack].target or 0), -row.accuracy))
-        for row in [board.rows[0], *ordered]:
-            entry = notes.get(row.stack)
-            asked = "-" if entry is None or entry.target is None else f"{entry.target:.0%}"
-            lines.append(f"| {row.stack} | {asked} | {row.tokens_kept:.1%} | {row.accuracy:.1%} | {row.retention:.1%} "
-                         f"| {row.flops_ratio:.3f} | {row.prefill_time_ratio:.3f} | "
-                         f"{'' if entry is None else entry.note} |")
-        if board.refused:
-            lines += ["", "Refused on this model:", ""] + [f"- {line}" for line in board.refused]
-        for x, what in (("flops", "FLOPs ratio"), ("time", "measured prefill time ratio")):
-            plot = _plot(board, folder / f"{slug}-{x}.png", x)
-            written.append(plot)
-            lines += ["", f"![{board.model}: accuracy retained against the {what}]({folder.name}/{plot.name})"]
-        lines.append("")
+        plots = {x: _plot(board, folder / f"{slug}-{x}.png", x) for x in PLOT_AXES}
+        written += plots.values()
+        lines += [*board_section(board, {x: f"{folder.name}/{plot.name}" for x, plot in plots.items()}), ""]
     path.write_text("\n".join(lines), encoding="utf-8")
     return written
