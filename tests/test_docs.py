@@ -397,6 +397,16 @@ def test_home_and_getting_started_generate_their_lists_of_methods_and_commands()
     assert all(re.search(rf"^{re.escape(name)} ", plugins, re.MULTILINE) for name in built_in_methods())
 
 
+def test_readme_names_every_built_in_method_and_command():
+    """README.md is not built by mkdocs: this test is what keeps its lists whole."""
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    missing = [name for name in built_in_methods() if f"\n| `{name}` |" not in readme]
+    assert not missing, f"README.md's methods table has no row for {missing}"
+    commands = [command.name for command in _hook("reference_tables").commands()]
+    missing = [name for name in commands if f"`{name}" not in readme]
+    assert not missing, f"README.md does not show {missing}"
+
+
 def test_the_testing_page_lists_every_check_the_kit_runs():
     """docs/testing.md, as the hook renders it, has one row per ``test_*`` check of MethodContract and
     one per tunable class attribute, and names no check that does not exist."""
