@@ -43,7 +43,7 @@ def test_empty_stack_is_bit_identical(llava):
 
 @pytest.mark.parametrize("stage", [
     {"method": "fastv", "layers": [2], "params": {"keep_ratio": 1.0}},
-    {"method": "fastv", "layers": [0, 3], "params": {"keep_ratio": 1.0, "query": "text"}},
+    {"method": "fastv", "layers": [0, 3], "params": {"keep_ratio": 1.0, "query": "text", "score_layer": "current"}},
     {"method": "random", "params": {"keep_ratio": 1.0}},
     {"method": "random", "at": "decoder_layer", "layers": [1], "params": {"keep_ratio": 1.0}},
     {"method": "pool", "params": {"kernel": 1}},

@@ -107,6 +107,30 @@ CASES = [
         ("cannot read a value", "4300 digits")),
     Bad("huge_bad_value", HEAD + f"  - method: fastv\n    layers: [1]\n    params:\n      keep_ratio: '{'9' * 5000}'\n",
         ("stages[1]", "params.keep_ratio", "...")),
+    Bad("layer_given_as_a_boolean", HEAD + "  - method: fastv\n    layers: [true]\n",
+        ("stages[1].layers[0]", "integer", "True")),
+    Bad("keep_ratio_given_as_a_string", HEAD + "  - method: fastv\n    layers: [1]\n    params: {keep_ratio: '0.5'}\n",
+        ("stages[1]", "params.keep_ratio", "number", "'0.5'")),
+    Bad("kernel_given_as_a_string", HEAD + "  - method: pool\n    at: projector\n    params: {kernel: '2'}\n",
+        ("stages[1]", "params.kernel", "integer", "'2'")),
+    Bad("fastv_scoring_before_layer_0", HEAD + "  - method: fastv\n    layers: [0, 2]\n",
+        ("stages[1].layers", "layer 0 has no previous layer", "score_layer: current")),
+    Bad("regrid_after_selection", "name: bad\nstages:\n  - method: random\n  - method: pool\n",
+        ("stages[1] (pool) cannot run after stages[0] (random)", "full patch grid")),
+    Bad("regrid_at_projector_after_selection", "name: bad\nstages:\n  - method: random\n  - method: pool\n"
+        "    at: projector\n", ("stages[1] (pool) cannot run after stages[0] (random)", "full patch grid")),
+    Bad("regrid_after_merges_inside_the_encoder", "name: bad\nstages:\n  - method: tome\n    layers: [0]\n"
+        "    params: {r: 2}\n  - method: pool\n",
+        ("stages[1] (pool) cannot run after stages[0] (tome)", "full patch grid")),
+    Bad("signals_after_a_regrid", "name: bad\nstages:\n  - method: pool\n  - method: prumerge\n",
+        ("stages[1] (prumerge) cannot run after stages[0] (pool)", "encoder signals")),
+    Bad("signals_after_later_selection", "name: bad\nstages:\n  - method: visionzip\n"
+        "    params: {keep_ratio: 0.5}\n  - method: random\n  - method: prumerge\n",
+        ("stages[2] (prumerge) cannot run after stages[0] (visionzip)", "encoder signals")),
+    Bad("projector_replaced_twice", "name: bad\nstages:\n  - method: pixel_unshuffle\n  - method: ldp\n",
+        ("stages[1] (ldp) cannot run after stages[0] (pixel_unshuffle)", "encoder space")),
+    Bad("projector_replaced_after_projection", "name: bad\nstages:\n  - method: pool\n    at: projector\n"
+        "  - method: qformer\n", ("stages[1] (qformer) cannot run after stages[0] (pool)", "encoder space")),
     Bad("huge_unknown_param", HEAD + f"  - method: fastv\n    layers: [1]\n    params:\n      {'k' * 1000}: 1\n",
         ("stages[1]", "params.kkkk", "...", "unknown field", "keep_ratio")),
 ]
@@ -159,6 +183,35 @@ def test_cli_validate_prints_one_line_and_exits_2(case: Bad, tmp_path: Path, che
     assert "Traceback" not in err
     for fragment in case.fragments:
         assert fragment in lines[0], f"{fragment!r} not in {lines[0]!r}"
+
+
+def test_a_long_stack_without_aliases_is_not_an_alias_bomb(tmp_path: Path) -> None:
+    """2,000 stages written out (no anchors) stand for more than MAX_VALUES values, but only as many as the
+    file holds: read, not refused as an alias bomb."""
+    path = tmp_path / "long.yaml"
+    path.write_text("name: long\nstages:\n" + "  - method: fastv\n    layers: [1]\n    params: {keep_ratio: 0.9}\n"
+                    * 2000, encoding="utf-8")
+    assert len(tokenpress.load_stack(path).stages) == 2000
+
+
+def test_stages_in_an_order_that_runs_still_load() -> None:
+    """The order check refuses only what cannot run: re-grids before selections, a re-grid after another,
+    signals read first, a selection that keeps everything before a re-grid, decoder stages listed first."""
+    for stages in (["pool", "random"], ["pool", "pool"], ["prumerge", "random"], [("visionzip", {"keep_ratio": 0.5}),
+                                                                                  "fastv"],
+                   [("random", {"keep_ratio": 1.0}), "pool"], ["fastv", "pool", "random"], ["pool", "qformer"]):
+        spec = [{"method": s, "layers": [1]} if s == "fastv" else
+                {"method": s[0], "params": s[1]} if isinstance(s, tuple) else {"method": s} for s in stages]
+        tokenpress.load_stack({"name": "ok", "stages": spec})
+
+
+def test_flops_refuses_an_impossible_order_in_the_same_sentence(tmp_path: Path,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    case = next(c for c in CASES if c.id == "regrid_after_selection")
+    path = write(tmp_path, case)
+    assert main(["flops", str(path), "--config", "configs/llava-1.5-7b.json", "--text-tokens", "10"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"tokenpress: error: {path}: stages[1] (pool) cannot run after stages[0] (random)")
 
 
 def test_layer_range_is_only_checked_against_a_model(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -236,7 +289,9 @@ def test_valid_stack_runs_stages_of_one_point_in_yaml_order(tmp_path: Path, mode
         assert after[0] == before[1]  # each stage sees what the previous one left
 
 
-BAD_FOR_MODEL = [c for c in CASES if c.id in ("keep_ratio_zero", "layer_out_of_range", "unknown_method")]
+BAD_FOR_MODEL = [c for c in CASES if c.id in ("keep_ratio_zero", "layer_out_of_range", "unknown_method",
+                                               "regrid_after_selection", "signals_after_a_regrid",
+                                               "projector_replaced_twice", "layer_given_as_a_boolean")]
 
 
 @pytest.mark.parametrize("case", BAD_FOR_MODEL, ids=lambda c: c.id)

@@ -498,10 +498,7 @@ def _apply_pre_llm(stage: Stage, rows: list[SimulatedRow],
     grids = [method.expected_grid(*row.grid[1:]) for row in rows]
     if all(grid is not None for grid in grids):
         out = []
-        for row, (height, width) in zip(rows, grids, strict=True):
-            if not row.dense:
-                raise FlopsError(f"stage {stage.label()}: {stage.method!r} re-grids the full patch grid, but an "
-                                 "earlier stage already selected tokens (the forward pass would fail too)")
+        for row, (height, width) in zip(rows, grids, strict=True):  # on a full grid (stack.order_problem)
             frames = row.grid[0]
             out.append(SimulatedRow((frames, height, width), frames * height * width, True, row.high_res))
         return out, sum(stage_flops(method, counts_in, [row.count for row in out], widths))

@@ -21,9 +21,12 @@ PRE_LLM_POINTS: tuple[str, ...] = tuple(name for name, before_llm in POINT_TABLE
 
 
 class MethodConfig(BaseModel):
-    """Base of every method's ``params`` model. Unknown fields are errors."""
+    """Base of every method's ``params`` model. Unknown fields are errors, and values are strict: YAML
+    already types them, so ``"0.5"`` is not a number and ``true`` is not ``1`` (an ``int`` is accepted for
+    a ``float``). A field whose type YAML cannot write (a ``Path``, an ``Enum``) takes
+    ``Field(strict=False)``."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
 
 def _no_bool(value: Any) -> Any:
@@ -32,6 +35,8 @@ def _no_bool(value: Any) -> Any:
     return value
 
 
+#: A fraction in ``(0, 1]`` as a stack writes it: a number (never a boolean or a string), checked by the
+#: field that uses it (``Field(gt=0.0, le=1.0)``). Importable from ``tokenpress``.
 Ratio = Annotated[float, BeforeValidator(_no_bool)]
 
 
@@ -117,6 +122,14 @@ class Method:
     #: True when the method's ``projector`` hook maps encoder-space tokens to the LLM's width itself, so
     #: the model's projector never runs (the FLOPs models then charge the method's own modules instead).
     replaces_projector: ClassVar[bool] = False
+    @classmethod
+    def returns_llm_space(cls, point: str) -> bool:
+        """Whether a stage of this method at ``point`` returns tokens in the LLM's space: at ``projector`` a
+        stage either replaces the projector or projects first (``context.project``), as every built-in does;
+        ``query_conditioned`` receives projected tokens. A ``projector`` stage that returns encoder-space
+        tokens says so by overriding this (the order check of a stack reads it)."""
+        return point in ("projector", "query_conditioned")
+
     #: True when the method's output tokens stand for the whole image (no grid cell, like ``qformer``'s):
     #: laid out after the image like text, so LLaVA-NeXT adds no row newlines after them.
     summary_tokens: ClassVar[bool] = False
@@ -132,6 +145,12 @@ class Method:
 
         Resolved when the stack is attached (or simulated), once the model's depth is known.
         """
+        return None
+
+    def layers_problem(self) -> str | None:
+        """Why this stage cannot act at its ``layers`` (None when it can): e.g. FastV scoring with the previous
+        layer's attention has none before layer 0. Asked when a stack is loaded (for the layers it lists) and
+        when it is resolved against a model (for its method's default layers)."""
         return None
 
     @classmethod

@@ -30,15 +30,15 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from tokenpress.errors import StackError
-from tokenpress.method import POINTS, Method, MethodConfig
+from tokenpress.method import POINTS, PRE_LLM_POINTS, Method, MethodConfig
 
 Point = Literal[POINTS]  # type: ignore[valid-type]  # one of POINTS (a tuple subscript spells them out)
 
 
 class StageSpec(BaseModel):
-    """One stage as written in the stack file."""
+    """One stage as written in the stack file (strict: ``layers: [true]`` is not layer 1)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     method: str = Field(description="Registered method name, e.g. 'fastv' (see `tokenpress plugins`).")
     at: Point | None = Field(None, description="Insertion point; defaults to the method's first point.")
@@ -51,7 +51,7 @@ class StageSpec(BaseModel):
 class StackSpec(BaseModel):
     """A whole stack file."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     name: str = Field(description="A name for reports.")
     description: str | None = None
@@ -94,7 +94,9 @@ class Stage:
         if not layers:
             raise StackError(f"{source}: stages[{self.index}].layers: method {self.method!r} chose no {what} "
                              f"for this model ({count}); list the layers")
-        return dataclass_replace(self, layers=tuple(int(layer) for layer in layers))
+        stage = dataclass_replace(self, layers=tuple(int(layer) for layer in layers))
+        _check_layers_of(stage, source)
+        return stage
 
     def as_dict(self, **params: Any) -> dict[str, Any]:
         """This stage as a stack entry (``params`` override some of its parameters)."""
@@ -107,6 +109,15 @@ class Stage:
     def label(self) -> str:
         where = f"{self.point}" + (f"@{_layer_list(self.layers)}" if self.layers else "")
         return f"{self.index}:{self.method}({where})"
+
+
+def _check_layers_of(stage: Stage, source: str) -> None:
+    """Refuse, naming the file and the stage, layers its method cannot act at (``Method.layers_problem``)."""
+    if not stage.layers:
+        return
+    problem = stage.method_class(stage.config, stage.layers).layers_problem()
+    if problem is not None:
+        raise StackError(f"{source}: stages[{stage.index}].layers: {problem}")
 
 
 def _layer_list(layers: tuple[int, ...]) -> str:
@@ -209,14 +220,25 @@ def _construct_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: b
 _UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
 
 
+def _distinct_nodes(node: yaml.Node, seen: set[int]) -> int:
+    """How many distinct nodes the document holds (an alias counted once: the file's own size)."""
+    if id(node) in seen:
+        return 0
+    seen.add(id(node))
+    children = node.value if isinstance(node, yaml.SequenceNode) else (
+        [part for pair in node.value for part in pair] if isinstance(node, yaml.MappingNode) else [])
+    return 1 + sum(_distinct_nodes(child, seen) for child in children)
+
+
 def _load_yaml(text: str) -> Any:
-    """Safe-load one YAML document, refusing duplicate keys and alias bombs."""
+    """Safe-load one YAML document, refusing duplicate keys and alias bombs (a document that its aliases
+    expand beyond :data:`MAX_VALUES` values; a long file without aliases is only as large as it looks)."""
     loader = _UniqueKeyLoader(text)
     try:
         node = loader.get_single_node()
         if node is None:
             return None
-        if _expanded_size(node, {}) > MAX_VALUES:
+        if _expanded_size(node, {}) > max(MAX_VALUES, _distinct_nodes(node, set())):
             raise StackError(f"the YAML stands for more than {MAX_VALUES} values once its anchors and aliases are "
                              "expanded; a stack is a short list of stages")
         return loader.construct_document(node)
@@ -360,8 +382,99 @@ def load_stack(source: str | Path | dict | Stack, registry: Any = None) -> Stack
             config = method_class.Config.model_validate(stage_spec.params)
         except ValidationError as exc:
             raise _spec_error(where, exc, prefix=("params",), allowed=list(method_class.Config.model_fields)) from None
-        stages.append(Stage(index, stage_spec.method, method_class, point, layers, config))
-    return Stack(spec.name, spec.positions, tuple(stages), label, spec.description)
+        stage = Stage(index, stage_spec.method, method_class, point, layers, config)
+        _check_layers_of(stage, label)
+        stages.append(stage)
+    stack = Stack(spec.name, spec.positions, tuple(stages), label, spec.description)
+    problem = order_problem(stack)
+    if problem is not None:
+        raise StackError(f"{label}: {problem}")
+    return stack
+
+
+#: Token counts at which the order check asks a stage's promise whether it keeps every token.
+_PROBE_COUNTS = (16, 144, 576)
+#: A patch grid at which the order check asks a stage whether it re-grids (divisible by every window size).
+_PROBE_GRID = (48, 48)
+
+
+@dataclass(frozen=True)
+class _Effect:
+    """What a pre-LLM stage does to the tokens, as far as the stages after it are concerned."""
+
+    regrids: bool  # maps each image's full, dense patch grid to a new dense grid (pool, pixel_unshuffle, ldp)
+    keeps_all: bool  # keeps every token as it is (a ratio of 1.0)
+    reads_signals: bool  # reads encoder signals, laid out like the encoder's own tokens
+    needs_encoder_space: bool  # replaces the projector: takes encoder-space tokens
+    gives_llm_space: bool  # returns projected tokens
+
+
+def _effect(stage: Stage) -> _Effect:
+    import torch
+
+    from tokenpress.signals import as_requests
+
+    method = stage.method_class(stage.config, stage.layers)
+    try:
+        regrids = method.expected_grid(*_PROBE_GRID) is not None
+    except (ValueError, ArithmeticError):  # a window that does not divide the probe grid still re-grids
+        regrids = True
+    counts = torch.tensor(_PROBE_COUNTS)
+    promised = None if regrids else method.promised_count(counts)
+    keeps_all = promised is not None and torch.equal(torch.as_tensor(promised).reshape(-1), counts)
+    try:
+        reads_signals = bool(as_requests(method.required_signals()))
+    except (TypeError, ValueError):  # a malformed request is refused, with its reason, when attaching
+        reads_signals = False
+    replaces = stage.point == "projector" and stage.method_class.replaces_projector
+    return _Effect(regrids, keeps_all, reads_signals, replaces,
+                   stage.method_class.returns_llm_space(stage.point))
+
+
+def _pre_llm_in_run_order(stack: Stack) -> list[Stage]:
+    """The stages before the LLM in the order a prefill runs them: those inside the encoder, then each
+    pre-LLM point in data-flow order, each point's stages in the order the file lists them."""
+    inside = [stage for stage in stack.stages if stage.inside_encoder]
+    points = [stage for point in PRE_LLM_POINTS for stage in stack.stages
+              if stage.point == point and not stage.inside_encoder]
+    return inside + points
+
+
+def order_problem(stack: Stack) -> str | None:
+    """Why the stack's stages cannot run in the order a prefill runs them (None when they can): the one
+    place that decides it (``load_stack``, hence ``validate``, ``compress`` and ``flops``, asks it).
+
+    A stage that re-grids needs every image's full patch grid, so no selection, merge or summary may run
+    before it; a stage that reads encoder signals needs the encoder's tokens as they came out (signals
+    are laid out like them); a stage that replaces the projector needs tokens still in encoder space.
+    """
+    selected: Stage | None = None  # the last stage that left rows that are no longer a full grid
+    changed: Stage | None = None  # the first stage (after the encoder) that changed the tokens
+    projected: Stage | None = None  # the first stage that returned tokens in LLM space
+    for stage in _pre_llm_in_run_order(stack):
+        effect = _effect(stage)
+
+        def after(other: Stage, why: str, stage: Stage = stage) -> str:
+            return (f"stages[{stage.index}] ({stage.method}) cannot run after stages[{other.index}] "
+                    f"({other.method}): {why}")
+
+        if effect.needs_encoder_space and projected is not None:
+            return after(projected, f"{stage.method} replaces the projector and needs tokens in encoder space, "
+                                    f"which {projected.method} has already projected; use one of them")
+        if effect.regrids and selected is not None:
+            return after(selected, f"{stage.method} re-grids each image's full patch grid, which "
+                                   f"{selected.method} has already reduced; list {stage.method} first")
+        if effect.reads_signals and changed is not None:
+            return after(changed, f"{stage.method} reads encoder signals of the encoder's own tokens, which "
+                                  f"{changed.method} has changed; list {stage.method} first")
+        if not effect.keeps_all:
+            if not stage.inside_encoder:
+                changed = changed or stage
+            if not effect.regrids:
+                selected = stage
+        if effect.gives_llm_space:
+            projected = projected or stage
+    return None
 
 
 def stack_json_schema(registry: Any = None) -> dict:

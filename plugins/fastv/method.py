@@ -43,6 +43,12 @@ class FastV(Method):
     def promised_count(self, tokens_in: torch.Tensor) -> torch.Tensor:
         return keep_count(tokens_in, self.config.keep_ratio)
 
+    def layers_problem(self) -> str | None:
+        if self.config.score_layer == "previous" and 0 in self.layers:
+            return ("fastv at layer 0 has no previous layer whose attention it could score with (score_layer: "
+                    "previous, as in the paper); start at layer 1, or set score_layer: current")
+        return None
+
     def scoring_flops(self, item: Any) -> float:
         """The scorer's q projection of the query row(s), k projection of the keys and the logits."""
         use_previous = self.config.score_layer == "previous" and item.layer > 0
