@@ -208,7 +208,7 @@ def test_viz_draws_the_input_image_under_the_patches(name: str, size: tuple[int,
     import numpy as np
     from PIL import Image
 
-    from tokenpress.viz import PANEL, TITLE, visualize
+    from tokenpress.viz import TITLE, panel_size, visualize
 
     width, height = size
     picture = Image.new("RGB", size, (30, 30, 30))
@@ -218,8 +218,6 @@ def test_viz_draws_the_input_image_under_the_patches(name: str, size: tuple[int,
     source = tmp_path / "in.png"
     picture.save(source)
     out = visualize("stacks/empty.yaml", source, tmp_path / "viz.png", model=f"zoo:{name}")
-    with Image.open(out) as image:
-        panel = np.asarray(image.convert("RGB"))[TITLE:TITLE + PANEL, :PANEL].astype(int)
     processor = AutoProcessor.from_pretrained(zoo_path(name))
     seen = processor.image_processor(images=[picture], return_tensors="np")
     grid = seen.get("image_grid_thw")
@@ -228,7 +226,11 @@ def test_viz_draws_the_input_image_under_the_patches(name: str, size: tuple[int,
         resized = (int(grid[0][2]) * patch, int(grid[0][1]) * patch)
     else:
         resized = tuple(seen["pixel_values"].shape[-1:-3:-1])
-    expected = np.asarray(picture.resize(resized, Image.BICUBIC).resize((PANEL, PANEL), Image.NEAREST)).astype(int)
+    panel_height, panel_width = panel_size(resized[1], resized[0])  # the picture's proportions kept
+    with Image.open(out) as image:
+        panel = np.asarray(image.convert("RGB"))[TITLE:TITLE + panel_height, :panel_width].astype(int)
+    expected = np.asarray(picture.resize(resized, Image.BICUBIC).resize((panel_width, panel_height),
+                                                                        Image.NEAREST)).astype(int)
     difference = np.abs(panel - expected)
     assert difference.mean() < 3 and np.quantile(difference, 0.95) < 8, (difference.mean(), difference.max())
 

@@ -247,13 +247,10 @@ class ModelAdapter:
 
     def view_size(self, inputs: dict[str, Any], image: int) -> tuple[int, int]:
         """(height, width) at which the picture of :meth:`encoder_pixels` has the proportions of what it
-        shows (``tokenpress viz`` draws its panels so). Default: the size the processor records for the
-        image as given (``image_sizes``, where the whole image is squeezed into a square tile: LLaVA-NeXT's
-        base tile), else the picture's own size (it kept its proportions: resized, cropped or both)."""
-        if inputs.get("image_sizes") is not None:
-            height, width = (int(side) for side in inputs["image_sizes"][image])
-        else:
-            height, width = (int(side) for side in self.encoder_pixels(inputs, image).shape[-2:])
+        shows (``tokenpress viz`` draws its panels so). Default: the picture's own size (it kept its
+        proportions: resized, cropped or both); a family that squeezes a whole image into a square tile
+        (LLaVA-NeXT's base tile) gives the image's own size."""
+        height, width = (int(side) for side in self.encoder_pixels(inputs, image).shape[-2:])
         return height, width
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:

@@ -236,6 +236,11 @@ class LlavaNextAdapter(LlavaAdapter):
                  for size in inputs["image_sizes"]]
         return pixel_values[sum(tiles[:image])]
 
+    def view_size(self, inputs: dict[str, Any], image: int) -> tuple[int, int]:
+        """The base tile squeezes the whole image into a square: viz shows it at the image's own proportions."""
+        height, width = (int(side) for side in inputs["image_sizes"][image])
+        return height, width
+
     def image_spans(self, input_ids: torch.Tensor, valid: torch.Tensor, tokens: TokenState) -> list[ImageSpan]:
         images = tokens.num_images // 2
         lengths = []
