@@ -154,14 +154,18 @@ def test_route_example_routes_and_generates_consistently(examples, model):
 def test_signal_example_gets_the_cls_attention(examples, model):
     tokenpress.register_plugin(examples["acme_clskeep"])
     batch = llava_batch(model, sample_prompts(2))
-    stack = {"name": "cls", "stages": [{"method": "pool", "params": {"kernel": 2}},
-                                       {"method": "acme-clskeep", "params": {"keep_ratio": 0.5}}]}
     with tokenpress.compress(model, {"name": "cls", "stages": [{"method": "acme-clskeep"}]}) as handle:
         model(**batch)
     assert handle.report().records[0].tokens_out == [18, 18]
-    with tokenpress.compress(model, stack) as handle:  # after pooling, through the tokens' provenance
+    then_random = {"name": "cls", "stages": [{"method": "acme-clskeep", "params": {"keep_ratio": 0.5}},
+                                             {"method": "random", "at": "projector", "params": {"keep_ratio": 0.5}}]}
+    with tokenpress.compress(model, then_random) as handle:
         model(**batch)
-    assert handle.report().records[1].tokens_out == [4, 4]  # round(9 x 0.5), halves to even
+    assert [record.tokens_out for record in handle.report().records] == [[18, 18], [9, 9]]
+    after_pool = {"name": "cls", "stages": [{"method": "pool", "params": {"kernel": 2}}, {"method": "acme-clskeep"}]}
+    with pytest.raises(tokenpress.StackError, match=r"stages\[1\] \(acme-clskeep\) cannot run after stages\[0\] "
+                                                    r"\(pool\)"):  # signals are laid out like the encoder's tokens
+        tokenpress.compress(model, after_pool)
 
 
 @torch.no_grad()
