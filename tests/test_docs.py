@@ -24,6 +24,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
+from typing import ClassVar
 
 import pytest
 import torch
@@ -429,7 +430,34 @@ def test_the_testing_page_lists_every_check_the_kit_runs():
     undocumented = [name for name in tunable if not re.search(rf"^\| `{name}` \|", rendered, re.MULTILINE)]
     assert not undocumented, (f"MethodContract attributes {undocumented} are missing from docs/testing.md's "
                               "table: give each a `#:` comment in tokenpress/testing/contract.py")
-    assert "within 5%" in rendered  # the FLOPs check's tolerance, from its docstring
+    assert re.search(r"^\| `test_declared_flops_match_the_counter` \|[^\n]* 5%", rendered, re.MULTILINE)  # tolerance
+
+
+class _TunedKit:
+    """A stand-in for MethodContract: what the testing page's generator reads from a kit class."""
+
+    #: Shared by the two attributes right below it.
+    first: ClassVar[int] = 1
+    second: ClassVar[tuple[int, ...]] = (2,)
+
+    third: ClassVar[int] = 3  # not a `#:` comment: not a documented attribute
+
+    def test_skips_some_families(self, contract_family: str, contract_method: str) -> None:
+        """Checks ``something`` |A| wide."""
+        if contract_family == "qwen2.5-vl":
+            pytest.skip(f"{contract_method} cannot on {contract_family}")
+
+    def helper(self) -> None:
+        """Not a check."""
+
+
+def test_the_kit_tables_are_read_from_the_class():
+    tables = _hook("reference_tables")
+    assert [(a.name, a.type, a.default, a.meaning) for a in tables.documented_attributes(_TunedKit)] == [
+        ("first", "int", "1", "Shared by the two attributes right below it."),
+        ("second", "tuple[int, ...]", "(2,)", "Shared by the two attributes right below it.")]
+    assert tables.checks_table(_TunedKit).splitlines()[2:] == [
+        '| `test_skips_some_families` | Checks `something` \\|A\\| wide. Skips with: "METHOD cannot on FAMILY". |']
 
 
 # --- the leaderboard page: the writer's layout, and the committed page in it ---------------------

@@ -194,13 +194,15 @@ def _comment_above(lines: list[str], lineno: int) -> str:
 
 def documented_attributes(klass: type = MethodContract) -> list[Attribute]:
     """The class attributes of ``klass`` (and of its bases) that carry a ``#:`` comment, in source order
-    (a subclass's value replaces its base's)."""
+    (a subclass's value replaces its base's). Attributes on the lines right after a commented one share
+    its comment (``#: Stages placed before and after ...`` above ``stages_before`` and ``stages_after``)."""
     found: dict[str, Attribute] = {}
     for base in reversed(klass.__mro__):
         if base is object:
             continue
         source, tree = _source_tree(base)
         lines = source.splitlines()
+        shared, shared_until = "", 0  # the comment of the group being read, and its last line
         for node in tree.body[0].body:
             if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
                 name, annotation = node.target.id, ast.get_source_segment(source, node.annotation) or ""
@@ -208,7 +210,8 @@ def documented_attributes(klass: type = MethodContract) -> list[Attribute]:
                 name, annotation = node.targets[0].id, ""
             else:
                 continue
-            meaning = _comment_above(lines, node.lineno)
+            meaning = _comment_above(lines, node.lineno) or (shared if node.lineno == shared_until + 1 else "")
+            shared, shared_until = meaning, node.end_lineno or node.lineno
             if not meaning or node.value is None:
                 continue
             annotation = re.sub(r"^ClassVar\[(.*)\]$", r"\1", annotation)
