@@ -200,6 +200,16 @@ class BrokenSeed(_Selecting):
                            counts=self.counts(tokens))
 
 
+class BrokenGlobalRandom(BrokenSeed):
+    """Seeds its draws from torch's global generator at setup: the same under the same global seed (the
+    kit used to reseed it identically before each run, and passed it), never from its own parameters."""
+
+    name = "broken-global-random"
+
+    def setup(self, model_info: object) -> None:
+        self.seed = int(torch.randint(2**31, ()))
+
+
 class BrokenGrid(tokenpress.Method):
     """Average-pools 2x2 windows but declares that the grid keeps its size."""
 
@@ -295,7 +305,9 @@ SKIPPED_BY_BROKEN = 2
         (BrokenPairwise, "test_no_quadratic_allocations", "beyond its declared pairwise scores", SKIPPED_BY_BROKEN),
         (BrokenDtype, "test_dtype_and_device_kept", "returned torch.float32 embeddings (received torch.float64)",
          SKIPPED_BY_BROKEN),
-        (BrokenSeed, "test_deterministic_under_seed", "is not deterministic under seed 0", SKIPPED_BY_BROKEN),
+        (BrokenSeed, "test_deterministic_under_seed", "is not deterministic: two runs selected", SKIPPED_BY_BROKEN),
+        (BrokenGlobalRandom, "test_deterministic_under_seed", "draws from the global random generators",
+         SKIPPED_BY_BROKEN),
         # no weights, no promise, no identity setting
         (BrokenGrid, "test_grid_matches_expected_grid", "6x6 became 3x3, expected_grid says 6x6", 3),
         (BrokenFlops, "test_declared_flops_match_the_counter", "the FLOPs model with the method's declared costs",
@@ -312,6 +324,50 @@ def test_the_kit_fails_a_broken_method_on_its_check_only(pytester: pytest.Pytest
     result.assert_outcomes(failed=1, passed=len(CHECKS) - 1 - skipped, skipped=skipped)
     result.stdout.fnmatch_lines([f"FAILED test_author.py::TestAuthor::{check}?llava-{method_class.name}?*"])
     assert message in result.stdout.str(), result.stdout.str()
+
+
+def test_the_stack_under_test_takes_default_layers_positions_and_neighbours() -> None:
+    """``layers = None`` leaves a method with default layers to choose them (the kit exercises them);
+    ``positions`` and ``stages_before``/``stages_after`` build the stack around the method's stage."""
+    from tokenpress.testing import MethodContract
+
+    class Defaults(MethodContract):
+        method = "sparsevlm"
+
+    class Explicit(MethodContract):
+        method = "fastv"
+        layers = (2,)
+        positions = "compact"
+        stages_before = ({"method": "pool", "params": {"kernel": 2}},)
+        stages_after = ({"method": "random", "at": "decoder_layer", "layers": [3]},)
+
+    class NoDefaults(MethodContract):
+        method = "fastv"
+
+    assert "layers" not in Defaults().stack("sparsevlm")["stages"][0]
+    assert tokenpress.load_stack(Defaults().stack("sparsevlm")).stages[0].layers == ()  # resolved on the model
+    assert NoDefaults().stack("fastv")["stages"][0]["layers"] == [1]
+    stack = Explicit().stack("fastv")
+    assert stack["positions"] == "compact" and Explicit().stage_index() == 1
+    assert [(stage["method"], stage.get("layers")) for stage in stack["stages"]] == [
+        ("pool", None), ("fastv", [2]), ("random", [3])]
+
+
+def test_a_method_inside_a_compact_stack_passes_the_kit(pytester: pytest.Pytester) -> None:
+    """A plugin author tests FastV after pooling with compact positions: the checks observe FastV's calls
+    only, and every one passes (weights and re-grid checks skip: it has neither)."""
+    pytester.makepyfile(test_author="""
+        from tokenpress.testing import MethodContract
+
+
+        class TestAuthor(MethodContract):
+            method = "fastv"
+            families = ("llava",)
+            positions = "compact"
+            stages_before = ({"method": "pool", "params": {"kernel": 2}},)
+        """)
+    result = pytester.runpytest("-p", "no:cacheprovider", "-rfs")
+    result.assert_outcomes(passed=len(CHECKS) - 2, skipped=2)
 
 
 def test_the_kit_fails_an_unregistered_method_clearly(pytester: pytest.Pytester) -> None:

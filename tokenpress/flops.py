@@ -190,7 +190,10 @@ def scorer_flops(decoder: DecoderShape, rows: int, keys: int) -> float:
 
 @dataclass(frozen=True)
 class StageShape:
-    """What a pre-LLM stage's own modules cost on one image row depends on (see ``Method.stage_flops``)."""
+    """What a pre-LLM stage's own modules cost on one image row depends on (see ``Method.stage_flops``).
+
+    A method offered at several points learns where it runs (``point``) and how wide its incoming tokens
+    are (``width_in``: ``encoder_width`` while they are in encoder space, ``llm_width`` once projected)."""
 
     tokens_in: int
     tokens_out: int
@@ -198,6 +201,13 @@ class StageShape:
     llm_width: int
     projector_hidden: int | None  # hidden width of the model's projector MLP (None: not a two-layer MLP)
     encoder_heads: int = 1  # attention heads of the vision encoder (a key averaged over heads is C / heads wide)
+    point: str = "post_encoder"  # the insertion point the stage runs at
+    space: str = "encoder"  # the space of the tokens it receives: "encoder" or "llm"
+
+    @property
+    def width_in(self) -> int:
+        """Width of the tokens the stage receives."""
+        return self.encoder_width if self.space == "encoder" else self.llm_width
 
 
 def _method(stage: Stage) -> Any:
@@ -219,9 +229,11 @@ def adapter_widths(adapter: Any) -> Widths:
             int(projector.first.out_features) if projector is not None else None, adapter.encoder_heads())
 
 
-def stage_flops(method: Any, rows_in: list[int], rows_out: list[int], widths: Widths) -> list[float]:
-    """``method.stage_flops`` of each image row (``rows_in``/``rows_out``: its token counts)."""
-    return [float(method.stage_flops(StageShape(int(n), int(m), *widths)))
+def stage_flops(method: Any, rows_in: list[int], rows_out: list[int], widths: Widths, point: str = "post_encoder",
+                space: str = "encoder") -> list[float]:
+    """``method.stage_flops`` of each image row (``rows_in``/``rows_out``: its token counts) of a stage at
+    ``point`` receiving tokens in ``space``."""
+    return [float(method.stage_flops(StageShape(int(n), int(m), *widths, point=point, space=space)))
             for n, m in zip(rows_in, rows_out, strict=True)]
 
 
@@ -490,9 +502,9 @@ def _promise(stage: Stage, counts: list[int], layer: int | None = None) -> list[
     return [min(out, count) for out, count in zip(promised, counts, strict=True)]
 
 
-def _apply_pre_llm(stage: Stage, rows: list[SimulatedRow],
-                   widths: tuple[int, int, int | None]) -> tuple[list[SimulatedRow], float]:
-    """The rows after a pre-LLM stage, and the FLOPs of the stage's own modules."""
+def _apply_pre_llm(stage: Stage, rows: list[SimulatedRow], widths: Widths,
+                   space: str) -> tuple[list[SimulatedRow], float]:
+    """The rows after a pre-LLM stage receiving tokens in ``space``, and the FLOPs of its own modules."""
     method = _method(stage)
     counts_in = [row.count for row in rows]
     grids = [method.expected_grid(*row.grid[1:]) for row in rows]
@@ -501,12 +513,12 @@ def _apply_pre_llm(stage: Stage, rows: list[SimulatedRow],
         for row, (height, width) in zip(rows, grids, strict=True):  # on a full grid (stack.order_problem)
             frames = row.grid[0]
             out.append(SimulatedRow((frames, height, width), frames * height * width, True, row.high_res))
-        return out, sum(stage_flops(method, counts_in, [row.count for row in out], widths))
+        return out, sum(stage_flops(method, counts_in, [row.count for row in out], widths, stage.point, space))
     counts = _promise(stage, counts_in)
     summary = stage.method_class.summary_tokens
     out = [SimulatedRow(row.grid, count, not summary and row.dense and count == row.count, row.high_res,
                         summary or row.summary) for row, count in zip(rows, counts, strict=True)]
-    return out, sum(stage_flops(method, counts_in, counts, widths))
+    return out, sum(stage_flops(method, counts_in, counts, widths, stage.point, space))
 
 
 def _run(family: FamilyCosts, image: ImageCosts, stack: Stack, text_tokens: int, limit: int | None) -> _Path:
@@ -544,14 +556,19 @@ def _run(family: FamilyCosts, image: ImageCosts, stack: Stack, text_tokens: int,
             mlp.append(count)
         encoder = family.encoder_run_flops(attention, mlp)
         rows = family.rows_after_encoder(image, count)
+    space = "encoder"
     for point in PRE_LLM_POINTS:
         if point == "projector":
             projected = sum(row.count for row in rows)
+        if point == "query_conditioned":
+            space = "llm"
         for stage in (s for s in stack.stages if s.point == point and not s.inside_encoder):
             if not allowed():
                 continue
             before = sum(row.count for row in rows)
-            rows, stage_cost = _apply_pre_llm(stage, rows, family.widths())
+            rows, stage_cost = _apply_pre_llm(stage, rows, family.widths(), space)
+            if stage.method_class.returns_llm_space(point):
+                space = "llm"
             for request in as_requests(_method(stage).required_signals()):
                 if request not in charged:  # the encoder computes each distinct request once per prefill
                     charged.add(request)

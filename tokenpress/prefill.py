@@ -261,13 +261,14 @@ class Prefill:
                     continue
                 rows_before = tokens.counts()
                 samples_before = tokens.image_to_sample
+                space_before = tokens.space
                 tokens = run_token_stage(entry, point, tokens, context, self.states, self._run_stage)
                 record = StageRecord(entry.stage.label(), entry.stage.method, point, None, [], [])
                 records.append(record)
                 deferred.into(record.tokens_in, _per_sample(rows_before, samples_before, batch))
                 deferred.into(record.tokens_out, _per_sample(tokens.counts(), tokens.image_to_sample, batch))
                 self._own_flops(deferred, record, entry.method, rows_before, tokens.counts(), tokens.image_to_sample,
-                                batch)
+                                batch, point, space_before)
                 if self.trace is not None:
                     self.trace.append((entry.stage.label(), tokens.owner))
 
@@ -305,9 +306,11 @@ class Prefill:
         return adapter.make_output(output, cache, image_features, position_offset), outcome
 
     def _own_flops(self, deferred: DeferredCounts, record: StageRecord, method: Method, rows_before: torch.Tensor,
-                   rows_after: torch.Tensor, row_sample: torch.Tensor, batch: int) -> None:
+                   rows_after: torch.Tensor, row_sample: torch.Tensor, batch: int, point: str = "post_encoder",
+                   space: str = "encoder") -> None:
         """``record.own_flops``, per sample: FLOPs of a pre-LLM stage's own modules (``Method.stage_flops``)
-        on each row (``row_sample``: the sample of each), once the counts are read."""
+        on each row (``row_sample``: the sample of each) of a stage at ``point`` receiving tokens in
+        ``space``, once the counts are read."""
         record.own_flops = [0.0] * batch
         if type(method).stage_flops is Method.stage_flops:
             return
@@ -316,7 +319,7 @@ class Prefill:
 
         def fill(read: list[int]) -> None:
             before, after, samples = read[:images], read[images:2 * images], read[2 * images:]
-            for sample, flops in zip(samples, stage_flops(method, before, after, widths), strict=True):
+            for sample, flops in zip(samples, stage_flops(method, before, after, widths, point, space), strict=True):
                 record.own_flops[sample] += flops
 
         deferred.later(torch.cat([rows_before, rows_after, row_sample.to(rows_before.device)]), fill)

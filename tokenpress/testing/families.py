@@ -43,11 +43,17 @@ class Family:
     batch: Callable[[Any, list[Prompt], str, int], dict[str, torch.Tensor]]  # model, prompts, padding, seed
     select: Callable[[dict[str, torch.Tensor], int], dict[str, torch.Tensor]]  # one row, unpadded
     mixed_batch: Callable[[Any, list[Prompt]], dict[str, torch.Tensor]] | None = None  # different image sizes
-    #: The compressed prefill of one prompt does no work on padding slots, so torch's FLOP counter equals
-    #: the FLOPs model exactly (LLaVA-NeXT pads its base-tile row to its high-resolution row: it does).
-    flops_exact: bool = True
+    #: How far torch's FLOP counter may count above the FLOPs model on a compressed prefill of one prompt
+    #: (relative): 0 where the prefill does no work on padding slots; LLaVA-NeXT pads its base-tile row to
+    #: its high-resolution row and runs its projector over that padding (up to 5% more).
+    flops_tolerance: float = 0.0
     #: Inputs of a growing number of visual tokens, for the contract's N x N check (None: the check skips).
     scaled: ScaledInputs | None = None
+
+    @property
+    def flops_exact(self) -> bool:
+        """Whether torch's FLOP counter equals the FLOPs model exactly on this family."""
+        return self.flops_tolerance == 0.0
 
 
 def _llava_batch(model: Any, prompts: list[Prompt], padding_side: str = "left", seed: int = 0) -> dict:
@@ -114,7 +120,7 @@ def _qwen_scaled(step: int) -> tuple[Any, dict[str, torch.Tensor]]:
 
 LLAVA = Family("llava", tiny_llava, _llava_batch, select_rows, scaled=_llava_scaled)
 LLAVA_NEXT = Family("llava-next", tiny_llava_next, _next_batch, select_llava_next_rows, _next_mixed,
-                    flops_exact=False, scaled=_next_scaled)
+                    flops_tolerance=0.05, scaled=_next_scaled)
 QWEN2_5_VL = Family("qwen2.5-vl", tiny_qwen2_5_vl, _qwen_batch, select_qwen_rows, _qwen_mixed, scaled=_qwen_scaled)
 
 
