@@ -39,6 +39,7 @@ _LAZY = {
     "POINTS": "tokenpress.method",
     "Method": "tokenpress.method",
     "MethodConfig": "tokenpress.method",
+    "Ratio": "tokenpress.method",
     "SelectingConfig": "tokenpress.method",
     "WeightedConfig": "tokenpress.method",
     "get_registry": "tokenpress.registry",
@@ -66,6 +67,7 @@ __all__ = [
     "MethodConfig",
     "POINTS",
     "PluginError",
+    "Ratio",
     "Report",
     "Route",
     "SelectingConfig",
@@ -110,7 +112,7 @@ if TYPE_CHECKING:
     from tokenpress.cache import CompressedCache
     from tokenpress.context import DecoderContext, StageContext
     from tokenpress.decisions import Keep, LayerDecision, Merge, Route
-    from tokenpress.method import POINTS, Method, MethodConfig, SelectingConfig, WeightedConfig
+    from tokenpress.method import POINTS, Method, MethodConfig, Ratio, SelectingConfig, WeightedConfig
     from tokenpress.registry import get_registry, list_methods, register_plugin
     from tokenpress.stack import Stack, Stage, load_stack, stack_json_schema
     from tokenpress.tokens import TokenState, keep_count, keep_counts_on_host

@@ -10,10 +10,9 @@ from typing import Any
 import torch
 from pydantic import Field, model_validator
 
-from tokenpress import DecoderContext, Keep, Merge, Method, MethodConfig, hookimpl
+from tokenpress import DecoderContext, Keep, Merge, Method, MethodConfig, Ratio, hookimpl
 from tokenpress.errors import StackError
 from tokenpress.flops import scorer_flops
-from tokenpress.method import Ratio
 from tokenpress.select import topk_mask
 from tokenpress.tokens import pack_index
 from tokenpress_plugins.sparsevlm.cluster import clustering_flops, density_peaks

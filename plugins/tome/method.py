@@ -10,10 +10,9 @@ from typing import Any
 import torch
 from pydantic import Field, model_validator
 
-from tokenpress import Method, MethodConfig, StageContext, TokenState, hookimpl
+from tokenpress import Method, MethodConfig, Ratio, StageContext, TokenState, hookimpl
 from tokenpress.errors import StackError
 from tokenpress.matching import bipartite_assign, matching_scores, most_merges
-from tokenpress.method import Ratio
 from tokenpress_plugins.tome.schedule import block_merges
 
 

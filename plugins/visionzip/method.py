@@ -8,9 +8,8 @@ from typing import Any
 import torch
 from pydantic import Field, model_validator
 
-from tokenpress import Method, MethodConfig, StageContext, TokenState, hookimpl, keep_count
+from tokenpress import Method, MethodConfig, Ratio, StageContext, TokenState, hookimpl, keep_count
 from tokenpress.errors import CompressionError
-from tokenpress.method import Ratio
 from tokenpress.signals import ClsAttention, EncoderKeys
 from tokenpress.tokens import keep_counts_on_host
 from tokenpress_plugins.visionzip.merge import Zipped, zip_rows
