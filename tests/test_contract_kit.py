@@ -370,6 +370,51 @@ def test_a_method_inside_a_compact_stack_passes_the_kit(pytester: pytest.Pyteste
     result.assert_outcomes(passed=len(CHECKS) - 2, skipped=2)
 
 
+class ProbeScore(_Selecting):
+    """Scores each token with a fixed probe as wide as the tokens it receives (encoder space at post_encoder,
+    LLM space at query_conditioned), keeps the best: its own FLOPs depend on the point's width."""
+
+    name = "probe-score"
+    points = ("post_encoder", "query_conditioned")
+
+    def _keep(self, tokens: TokenState) -> TokenState:
+        width = tokens.embeddings.shape[-1]
+        probe = torch.linspace(-1, 1, width, dtype=tokens.embeddings.dtype, device=tokens.embeddings.device)
+        scores = (tokens.embeddings @ probe.unsqueeze(-1)).squeeze(-1)
+        counts = self.counts(tokens)
+        return tokens.keep(topk_mask(scores, tokens.valid, torch.tensor(counts, device=scores.device)), counts=counts)
+
+    @tokenpress.hookimpl
+    def post_encoder(self, tokens: TokenState, context: StageContext) -> TokenState:
+        return self._keep(tokens)
+
+    @tokenpress.hookimpl
+    def query_conditioned(self, tokens: TokenState, context: StageContext) -> TokenState:
+        return self._keep(tokens)
+
+    def stage_flops(self, shape: object) -> float:
+        return 2.0 * shape.tokens_in * shape.width_in  # the probe's product, at the incoming width
+
+
+@pytest.mark.parametrize("point", ["post_encoder", "query_conditioned"])
+def test_a_method_offered_at_two_points_declares_its_flops_at_each(pytester: pytest.Pytester, restore_registry,
+                                                                   point: str) -> None:
+    """``stage_flops`` learns where the stage runs and how wide its tokens arrive (``StageShape.width_in``):
+    a method offered before and after the projector matches torch's counter at both points."""
+    restore_registry.register_plugin(_Provides(ProbeScore), name="plugin-probe-score")
+    pytester.makepyfile(test_author=f"""
+        from tokenpress.testing import MethodContract
+
+
+        class TestAuthor(MethodContract):
+            method = "probe-score"
+            point = {point!r}
+            families = ("llava", "qwen2.5-vl")
+        """)
+    result = pytester.runpytest("-p", "no:cacheprovider", "-k", "declared_flops")
+    result.assert_outcomes(passed=2)
+
+
 def test_the_kit_fails_an_unregistered_method_clearly(pytester: pytest.Pytester) -> None:
     _author_test_file(pytester, "acme-not-installed")
     result = pytester.runpytest("-p", "no:cacheprovider")
