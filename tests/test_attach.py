@@ -136,6 +136,9 @@ class WantsSignalElsewhere(tokenpress.Method):
         WantsSignalElsewhere.seen.append(dict(context.signals))
         return tokens
 
+    def promised_count(self, tokens_in):
+        return tokens_in  # keeps every token: a stage reading signals may follow it
+
 
 class BadSignature(tokenpress.Method):
     name = "test-bad-signature"
