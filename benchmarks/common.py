@@ -9,7 +9,7 @@ from pathlib import Path
 
 import yaml
 
-from tokenpress import evaluate
+from tokenpress.measure import evaluate
 
 
 def arguments(description: str, extra: Callable[[argparse.ArgumentParser], None] | None = None) -> argparse.Namespace:
@@ -28,7 +28,7 @@ def arguments(description: str, extra: Callable[[argparse.ArgumentParser], None]
 def runnable(stacks: list[dict], model: object) -> tuple[list[dict], list[str]]:
     """The stacks ``model`` can serve, and a line for each it refuses (its one-sentence reason)."""
     from tokenpress import UnsupportedModelError, load_stack
-    from tokenpress.attach import check_stack, find_adapter
+    from tokenpress.runtime.attach import check_stack, find_adapter
 
     adapter = find_adapter(model)
     kept, refused = [], []
@@ -45,7 +45,7 @@ def runnable(stacks: list[dict], model: object) -> tuple[list[dict], list[str]]:
 def run(stacks: list[dict], args: argparse.Namespace) -> None:
     """Evaluate ``stacks`` against the baseline in one run; print the table, write JSON and a plot.
     Stacks the model cannot serve are listed with their refusal and left out."""
-    from tokenpress.loading import load_model_and_processor
+    from tokenpress.runtime.loading import load_model_and_processor
 
     loaded = load_model_and_processor(args.model)
     stacks, refused = runnable(stacks, loaded[0])

@@ -17,8 +17,8 @@ import sys
 
 import torch
 
-from tokenpress.bench import bench, format_bench, model_from_config, synthetic_inputs
-from tokenpress.stack import load_stack
+from tokenpress.core.stack import load_stack
+from tokenpress.measure.bench import bench, format_bench, model_from_config, synthetic_inputs
 
 
 def stacks(r_values: list[int]) -> list:

@@ -12,12 +12,12 @@ import torch
 
 import tokenpress
 from reference import llava_patch_features, merged_embeddings
-from tokenpress import weights
-from tokenpress.cli import main
-from tokenpress.errors import InputError
+from tokenpress.core import weights
+from tokenpress.core.errors import InputError
 from tokenpress.testing import llava_batch, sample_prompts, select_rows
 from tokenpress.testing.families import FAMILIES, prompts
 from tokenpress.testing.models import tiny_llava
+from tokenpress.tools.cli import main
 from tokenpress_plugins.alvts.calibrate import calibrate
 from tokenpress_plugins.alvts.method import adaptive_budgets
 from tokenpress_plugins.alvts.selector import coverage_curve, low_rank

@@ -7,7 +7,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import tokenpress
-from tokenpress.signals import ClsAttention, EncoderKeys
+from tokenpress.core.signals import ClsAttention, EncoderKeys
 from tokenpress.testing import llava_batch, sample_prompts, tiny_llava
 
 FASTV = {"name": "fastv", "stages": [{"method": "fastv", "layers": [2], "params": {"keep_ratio": 0.5}}]}
@@ -113,7 +113,7 @@ class WantsSignal(tokenpress.Method):
         WantsSignal.seen.append(attention)
         WantsSignal.adapters.append(context.adapter)
         counts = tokenpress.keep_count(tokens.counts(), 0.5)
-        from tokenpress.select import topk_mask
+        from tokenpress.core.select import topk_mask
 
         return tokens.keep(topk_mask(attention, tokens.valid, counts))
 
@@ -256,7 +256,7 @@ def test_eager_only_features_are_refused_while_compressing(model_and_batch):
 
 def test_a_third_party_family_is_one_adapter_registered_through_the_hook():
     """A family is added by an adapter alone: no method changes, the same hook as methods use."""
-    from tokenpress.adapters import LlavaAdapter
+    from tokenpress.families.llava import LlavaAdapter
 
     class TaggedLlavaAdapter(LlavaAdapter):
         family = "test-tagged-llava"

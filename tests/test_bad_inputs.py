@@ -10,10 +10,10 @@ import torch
 from PIL import Image
 
 import tokenpress
-from tokenpress import evaluate
-from tokenpress.cli import main
 from tokenpress.data import shapes
+from tokenpress.measure import evaluate
 from tokenpress.testing import Prompt, llava_batch, tiny_qwen2_5_vl
+from tokenpress.tools.cli import main
 
 FASTV = "name: fastv\nstages:\n  - method: fastv\n    layers: [1]\n    params: {keep_ratio: 0.5}\n"
 CLS = "name: cls\nstages:\n  - method: test-cls-keep\n"

@@ -15,9 +15,9 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import tokenpress
 from reference import llava_patch_features
-from tokenpress import compat
-from tokenpress.flops import StageShape
-from tokenpress.profiling import observing
+from tokenpress.core.flops import StageShape
+from tokenpress.measure.profiling import observing
+from tokenpress.runtime import compat
 from tokenpress.testing import llava_batch, sample_prompts
 from tokenpress.testing.models import tiny_llava
 from tokenpress_plugins.cdpruner.dpp import (

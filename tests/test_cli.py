@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 import tokenpress
-from tokenpress.cli import main
+from tokenpress.tools.cli import main
 
 BUILT_INS = {"fastv": "decoder_layer", "pool": "post_encoder, projector",
              "random": "post_encoder, projector, query_conditioned, decoder_layer"}
@@ -74,7 +74,7 @@ def test_plugins_lists_built_ins_with_points_and_origin(capsys: pytest.CaptureFi
         assert points in rows[name]
         assert f"tokenpress {tokenpress.__version__} (entry point {name})" in rows[name]
     families = next(line for line in out.splitlines() if line.startswith("model families: "))
-    assert "llava (tokenpress (core))" in families
+    assert f"llava (tokenpress {tokenpress.__version__} (entry point llava))" in families
 
 
 def test_plugins_json(capsys: pytest.CaptureFixture[str]) -> None:
@@ -204,7 +204,7 @@ def test_console_script_in_subprocess(tmp_path: Path) -> None:
     bad = tmp_path / "bad.yaml"
     bad.write_text(GOOD.replace("0.5", "0"), encoding="utf-8")
     script = Path(sys.executable).with_name("tokenpress")
-    command = [str(script)] if script.exists() else [sys.executable, "-m", "tokenpress.cli"]
+    command = [str(script)] if script.exists() else [sys.executable, "-m", "tokenpress.tools.cli"]
     result = subprocess.run([*command, "validate", str(bad)], capture_output=True, text=True, timeout=120,
                             env={**os.environ, "PYTHONWARNINGS": "ignore"})
     assert (result.returncode, result.stdout) == (2, "")

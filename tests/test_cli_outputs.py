@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tokenpress.cli import main
+from tokenpress.tools.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 EMPTY = str(ROOT / "stacks" / "empty.yaml")
@@ -24,8 +24,9 @@ def no_model_loading(monkeypatch: pytest.MonkeyPatch) -> None:
     """Every way a subcommand loads a model (all pass through loading.load_config, or build one from a
     config for bench/profile --config, or trains one for zoo train) fails the test: a refused output must be
     refused before that."""
-    from tokenpress import bench, loading
-    from tokenpress.zoo import train
+    from tokenpress.measure import bench
+    from tokenpress.runtime import loading
+    from tokenpress.tools import zoo_train as train
 
     def loaded(*args: object, **kwargs: object) -> None:
         raise AssertionError("the model was loaded before the output path was checked")

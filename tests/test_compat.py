@@ -1,4 +1,4 @@
-"""tokenpress.compat against the installed transformers: one test per detail that moved between releases.
+"""tokenpress.runtime.compat against the installed transformers: one test per detail that moved between releases.
 
 Each test compares with the model's own behaviour on whichever release is installed (CI runs the
 suite on both ends of the tested range), so it fails on the release where the detail changed if
@@ -17,10 +17,10 @@ from torch.utils.flop_counter import FlopCounterMode
 from transformers import DynamicCache
 
 import tokenpress
-from tokenpress import compat
-from tokenpress.engine import MEDIA_KEYS
-from tokenpress.scorer import attention_rows
-from tokenpress.sequence import Sequence
+from tokenpress.runtime import compat
+from tokenpress.runtime.interception import MEDIA_KEYS
+from tokenpress.runtime.scorer import attention_rows
+from tokenpress.runtime.sequence import Sequence
 from tokenpress.testing import Prompt, sample_prompts
 from tokenpress.testing.families import FAMILIES
 

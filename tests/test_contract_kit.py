@@ -26,10 +26,10 @@ import pytest
 import torch
 
 import tokenpress
-import tokenpress.attach  # noqa: F401  imported here, so pytester's in-process runs never import a second copy
-import tokenpress.flops  # noqa: F401  (their Stack classes would differ)
+import tokenpress.core.flops  # noqa: F401  (their Stack classes would differ)
+import tokenpress.runtime.attach  # noqa: F401  imported here, so pytester's in-process runs never import a second copy
 from tokenpress import DecoderContext, Keep, StageContext, TokenState, keep_count, keep_counts_on_host
-from tokenpress.select import seeded_uniform, topk_mask
+from tokenpress.core.select import seeded_uniform, topk_mask
 from tokenpress.testing import MethodContract
 from tokenpress.testing.contract import SyncRecorder, sync_origin
 from tokenpress.testing.families import FAMILIES
@@ -270,7 +270,7 @@ CHECKS = ("test_tokens_match_promise", "test_grid_matches_expected_grid", "test_
 
 
 @pytest.fixture
-def restore_registry() -> Iterator[tokenpress.registry.Registry]:
+def restore_registry() -> Iterator[tokenpress.core.registry.Registry]:
     """The process registry, rebuilt from the entry points afterwards (drops what a test registered)."""
     yield tokenpress.get_registry()
     registry = tokenpress.get_registry(reload=True)

@@ -8,8 +8,8 @@ import torch
 
 import tokenpress
 from tokenpress import DecoderContext, Keep, Merge
-from tokenpress.scorer import Scorer
-from tokenpress.sequence import Sequence
+from tokenpress.runtime.scorer import Scorer
+from tokenpress.runtime.sequence import Sequence
 from tokenpress.testing import Prompt, llava_batch, sample_prompts, tiny_llava
 
 

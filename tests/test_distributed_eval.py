@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from tokenpress.cli import main
+from tokenpress.tools.cli import main
 
 STACKS = ["stacks/random.yaml", "stacks/pool-then-fastv.yaml"]
 # the shipped proxy (real answers, so accuracies are not all zero): 4 batches, the last one short

@@ -31,10 +31,11 @@ import torch
 import yaml
 
 import tokenpress
-from tokenpress import cli, leaderboard
-from tokenpress.evaluate import Row
+from tokenpress.measure import leaderboard
+from tokenpress.measure.evaluate import Row
 from tokenpress.testing import llava_batch, sample_prompts, tiny_llava
 from tokenpress.testing.families import FAMILIES
+from tokenpress.tools import cli
 
 pytest_plugins = ["pytester"]
 
@@ -321,7 +322,7 @@ def _api_index_sections() -> tuple[str, str]:
 
 def test_the_api_index_claims_only_top_level_names_that_are_there():
     """A name in the top-level table must be importable from ``tokenpress`` (``prepare_stages`` was listed
-    there while only ``tokenpress.attach`` has it)."""
+    there while only ``tokenpress.runtime.attach`` has it)."""
     top, _ = _api_index_sections()
     claimed = re.findall(r"\[`(\w+)`\]\[tokenpress\.", top)
     assert claimed
@@ -349,7 +350,7 @@ def test_the_api_index_names_what_the_built_in_plugins_import():
     nav = nav_pages(yaml.safe_load((ROOT / "mkdocs.yml").read_text(encoding="utf-8"))["nav"])
     assert "api/flops.md" in nav and "api/matching.md" in nav
     imports = plugin_imports()
-    assert ("tokenpress.select", "topk_mask") in imports and ("tokenpress.flops", "StageShape") in imports
+    assert ("tokenpress.core.select", "topk_mask") in imports and ("tokenpress.core.flops", "StageShape") in imports
     problems = []
     for module, name in sorted(imports):
         if module == "tokenpress":
@@ -526,7 +527,7 @@ def test_mkdocs_build_is_strict_clean(tmp_path):
     assert "Documentation built in" in output  # the log was not silenced: an empty warning list means something
     assert elapsed < 60
     api = (tmp_path / "site" / "api" / "tokens" / "index.html").read_text(encoding="utf-8")
-    assert 'id="tokenpress.tokens.TokenState.keep"' in api  # mkdocstrings rendered the API
+    assert 'id="tokenpress.core.tokens.TokenState.keep"' in api  # mkdocstrings rendered the API
     fastv = (tmp_path / "site" / "methods" / "fastv" / "index.html").read_text(encoding="utf-8")
     assert "FastVConfig" in fastv and "keep_ratio" in fastv  # the README and the config reference
     index = (tmp_path / "site" / "methods" / "index.html").read_text(encoding="utf-8")
@@ -544,7 +545,7 @@ def test_mkdocs_build_is_strict_clean(tmp_path):
     from tokenpress.testing.contract import MethodContract
 
     assert all(f"<code>{name}</code>" in testing for name in dir(MethodContract) if name.startswith("test_"))
-    assert "tokenpress.flops.ScoringInput" in (site / "api" / "flops" / "index.html").read_text(encoding="utf-8")
+    assert "tokenpress.core.flops.ScoringInput" in (site / "api" / "flops" / "index.html").read_text(encoding="utf-8")
     escaped = [page.relative_to(site) for page in site.rglob("*.html")
                if re.search(r"<code>[^<]*\\\|", page.read_text(encoding="utf-8"))]
     assert not escaped, f"a literal backslash before a pipe in code on {escaped}"

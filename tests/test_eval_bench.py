@@ -12,9 +12,9 @@ import torch
 from PIL import Image
 
 import tokenpress
-from tokenpress import evaluate
-from tokenpress.bench import bench, profile, sweep_stacks, synthetic_inputs
 from tokenpress.data import shapes
+from tokenpress.measure import evaluate
+from tokenpress.measure.bench import bench, profile, sweep_stacks, synthetic_inputs
 from tokenpress.testing import tiny_llava
 
 STACKS = ["stacks/fastv.yaml", "stacks/pool.yaml"]
@@ -55,7 +55,7 @@ def test_eval_plot_is_a_png(eval_rows, tmp_path):
 
 
 def test_viz_writes_a_png_with_one_panel_per_step(checkpoint, tmp_path):
-    from tokenpress.viz import MERGE_COLOUR, PANEL, visualize
+    from tokenpress.tools.viz import MERGE_COLOUR, PANEL, visualize
 
     picture = tmp_path / "in.png"
     Image.new("RGB", (48, 48), "red").save(picture)
@@ -72,8 +72,8 @@ def test_viz_writes_a_png_with_one_panel_per_step(checkpoint, tmp_path):
 
 def test_patch_owner_and_merge_outlines():
     """Which token stands for each patch (-1: dropped), and the edges drawn around merged tokens."""
-    from tokenpress.tokens import patch_owner
-    from tokenpress.viz import merge_edges
+    from tokenpress.core.tokens import patch_owner
+    from tokenpress.tools.viz import merge_edges
 
     # one image, 3 tokens over 4 patches: token 0 = patches {0, 1}, token 2 = {3}, patch 2 dropped
     source = torch.tensor([[[1, 1, 0, 0], [0, 0, 0, 0], [0, 0, 0, 1]]], dtype=torch.bool)
@@ -89,7 +89,7 @@ def test_patch_owner_and_merge_outlines():
 
 
 def test_cli_eval_json_to_stdout(checkpoint, capsys):
-    from tokenpress.cli import main
+    from tokenpress.tools.cli import main
 
     assert main(["eval", "stacks/random.yaml", "--model", str(checkpoint), "--n", "5", "--batch-size", "5",
                  "--quiet", "--json", "-"]) == 0
@@ -126,7 +126,7 @@ def test_profile_times_each_stage_and_writes_a_trace(tmp_path):
 
 
 def test_cli_bench_and_profile_from_a_config(tmp_path, capsys):
-    from tokenpress.cli import main
+    from tokenpress.tools.cli import main
 
     config = tmp_path / "config.json"
     tiny_llava().config.to_json_file(config)

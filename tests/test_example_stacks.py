@@ -46,7 +46,7 @@ ZOO_STACKS = [p for p in STACKS if uses_zoo_files(tokenpress.load_stack(p))]
 def test_example_stack_runs_on_the_zoo_proxies(path, name):
     """Stacks that take files shipped with the proxies answer the shapes questions on each proxy."""
     from tokenpress.data import shapes
-    from tokenpress.loading import load_model_and_processor, process
+    from tokenpress.runtime.loading import load_model_and_processor, process
 
     model, processor = load_model_and_processor(f"zoo:{name}")
     samples = [shapes.make_sample("val", i) for i in range(16)]

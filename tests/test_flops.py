@@ -1,4 +1,4 @@
-"""Analytical prefill FLOPs (tokenpress.flops) against torch's FlopCounterMode and FastV's published number.
+"""Analytical prefill FLOPs (tokenpress.core.flops) against torch's FlopCounterMode and FastV's published number.
 
 * every tiny family x {empty, fastv K=2 R=50%, pool 2x2, random 25%, alvts, and the projector
   replacements pixel_unshuffle, ldp and qformer (their own modules, no model projector)}: the FLOPs
@@ -21,13 +21,16 @@ from torch.utils.flop_counter import FlopCounterMode
 from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
 
 import tokenpress
-from tokenpress import compat, flops
-from tokenpress.cli import main
-from tokenpress.errors import StackError, UnsupportedModelError
-from tokenpress.method import Method, MethodConfig
-from tokenpress.stack import Stack, Stage, load_stack
+from tokenpress.core import flops
+from tokenpress.core.errors import StackError, UnsupportedModelError
+from tokenpress.core.method import Method, MethodConfig
+from tokenpress.core.stack import Stack, Stage, load_stack
+from tokenpress.families.llava.costs import llava_shapes
+from tokenpress.runtime import compat
+from tokenpress.runtime.loading import config_from_file
 from tokenpress.testing.families import FAMILIES
 from tokenpress.testing.models import IMAGE_TOKEN_ID, QWEN_IMAGE_TOKEN_ID, Prompt
+from tokenpress.tools.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED_7B = ROOT / "configs" / "llava-1.5-7b.json"
@@ -127,7 +130,7 @@ def test_analytical_matches_flop_counter(models: dict, family: str, stack_name: 
 
     padding = 0.0
     if family == "llava-next":
-        padding = NEXT_PADDING_SLOTS[stack_name] * flops.llava_shapes(model.config)[0].projector_flops(1)
+        padding = NEXT_PADDING_SLOTS[stack_name] * llava_shapes(model.config)[0].projector_flops(1)
         if stack_name == "qformer":  # its queries also read the base row's padding slots (4x4 padded to 8x8)
             widths = flops.family_costs(model.config).widths()
             stage = load_stack(stack).stages[0]
@@ -191,7 +194,7 @@ def test_full_size_parts_match_flop_counter_on_meta() -> None:
     config = llava_1_5_config("7b")
     for sub in (config, config.text_config, config.vision_config):
         sub._attn_implementation = "eager"
-    encoder, decoder = flops.llava_shapes(config)
+    encoder, decoder = llava_shapes(config)
     tokens = LLAVA_PROMPT_TEXT_TOKENS + 576
     with torch.device("meta"):
         tower, projector = CLIPVisionModel(config.vision_config), LlavaMultiModalProjector(config)
@@ -229,8 +232,8 @@ def test_fastv_published_reduction_from_config_alone(size: str) -> None:
 def test_shipped_7b_config_is_the_hand_built_one(tmp_path: Path) -> None:
     written = write_llava_1_5_config(tmp_path / "config.json")
     stack = ROOT / "stacks" / "pool-then-fastv.yaml"
-    ours = flops.simulate(flops.load_config(written), stack, 58).as_dict()
-    shipped = flops.simulate(flops.load_config(SHIPPED_7B), stack, 58).as_dict()
+    ours = flops.simulate(config_from_file(written), stack, 58).as_dict()
+    shipped = flops.simulate(config_from_file(SHIPPED_7B), stack, 58).as_dict()
     assert ours == shipped
 
 

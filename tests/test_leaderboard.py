@@ -4,9 +4,9 @@ page it writes holds the tables and both plots."""
 from __future__ import annotations
 
 import tokenpress
-from tokenpress import leaderboard
-from tokenpress.cli import main
-from tokenpress.loading import load_model_and_processor
+from tokenpress.measure import leaderboard
+from tokenpress.runtime.loading import load_model_and_processor
+from tokenpress.tools.cli import main
 
 
 def test_every_registered_method_runs_or_is_refused_on_each_family(checkpoint):

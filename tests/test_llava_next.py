@@ -12,8 +12,8 @@ from transformers.models.llava_next.modeling_llava_next import (
 )
 
 import tokenpress
-from tokenpress.adapters.base import ImageSpan
-from tokenpress.signals import ClsAttention, EncoderKeys
+from tokenpress.core.signals import ClsAttention, EncoderKeys
+from tokenpress.runtime.adapter import ImageSpan
 from tokenpress.testing import Prompt, image_features_fed
 from tokenpress.testing.models import llava_next_batch, llava_next_token_count, tiny_llava_next
 

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 import tokenpress
 from reference import llava_patch_features, manual_decoder, merged_embeddings
-from tokenpress import compat
+from tokenpress.runtime import compat
 from tokenpress.testing import Prompt, llava_batch, sample_prompts, select_rows
 
 

@@ -29,3 +29,15 @@ def test_every_core_package_is_listed():
     for init in (ROOT / "tokenpress").rglob("__init__.py"):
         name = ".".join(init.parent.relative_to(ROOT).parts)
         assert name in packages, f"{name} is missing from pyproject packages"
+
+
+def test_every_family_folder_is_registered_through_its_entry_point():
+    """A built-in family is registered like a third party's (nothing in the core imports it)."""
+    config = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    entry_points = config["project"]["entry-points"]["tokenpress.families"]
+    folders = sorted(p.name for p in (ROOT / "tokenpress" / "families").iterdir() if (p / "__init__.py").exists())
+    assert folders, "no family folders found"
+    assert sorted(entry_points.values()) == [f"tokenpress.families.{folder}" for folder in folders]
+    for folder in folders:
+        assert {"adapter.py", "costs.py", "testbed.py"} <= {p.name for p in (ROOT / "tokenpress" / "families" /
+                                                                            folder).iterdir()}, folder

@@ -20,8 +20,8 @@ import tomllib
 import torch
 
 import tokenpress
-from tokenpress.cli import main
 from tokenpress.testing.models import llava_batch, sample_prompts, tiny_llava
+from tokenpress.tools.cli import main
 
 #: The methods tokenpress itself ships: its own entry points (pyproject.toml).
 BUILT_INS = set(tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text(encoding="utf-8"))
@@ -186,8 +186,8 @@ def test_autoload_disabled_loads_nothing(acme: pytest.MonkeyPatch) -> None:
     acme.setenv("TOKENPRESS_DISABLE_PLUGIN_AUTOLOAD", "1")
     registry = tokenpress.get_registry(reload=True)
     assert registry.methods == {}  # not even the built-ins: they are entry points like any other
-    assert "llava" in [adapter.family for adapter in registry.adapters]  # the core's adapters stay
-    assert registry.origins["adapter:llava"] == "tokenpress (core)"
+    assert "llava" in [adapter.family for adapter in registry.adapters]  # families stay: their own group
+    assert registry.origins["adapter:llava"] == f"tokenpress {tokenpress.__version__} (entry point llava)"
     assert "acme_tokenpress" not in sys.modules
 
 
@@ -217,7 +217,7 @@ def test_duplicate_method_name_names_both_origins(acme: pytest.MonkeyPatch, tmp_
     assert f"tokenpress {tokenpress.__version__} (entry point fastv)" in message
     assert "dup-tokenpress 0.2 (entry point dupfastv)" in message
     # the CLI of a fresh process (no registry built yet) reports it as one line, exit 2
-    acme.setattr(tokenpress.registry, "_REGISTRY", None)
+    acme.setattr(tokenpress.core.registry, "_REGISTRY", None)
     assert main(["plugins"]) == 2
     out, err = capsys.readouterr()
     assert out == "" and err.count("\n") == 1 and "dup-tokenpress 0.2" in err and "Traceback" not in err
@@ -251,7 +251,7 @@ def test_plugins_command_in_a_subprocess(tmp_path: Path) -> None:
     make_distribution(tmp_path, "acme-tokenpress", "0.1", "acme_tokenpress", ACME_MODULE, "acme")
     env = {key: value for key, value in os.environ.items() if not key.startswith("TOKENPRESS_")}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(tmp_path), env.get("PYTHONPATH")]))
-    result = subprocess.run([sys.executable, "-m", "tokenpress.cli", "plugins"], capture_output=True, text=True,
+    result = subprocess.run([sys.executable, "-m", "tokenpress.tools.cli", "plugins"], capture_output=True, text=True,
                             env=env, timeout=120)
     assert result.returncode == 0, result.stderr
     rows = {line.split()[0]: line for line in result.stdout.splitlines() if line.strip()}

@@ -10,10 +10,10 @@ import torch
 import torch.nn.functional as F
 
 import tokenpress
-from tokenpress.select import topk_mask
+from tokenpress.core.select import topk_mask
+from tokenpress.core.tokens import pack_index
 from tokenpress.testing import llava_batch, sample_prompts
 from tokenpress.testing.models import tiny_llava
-from tokenpress.tokens import pack_index
 from tokenpress_plugins.prumerge.merge import merge_neighbours, outlier_share, rest_token, spatial_samples
 
 

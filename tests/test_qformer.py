@@ -11,8 +11,8 @@ import torch
 
 import tokenpress
 from tokenpress import TokenState
+from tokenpress.core.tokens import NO_CELL, SHARED
 from tokenpress.testing.families import FAMILIES, prompts
-from tokenpress.tokens import NO_CELL, SHARED
 from tokenpress_plugins.qformer.module import QFormerModule, query_homes
 
 
@@ -105,7 +105,7 @@ def test_llava_next_puts_each_tile_rows_queries_after_its_grid_without_newlines(
 def test_a_heads_count_that_does_not_divide_the_width_is_refused_in_one_sentence():
     model = FAMILIES["llava"].build("eager")
     stack = {"name": "q", "stages": [{"method": "qformer", "params": {"heads": 7}}]}
-    with pytest.raises(tokenpress.errors.TokenpressError, match=r"stages\[0\].*heads: 7 does not divide"):
+    with pytest.raises(tokenpress.core.errors.TokenpressError, match=r"stages\[0\].*heads: 7 does not divide"):
         tokenpress.compress(model, stack)
 
 
@@ -114,9 +114,9 @@ def test_fitting_a_qformer_is_reproducible_and_moves_its_homes(tmp_path, checkpo
     from PIL import Image
     from safetensors.torch import load_file
 
-    from tokenpress.calibration import PromptedImage
-    from tokenpress.fit import fit
-    from tokenpress.loading import load_model_and_processor
+    from tokenpress.runtime.loading import load_model_and_processor
+    from tokenpress.tools.calibration import PromptedImage
+    from tokenpress.tools.fit import fit
 
     generator = torch.Generator().manual_seed(0)
 

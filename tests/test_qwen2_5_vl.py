@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import tokenpress
-from tokenpress import compat
+from tokenpress.runtime import compat
 from tokenpress.testing import Prompt, image_features_fed, qwen_batch, sample_prompts, select_qwen_rows, tiny_qwen2_5_vl
 from tokenpress.testing.models import QWEN_IMAGE_TOKEN_ID, QWEN_VISION_END, QWEN_VISION_START
 
@@ -172,7 +172,7 @@ def test_encoder_keys_follow_the_units_as_the_features_do(qwen):
     """EncoderKeys on Qwen2.5-VL: the block's keys (its norm, the k third of its qkv, before the rotary
     embedding) of each merge unit's four patches, side by side in the unit's place, exactly as the
     features are: checked by finding each unit's patches in the encoder's own (windowed) order."""
-    from tokenpress.signals import EncoderKeys
+    from tokenpress.core.signals import EncoderKeys
 
     model = qwen
     batch = qwen_batch(model, sample_prompts(2))

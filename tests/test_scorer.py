@@ -6,9 +6,9 @@ import pytest
 import torch
 
 import tokenpress
-from tokenpress.adapters.llava import cls_attention
-from tokenpress.scorer import Scorer, attention_rows
-from tokenpress.sequence import Sequence
+from tokenpress.families.clip import cls_attention
+from tokenpress.runtime.scorer import Scorer, attention_rows
+from tokenpress.runtime.sequence import Sequence
 from tokenpress.testing import Prompt, llava_batch, tiny_llava
 from tokenpress.testing.families import FAMILIES
 from tokenpress.testing.memory import AllocationTracker, growth_exponent

@@ -13,10 +13,11 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import tokenpress
 from reference import llava_patch_features, merged_embeddings
-from tokenpress import compat, flops
-from tokenpress.errors import StackError
-from tokenpress.hookspecs import hookimpl
-from tokenpress.profiling import observing
+from tokenpress.core import flops
+from tokenpress.core.errors import StackError
+from tokenpress.core.hookspecs import hookimpl
+from tokenpress.measure.profiling import observing
+from tokenpress.runtime import compat
 from tokenpress.testing import Prompt, llava_batch, sample_prompts, select_rows
 from tokenpress.testing.models import tiny_llava
 from tokenpress_plugins.sparsevlm.cluster import density_peaks

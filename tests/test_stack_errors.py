@@ -13,8 +13,8 @@ import pytest
 import torch
 
 import tokenpress
-from tokenpress.cli import main
 from tokenpress.testing.models import llava_batch, sample_prompts, tiny_llava
+from tokenpress.tools.cli import main
 
 # A valid first stage, so that the broken stage is stages[1] and the index in the message means something.
 HEAD = "name: bad\nstages:\n  - method: pool\n    params: {kernel: 2}\n"

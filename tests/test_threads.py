@@ -10,8 +10,8 @@ import pytest
 import torch
 
 import tokenpress
-from tokenpress.select import topk_mask
-from tokenpress.signals import EncoderKeys
+from tokenpress.core.select import topk_mask
+from tokenpress.core.signals import EncoderKeys
 from tokenpress.testing.contract import tiny_model
 from tokenpress.testing.families import FAMILIES, prompts
 

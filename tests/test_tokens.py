@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 
 from tokenpress import TokenState, keep_count, keep_counts_on_host
-from tokenpress.select import topk_mask
-from tokenpress.tokens import pack_index, window_cells
+from tokenpress.core.select import topk_mask
+from tokenpress.core.tokens import pack_index, window_cells
 from tokenpress_plugins.pool.grid import pool_grid
 
 

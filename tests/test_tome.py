@@ -11,8 +11,8 @@ import pytest
 import torch
 
 import tokenpress
-from tokenpress.matching import bipartite_assign
-from tokenpress.signals import ClsAttention
+from tokenpress.core.matching import bipartite_assign
+from tokenpress.core.signals import ClsAttention
 from tokenpress.testing import llava_batch, sample_prompts
 from tokenpress.testing.models import tiny_llava
 from tokenpress_plugins.tome.schedule import inflected

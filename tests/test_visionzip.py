@@ -10,11 +10,11 @@ import pytest
 import torch
 
 import tokenpress
-from tokenpress.profiling import observing
-from tokenpress.signals import ClsAttention, EncoderKeys
+from tokenpress.core.signals import ClsAttention, EncoderKeys
+from tokenpress.core.tokens import TokenState
+from tokenpress.measure.profiling import observing
 from tokenpress.testing import llava_batch, sample_prompts
 from tokenpress.testing.models import tiny_llava
-from tokenpress.tokens import TokenState
 from tokenpress_plugins.visionzip import merge
 from tokenpress_plugins.visionzip.merge import zip_rows
 from tokenpress_plugins.visionzip.method import VisionZip, VisionZipConfig

@@ -2,7 +2,7 @@
 boundaries, and keeps the picture's proportions: pixel by pixel on synthetic pictures, then through a tiny
 model of every registered family and through the shipped zoo models.
 
-Every expectation here is computed independently of ``tokenpress.viz``: patch ``(r, c)`` of a ``rows x cols``
+Every expectation here is computed independently of ``tokenpress.tools.viz``: patch ``(r, c)`` of a ``rows x cols``
 grid over ``H x W`` pixels covers rows ``[round(r * H / rows), round((r + 1) * H / rows))`` (halves rounded up)
 and the same for columns, a dropped pixel keeps a quarter of its value (``v // 4``), and a panel's longer side
 is ``PANEL`` pixels.
@@ -24,10 +24,10 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
 import tokenpress  # noqa: E402
-from tokenpress.loading import chat_prompt, load_model, load_processor, process  # noqa: E402
+from tokenpress.runtime.loading import chat_prompt, load_model, load_processor, process  # noqa: E402
 from tokenpress.testing.contract import tiny_model  # noqa: E402
 from tokenpress.testing.families import FAMILIES, prompts  # noqa: E402
-from tokenpress.viz import (  # noqa: E402
+from tokenpress.tools.viz import (  # noqa: E402
     MERGE_COLOUR,
     PANEL,
     TITLE,

@@ -10,11 +10,11 @@ import pytest
 import torch
 
 import tokenpress
-from tokenpress import weights
-from tokenpress.errors import InputError
-from tokenpress.fit import _teacher, _with_answer, fit
+from tokenpress.core import weights
+from tokenpress.core.errors import InputError
 from tokenpress.testing.families import FAMILIES, prompts
 from tokenpress.testing.models import tiny_llava
+from tokenpress.tools.fit import _teacher, _with_answer, fit
 
 UNSHUFFLE = {"name": "u", "stages": [{"method": "pixel_unshuffle", "params": {"ratio": 2}}]}
 UNSHUFFLE_RANDOM = {"name": "u", "stages": [{"method": "pixel_unshuffle", "params": {"ratio": 2, "init": "random"}}]}
@@ -121,8 +121,8 @@ def test_the_teacher_is_the_uncompressed_model(tmp_path):
 
 
 def test_fit_is_reproducible_and_lowers_the_loss(tmp_path, checkpoint):
-    from tokenpress.calibration import PromptedImage
-    from tokenpress.loading import load_model_and_processor
+    from tokenpress.runtime.loading import load_model_and_processor
+    from tokenpress.tools.calibration import PromptedImage
 
     generator = torch.Generator().manual_seed(0)
     from PIL import Image

@@ -19,11 +19,12 @@ from transformers import (  # noqa: E402
 )
 
 import tokenpress  # noqa: E402
-from tokenpress import compat  # noqa: E402
+from tokenpress.core.errors import InputError  # noqa: E402
 from tokenpress.data import shapes  # noqa: E402
-from tokenpress.errors import InputError  # noqa: E402
-from tokenpress.zoo import ZOO_DIR, ZOO_NAMES, card, zoo_path  # noqa: E402
-from tokenpress.zoo.train import Encoder, greedy_answers, train  # noqa: E402
+from tokenpress.runtime import compat  # noqa: E402
+from tokenpress.tools import zoo_card as card  # noqa: E402
+from tokenpress.tools.zoo_train import Encoder, greedy_answers, train  # noqa: E402
+from tokenpress.zoo import ZOO_DIR, ZOO_NAMES, zoo_path  # noqa: E402
 
 MODELS = {
     "llava-shapes": (LlavaForConditionalGeneration, 144),
@@ -137,7 +138,7 @@ def test_model_card_meets_the_quality_bars(name: str) -> None:
 
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_tokenpress_eval_on_an_empty_stack_reproduces_the_card(name: str, tmp_path: Path) -> None:
-    from tokenpress.cli import main
+    from tokenpress.tools.cli import main
 
     n = json.loads((zoo_path(name) / card.EVAL_FILE).read_text())["n"]
     out = tmp_path / "rows.json"
@@ -153,7 +154,7 @@ def test_viz_on_the_default_model_takes_any_picture(tmp_path: Path) -> None:
     """`tokenpress viz` defaults to zoo:llava-shapes; a photo of another size is resized to 96x96."""
     from PIL import Image
 
-    from tokenpress.cli import main
+    from tokenpress.tools.cli import main
 
     picture = tmp_path / "photo.png"
     Image.new("RGB", (300, 200), "blue").save(picture)
@@ -193,7 +194,7 @@ def test_training_on_the_cpu_is_repeatable_from_the_seed(tmp_path: Path) -> None
 
 def test_zoo_train_refuses_an_unknown_recipe_field(capsys: pytest.CaptureFixture[str]) -> None:
     """`--set` names a Recipe field; a typo is one line and exit 2, before any training."""
-    from tokenpress.cli import main
+    from tokenpress.tools.cli import main
 
     assert main(["zoo", "train", "llava-shapes", "--out", "unused", "--set", "text_layer=6"]) == 2
     expected = "tokenpress: error: --set text_layer=6: the recipe has no field 'text_layer'"
@@ -208,7 +209,7 @@ def test_viz_draws_the_input_image_under_the_patches(name: str, size: tuple[int,
     import numpy as np
     from PIL import Image
 
-    from tokenpress.viz import TITLE, panel_size, visualize
+    from tokenpress.tools.viz import TITLE, panel_size, visualize
 
     width, height = size
     picture = Image.new("RGB", size, (30, 30, 30))
@@ -238,8 +239,8 @@ def test_viz_draws_the_input_image_under_the_patches(name: str, size: tuple[int,
 @torch.no_grad()
 def test_the_shipped_alvts_selector_belongs_to_its_model(loaded: tuple[str, torch.nn.Module, object]) -> None:
     import tokenpress
-    from tokenpress import weights
-    from tokenpress.errors import InputError
+    from tokenpress.core import weights
+    from tokenpress.core.errors import InputError
 
     name, model, processor = loaded
     header = weights.read_header(zoo_path(name) / "alvts.safetensors")["calibration"]
@@ -263,7 +264,7 @@ def test_an_interrupted_training_run_resumes_to_the_same_weights(tmp_path: Path,
     run ends (the state is saved at every evaluation; the batches depend on the step alone)."""
     from safetensors.torch import load_file
 
-    from tokenpress.zoo import train as training
+    from tokenpress.tools import zoo_train as training
 
     options = {"seed": 0, "steps": 5, "progress": False, "tiny": True, "device": "cpu", "measure": False,
                "overrides": {"eval_every": 2}}
@@ -306,7 +307,7 @@ def _package_files() -> dict[str, bytes]:
 ])
 def test_zoo_commands_never_write_into_the_package(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
     """The shipped checkpoints are read-only: one line, exit 2, every file of the package byte-identical."""
-    from tokenpress.cli import main
+    from tokenpress.tools.cli import main
 
     before = _package_files()
     assert main([arg.format(zoo=ZOO_DIR) for arg in argv]) == 2
@@ -317,7 +318,7 @@ def test_zoo_commands_never_write_into_the_package(argv: list[str], capsys: pyte
 
 def test_zoo_card_writes_to_its_out_folder(tmp_path: Path) -> None:
     """`zoo card zoo:NAME --out DIR` measures the shipped checkpoint and writes eval.json and the card to DIR."""
-    from tokenpress.cli import main
+    from tokenpress.tools.cli import main
 
     before = _package_files()
     assert main(["zoo", "card", "zoo:qwen2.5-vl-shapes", "--n", "8", "--out", str(tmp_path / "card")]) == 0
@@ -327,7 +328,7 @@ def test_zoo_card_writes_to_its_out_folder(tmp_path: Path) -> None:
 
 
 def test_zoo_train_requires_an_out_folder(capsys: pytest.CaptureFixture[str]) -> None:
-    from tokenpress.cli import main
+    from tokenpress.tools.cli import main
 
     assert main(["zoo", "train", "llava-shapes"]) == 2
     assert "--out" in capsys.readouterr().err

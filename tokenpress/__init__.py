@@ -1,5 +1,12 @@
 """tokenpress: stackable visual-token compression for Hugging Face vision-language models.
 
+The public API is this top level (what a stack user, a plugin author and a family author import), the
+vocabulary layer ``tokenpress.core`` (methods, configs, token states, decisions, signals, selection and
+matching, stacks, the registry, the FLOPs model, method weights) and the test kit ``tokenpress.testing``.
+The rest -
+``runtime`` (attaching, the compressed forward), ``families`` (model adapters), ``measure`` (eval, bench,
+profiling) and ``tools`` (the command line) - is the framework's inside, reached through these names.
+
 The public names below are imported on first use (PEP 562), so that ``import tokenpress`` - which
 pytest does for the ``tokenpress.testing`` plugin in every session - does not pull in torch and
 transformers until something needs them.
@@ -10,7 +17,8 @@ from __future__ import annotations
 from importlib import import_module
 from typing import TYPE_CHECKING, Any
 
-from tokenpress.errors import (
+from tokenpress._moved import install as _install_moved_modules
+from tokenpress.core.errors import (
     CompressionError,
     InputError,
     PluginError,
@@ -18,63 +26,94 @@ from tokenpress.errors import (
     TokenpressError,
     UnsupportedModelError,
 )
-from tokenpress.hookspecs import hookimpl, hookspec
+from tokenpress.core.hookspecs import hookimpl, hookspec
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
+
+_install_moved_modules()  # the old module paths (tokenpress.attach, ...) keep working for one release
 
 #: Where each lazily imported public name lives.
 _LAZY = {
-    "Handle": "tokenpress.attach",
-    "Report": "tokenpress.attach",
-    "attached_handle": "tokenpress.attach",
-    "compress": "tokenpress.attach",
-    "find_adapter": "tokenpress.attach",
-    "CompressedCache": "tokenpress.cache",
-    "DecoderContext": "tokenpress.context",
-    "StageContext": "tokenpress.context",
-    "Keep": "tokenpress.decisions",
-    "LayerDecision": "tokenpress.decisions",
-    "Merge": "tokenpress.decisions",
-    "Route": "tokenpress.decisions",
-    "POINTS": "tokenpress.method",
-    "Method": "tokenpress.method",
-    "MethodConfig": "tokenpress.method",
-    "Ratio": "tokenpress.method",
-    "SelectingConfig": "tokenpress.method",
-    "WeightedConfig": "tokenpress.method",
-    "get_registry": "tokenpress.registry",
-    "list_methods": "tokenpress.registry",
-    "register_plugin": "tokenpress.registry",
-    "Stack": "tokenpress.stack",
-    "Stage": "tokenpress.stack",
-    "load_stack": "tokenpress.stack",
-    "stack_json_schema": "tokenpress.stack",
-    "TokenState": "tokenpress.tokens",
-    "keep_count": "tokenpress.tokens",
-    "keep_counts_on_host": "tokenpress.tokens",
+    "Handle": "tokenpress.runtime.attach",
+    "Report": "tokenpress.runtime.attach",
+    "attached_handle": "tokenpress.runtime.attach",
+    "compress": "tokenpress.runtime.attach",
+    "find_adapter": "tokenpress.runtime.attach",
+    "CompressedCache": "tokenpress.runtime.cache",
+    "ModelAdapter": "tokenpress.runtime.adapter",
+    "ImageSpan": "tokenpress.runtime.adapter",
+    "ImageLayout": "tokenpress.runtime.adapter",
+    "AttentionParts": "tokenpress.runtime.adapter",
+    "ProjectorMLP": "tokenpress.runtime.adapter",
+    "DecoderContext": "tokenpress.runtime.context",
+    "EncoderBlock": "tokenpress.runtime.context",
+    "StageContext": "tokenpress.runtime.context",
+    "Sequence": "tokenpress.runtime.sequence",
+    "layer_query_key": "tokenpress.runtime.scorer",
+    "Keep": "tokenpress.core.decisions",
+    "LayerDecision": "tokenpress.core.decisions",
+    "Merge": "tokenpress.core.decisions",
+    "Route": "tokenpress.core.decisions",
+    "POINTS": "tokenpress.core.method",
+    "Method": "tokenpress.core.method",
+    "MethodConfig": "tokenpress.core.method",
+    "Ratio": "tokenpress.core.method",
+    "SelectingConfig": "tokenpress.core.method",
+    "WeightedConfig": "tokenpress.core.method",
+    "get_registry": "tokenpress.core.registry",
+    "list_methods": "tokenpress.core.registry",
+    "register_plugin": "tokenpress.core.registry",
+    "Stack": "tokenpress.core.stack",
+    "Stage": "tokenpress.core.stack",
+    "load_stack": "tokenpress.core.stack",
+    "stack_json_schema": "tokenpress.core.stack",
+    "TokenState": "tokenpress.core.tokens",
+    "keep_count": "tokenpress.core.tokens",
+    "keep_counts_on_host": "tokenpress.core.tokens",
+    "pack_index": "tokenpress.core.tokens",
+    "seeded_uniform": "tokenpress.core.select",
+    "topk_mask": "tokenpress.core.select",
+    "ClsAttention": "tokenpress.core.signals",
+    "EncoderKeys": "tokenpress.core.signals",
+    "Signal": "tokenpress.core.signals",
+    "ScoringInput": "tokenpress.core.flops",
+    "StageShape": "tokenpress.core.flops",
+    "scorer_flops": "tokenpress.core.flops",
 }
 
 __all__ = [
+    "AttentionParts",
+    "ClsAttention",
     "CompressedCache",
     "CompressionError",
     "DecoderContext",
+    "EncoderBlock",
+    "EncoderKeys",
     "Handle",
+    "ImageLayout",
+    "ImageSpan",
     "InputError",
     "Keep",
     "LayerDecision",
     "Merge",
     "Method",
     "MethodConfig",
+    "ModelAdapter",
     "POINTS",
+    "ProjectorMLP",
     "PluginError",
     "Ratio",
     "Report",
     "Route",
+    "ScoringInput",
+    "Sequence",
+    "Signal",
     "SelectingConfig",
     "Stack",
     "StackError",
     "Stage",
     "StageContext",
+    "StageShape",
     "TokenState",
     "TokenpressError",
     "UnsupportedModelError",
@@ -87,10 +126,15 @@ __all__ = [
     "hookspec",
     "keep_count",
     "keep_counts_on_host",
+    "layer_query_key",
     "list_methods",
     "load_stack",
+    "pack_index",
     "register_plugin",
+    "scorer_flops",
+    "seeded_uniform",
     "stack_json_schema",
+    "topk_mask",
 ]
 
 
@@ -108,11 +152,17 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:
-    from tokenpress.attach import Handle, Report, attached_handle, compress, find_adapter
-    from tokenpress.cache import CompressedCache
-    from tokenpress.context import DecoderContext, StageContext
-    from tokenpress.decisions import Keep, LayerDecision, Merge, Route
-    from tokenpress.method import POINTS, Method, MethodConfig, Ratio, SelectingConfig, WeightedConfig
-    from tokenpress.registry import get_registry, list_methods, register_plugin
-    from tokenpress.stack import Stack, Stage, load_stack, stack_json_schema
-    from tokenpress.tokens import TokenState, keep_count, keep_counts_on_host
+    from tokenpress.core.decisions import Keep, LayerDecision, Merge, Route
+    from tokenpress.core.flops import ScoringInput, StageShape, scorer_flops
+    from tokenpress.core.method import POINTS, Method, MethodConfig, Ratio, SelectingConfig, WeightedConfig
+    from tokenpress.core.registry import get_registry, list_methods, register_plugin
+    from tokenpress.core.select import seeded_uniform, topk_mask
+    from tokenpress.core.signals import ClsAttention, EncoderKeys, Signal
+    from tokenpress.core.stack import Stack, Stage, load_stack, stack_json_schema
+    from tokenpress.core.tokens import TokenState, keep_count, keep_counts_on_host, pack_index
+    from tokenpress.runtime.adapter import AttentionParts, ImageLayout, ImageSpan, ModelAdapter, ProjectorMLP
+    from tokenpress.runtime.attach import Handle, Report, attached_handle, compress, find_adapter
+    from tokenpress.runtime.cache import CompressedCache
+    from tokenpress.runtime.context import DecoderContext, EncoderBlock, StageContext
+    from tokenpress.runtime.scorer import layer_query_key
+    from tokenpress.runtime.sequence import Sequence

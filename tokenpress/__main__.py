@@ -2,6 +2,6 @@
 
 import sys
 
-from tokenpress.cli import main
+from tokenpress.tools.cli import main
 
 sys.exit(main())

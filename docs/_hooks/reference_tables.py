@@ -1,6 +1,6 @@
 """mkdocs hook: lists that would drift if written by hand, generated from the code at build time.
 
-* ``<!-- commands-table -->``: every subcommand of ``tokenpress.cli.build_parser()`` (nested ones such
+* ``<!-- commands-table -->``: every subcommand of ``tokenpress.tools.cli.build_parser()`` (nested ones such
   as ``zoo train`` included) with its arguments, its help and its options;
 * ``<!-- plugins-output -->``: a console block with what ``tokenpress plugins`` prints;
 * ``<!-- contract-checks -->``: every ``test_*`` check of the contract kit's ``MethodContract``, with
@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from tokenpress import cli
+from tokenpress.tools import cli
 from tokenpress.testing.contract import MethodContract
 
 COMMANDS_MARKER = "<!-- commands-table -->"

@@ -21,8 +21,8 @@ from typing import Any
 import torch
 
 import tokenpress
-from tokenpress import weights as weights_io
-from tokenpress.errors import InputError
+from tokenpress.core import weights as weights_io
+from tokenpress.core.errors import InputError
 from tokenpress_plugins.alvts.method import ALVTS
 from tokenpress_plugins.alvts.parts import LayerSelector, SelectorParts
 from tokenpress_plugins.alvts.selector import LowRank, coverage_curve
@@ -47,7 +47,7 @@ class CalibrationReport:
 
     parts: SelectorParts
     info: dict[str, Any]  # written into the weights file's header
-    signature: dict[str, Any]  # the model it was calibrated for (tokenpress.weights.model_signature)
+    signature: dict[str, Any]  # the model it was calibrated for (tokenpress.core.weights.model_signature)
     fidelity: list[LayerFidelity]
     samples: int
     seconds: float

@@ -9,12 +9,19 @@ from typing import Any, Literal
 import torch
 from pydantic import Field, model_validator
 
-from tokenpress import DecoderContext, Method, Route, SelectingConfig, WeightedConfig, hookimpl
-from tokenpress import weights as weights_io
-from tokenpress.errors import InputError
-from tokenpress.scorer import layer_query_key
-from tokenpress.select import topk_mask
-from tokenpress.sequence import Sequence
+from tokenpress import (
+    DecoderContext,
+    Method,
+    Route,
+    SelectingConfig,
+    Sequence,
+    WeightedConfig,
+    hookimpl,
+    layer_query_key,
+)
+from tokenpress.core import weights as weights_io
+from tokenpress.core.errors import InputError
+from tokenpress.core.select import topk_mask
 from tokenpress_plugins.alvts.parts import LayerSelector, SelectorParts, tensor_layers
 from tokenpress_plugins.alvts.selector import LowRank, importance, low_rank
 

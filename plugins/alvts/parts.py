@@ -1,5 +1,5 @@
 """ALVTS's selector as method weights: the low-rank factors of each routed layer's q and k, and,
-once calibrated, the layer's coverage curve, as one ``nn.Module`` (see :mod:`tokenpress.weights`).
+once calibrated, the layer's coverage curve, as one ``nn.Module`` (see :mod:`tokenpress.core.weights`).
 
 Initialised from the SVD of each layer's own q/k weights (training-free); ``tokenpress calibrate``
 tunes the factors and writes them, with the curves, as a weights file (``params.weights``). The

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from tokenpress.tokens import pack_index
+from tokenpress.core.tokens import pack_index
 
 
 @dataclass

@@ -8,8 +8,8 @@ import torch
 from pydantic import Field
 
 from tokenpress import DecoderContext, Keep, Method, SelectingConfig, hookimpl, keep_count
-from tokenpress.flops import scorer_flops
-from tokenpress.select import topk_mask
+from tokenpress.core.flops import scorer_flops
+from tokenpress.core.select import topk_mask
 
 
 class FastVConfig(SelectingConfig):

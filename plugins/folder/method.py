@@ -8,7 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 from tokenpress import MethodConfig, StageContext, TokenState
-from tokenpress.matching import bipartite_assign, matching_scores, most_merges
+from tokenpress.core.matching import bipartite_assign, matching_scores, most_merges
 from tokenpress_plugins.tome.method import Tome, TomeConfig
 
 

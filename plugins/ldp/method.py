@@ -12,8 +12,8 @@ from pydantic import Field
 from torch import nn
 
 from tokenpress import Method, StageContext, TokenState, WeightedConfig, hookimpl
-from tokenpress.flops import StageShape
-from tokenpress.weights import starting_projector
+from tokenpress.core.flops import StageShape
+from tokenpress.core.weights import starting_projector
 from tokenpress_plugins.ldp.projector import LDPModule
 
 

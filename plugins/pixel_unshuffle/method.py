@@ -11,9 +11,9 @@ from pydantic import Field
 from torch import nn
 
 from tokenpress import Method, StageContext, TokenState, WeightedConfig, hookimpl
-from tokenpress.errors import InputError
-from tokenpress.flops import StageShape
-from tokenpress.weights import projector_copy, seeded_mlp
+from tokenpress.core.errors import InputError
+from tokenpress.core.flops import StageShape
+from tokenpress.core.weights import projector_copy, seeded_mlp
 from tokenpress_plugins.pixel_unshuffle.grid import unshuffle, unshuffled_size
 
 

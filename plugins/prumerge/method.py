@@ -10,10 +10,10 @@ import torch
 from pydantic import Field
 
 from tokenpress import Method, MethodConfig, StageContext, TokenState, hookimpl
-from tokenpress.errors import CompressionError
-from tokenpress.select import topk_mask
-from tokenpress.signals import ClsAttention, EncoderKeys
-from tokenpress.tokens import pack_index
+from tokenpress.core.errors import CompressionError
+from tokenpress.core.select import topk_mask
+from tokenpress.core.signals import ClsAttention, EncoderKeys
+from tokenpress.core.tokens import pack_index
 from tokenpress_plugins.prumerge.merge import merge_neighbours, outlier_share, rest_token, spatial_samples
 
 

@@ -12,9 +12,9 @@ from pydantic import Field
 from torch import nn
 
 from tokenpress import Method, StageContext, TokenState, WeightedConfig, hookimpl
-from tokenpress.errors import InputError
-from tokenpress.flops import StageShape
-from tokenpress.weights import starting_projector
+from tokenpress.core.errors import InputError
+from tokenpress.core.flops import StageShape
+from tokenpress.core.weights import starting_projector
 from tokenpress_plugins.qformer.module import QFormerModule
 
 

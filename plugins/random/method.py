@@ -19,8 +19,8 @@ from tokenpress import (
     hookimpl,
     keep_count,
 )
-from tokenpress.select import seeded_uniform, topk_mask
-from tokenpress.tokens import keep_counts_on_host
+from tokenpress.core.select import seeded_uniform, topk_mask
+from tokenpress.core.tokens import keep_counts_on_host
 
 
 class RandomConfig(SelectingConfig):

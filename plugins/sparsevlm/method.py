@@ -11,10 +11,10 @@ import torch
 from pydantic import Field, model_validator
 
 from tokenpress import DecoderContext, Keep, Merge, Method, MethodConfig, Ratio, hookimpl
-from tokenpress.errors import StackError
-from tokenpress.flops import scorer_flops
-from tokenpress.select import topk_mask
-from tokenpress.tokens import pack_index
+from tokenpress.core.errors import StackError
+from tokenpress.core.flops import scorer_flops
+from tokenpress.core.select import topk_mask
+from tokenpress.core.tokens import pack_index
 from tokenpress_plugins.sparsevlm.cluster import clustering_flops, density_peaks
 from tokenpress_plugins.sparsevlm.select import (
     choose_raters,

@@ -11,8 +11,8 @@ import torch
 from pydantic import Field, model_validator
 
 from tokenpress import Method, MethodConfig, Ratio, StageContext, TokenState, hookimpl
-from tokenpress.errors import StackError
-from tokenpress.matching import bipartite_assign, matching_scores, most_merges
+from tokenpress.core.errors import StackError
+from tokenpress.core.matching import bipartite_assign, matching_scores, most_merges
 from tokenpress_plugins.tome.schedule import block_merges
 
 

@@ -14,8 +14,8 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from tokenpress.select import topk_mask
-from tokenpress.tokens import pack_index
+from tokenpress.core.select import topk_mask
+from tokenpress.core.tokens import pack_index
 
 #: Patches whose nearest target is searched at once: the similarity block is (I, CHUNK, contextual).
 CHUNK = 64

@@ -9,9 +9,9 @@ import torch
 from pydantic import Field, model_validator
 
 from tokenpress import Method, MethodConfig, Ratio, StageContext, TokenState, hookimpl, keep_count
-from tokenpress.errors import CompressionError
-from tokenpress.signals import ClsAttention, EncoderKeys
-from tokenpress.tokens import keep_counts_on_host
+from tokenpress.core.errors import CompressionError
+from tokenpress.core.signals import ClsAttention, EncoderKeys
+from tokenpress.core.tokens import keep_counts_on_host
 from tokenpress_plugins.visionzip.merge import Zipped, zip_rows
 
 #: The contextual share of the published budgets (54 + 10 = 64, 108 + 20 = 128, 162 + 30 = 192 on

@@ -28,25 +28,32 @@ from __future__ import annotations
 import contextlib
 import random
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
+import numpy
 import pytest
 import torch
 from torch.utils._pytree import tree_flatten
+from torch.utils.flop_counter import FlopCounterMode
 
 import tokenpress
-from tokenpress.context import DecoderContext
-from tokenpress.decisions import Merge
-from tokenpress.hookspecs import hookimpl
-from tokenpress.method import Method
-from tokenpress.profiling import observing
+from tokenpress.core import flops
+from tokenpress.core import weights as weights_io
+from tokenpress.core.decisions import Merge
+from tokenpress.core.hookspecs import hookimpl
+from tokenpress.core.method import Method
+from tokenpress.core.tokens import TokenState
+from tokenpress.families.testbed import session_model
+from tokenpress.measure.profiling import observing
+from tokenpress.runtime import compat
+from tokenpress.runtime.attach import check_stack, find_adapter
+from tokenpress.runtime.context import DecoderContext
 from tokenpress.testing.families import FAMILIES, Family, ScaledInputs, prompts
 from tokenpress.testing.memory import AllocationTracker, growth_exponent
 from tokenpress.testing.syncs import SyncEvent, SyncRecorder, recording_syncs, sync_origin
-from tokenpress.tokens import TokenState
 
 __all__ = [
     "SCALED_INPUTS",
@@ -64,28 +71,10 @@ __all__ = [
 
 # --- tiny models, built once per session --------------------------------------------------------
 
-_MODELS: dict[tuple[Any, ...], Any] = {}
-
-
-def _cached(key: tuple[Any, ...], build: Callable[[], Any]) -> Any:
-    if key not in _MODELS:
-        _MODELS[key] = build()
-    model = _MODELS[key]
-    handle = tokenpress.attached_handle(model)
-    if handle is not None:  # a test that died inside compress() without its with-block: never leak it
-        handle.detach()
-    return model
-
-
 def tiny_model(family: str, attn_implementation: str = "sdpa", dtype: torch.dtype | None = None,
                device: str | torch.device = "cpu") -> Any:
     """The session's tiny model of ``family`` (shared: attach stacks with ``with``, never modify it)."""
-
-    def build() -> Any:
-        model = FAMILIES[family].build(attn_implementation)
-        return model.to(device=device, dtype=dtype) if dtype is not None else model.to(device)
-
-    return _cached((family, attn_implementation, str(dtype), str(device)), build)
+    return session_model(FAMILIES[family], attn_implementation, dtype, device)
 
 
 @dataclass(frozen=True)
@@ -244,7 +233,7 @@ class StageObserver:
 
     ``allocations=True`` measures what each call allocates (:class:`FloatAllocationTracker`);
     ``sync_debug=True`` records the host-device synchronisations it makes (CUDA). Register it with
-    :func:`tokenpress.profiling.observing` (``with observing(StageObserver("fastv")) as observer: ...``).
+    :func:`tokenpress.measure.profiling.observing` (``with observing(StageObserver("fastv")) as observer: ...``).
     """
 
     def __init__(self, method: str | None = None, *, allocations: bool = False, sync_debug: bool = False) -> None:
@@ -277,10 +266,6 @@ class StageObserver:
 def _seed_everything(seed: int) -> None:
     random.seed(seed)
     torch.manual_seed(seed)
-    try:
-        import numpy
-    except ImportError:  # pragma: no cover - numpy is a dependency of tokenpress
-        return
     numpy.random.seed(seed)
 
 
@@ -424,7 +409,6 @@ class MethodContract:
         family, method = params.get("contract_family"), params.get("contract_method")
         if family is None or method is None or method not in tokenpress.get_registry().methods:
             return
-        from tokenpress.attach import check_stack, find_adapter
 
         try:
             check_stack(tokenpress.load_stack(self.stack(method)), find_adapter(tiny_model(family)))
@@ -507,9 +491,7 @@ class MethodContract:
         """torch's FLOP counter over a compressed prefill equals the FLOPs model fed with that prefill's
         token counts and the method's declared ``scoring_flops``/``stage_flops``; a family that does work on
         padding slots may count more, within its ``flops_tolerance`` (LLaVA-NeXT: 5%)."""
-        from torch.utils.flop_counter import FlopCounterMode
 
-        from tokenpress import compat, flops
 
         # eager attention: torch's counter does not see the CPU flash kernel SDPA picks
         case = FamilyCase(contract_family, FAMILIES[contract_family], tiny_model(contract_family, "eager"))
@@ -680,7 +662,6 @@ class MethodContract:
                                                      tmp_path: Path) -> None:
         """A method with weights: they stay out of the model's state_dict, a saved file gives the same
         logits, they follow ``model.to()`` made after attaching, and detaching drops them."""
-        from tokenpress import weights as weights_io
 
         if "weights" not in self.method_class(contract_method).Config.model_fields:
             pytest.skip(f"{contract_method} has no weights (its Config is not a WeightedConfig)")
@@ -741,7 +722,7 @@ class MethodContract:
         assert not changed, (f"{contract_method} on {contract_family} is not deterministic: two runs selected "
                              f"different tokens at {changed} (draws from the global random generators, the clock, "
                              "the OS or a counter? use a generator seeded from params, e.g. "
-                             "tokenpress.select.seeded_uniform)")
+                             "tokenpress.core.select.seeded_uniform)")
         same = torch.equal(first, second)
         assert same, (f"{contract_method} on {contract_family} is not deterministic: logits differ by "
                       f"{float((first - second).abs().max()):.3g} between two runs under different global seeds")

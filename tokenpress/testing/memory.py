@@ -6,6 +6,7 @@ tensor an operator creates. Outputs that alias an input (views) are not new memo
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -55,7 +56,6 @@ class AllocationTracker(TorchDispatchMode):
 
 def growth_exponent(sizes: list[int], values: list[float]) -> float:
     """Least-squares slope of log(value) against log(size): ~1 for linear growth, ~2 for quadratic."""
-    import math
 
     xs = [math.log(s) for s in sizes]
     ys = [math.log(v) for v in values]

@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 import yaml
 
-from tokenpress import evaluate
+from tokenpress.core.errors import InputError
 from tokenpress.data import shapes
-from tokenpress.errors import InputError
+from tokenpress.measure import evaluate
 from tokenpress_lmms_eval.shapes_task import DATA_FILE, METRICS, TASK_FILE, TASK_NAME, main
 
 REPO = Path(__file__).resolve().parents[3]

@@ -4,8 +4,8 @@
         --model_args pretrained=zoo:llava-shapes,stack=stacks/fastv.yaml --tasks TASK --batch_size 50
 
 Everything that touches the model is tokenpress's own, as ``tokenpress eval`` uses it: the model and processor
-come from :func:`tokenpress.loading.load_model_and_processor`, each batch goes through
-:func:`tokenpress.loading.process` with the prompt of :func:`tokenpress.data.shapes.build_prompt`, the stack is
+come from :func:`tokenpress.runtime.loading.load_model_and_processor`, each batch goes through
+:func:`tokenpress.runtime.loading.process` with the prompt of :func:`tokenpress.data.shapes.build_prompt`, the stack is
 attached around the batch with :func:`tokenpress.compress` and detached after it, and answers are greedy
 ``generate`` outputs decoded with ``skip_special_tokens``. So on the same questions lmms-eval's accuracy is
 ``tokenpress eval``'s.
@@ -25,11 +25,11 @@ from loguru import logger
 from PIL import Image
 from tqdm.auto import tqdm
 
-from tokenpress.attach import compress
+from tokenpress.core.errors import InputError
+from tokenpress.core.stack import Stack, load_stack
 from tokenpress.data import shapes
-from tokenpress.errors import InputError
-from tokenpress.loading import chat_prompt, load_model_and_processor, process
-from tokenpress.stack import Stack, load_stack
+from tokenpress.runtime.attach import compress
+from tokenpress.runtime.loading import chat_prompt, load_model_and_processor, process
 
 PROMPT_STYLES = ("plain", "chat")
 

@@ -20,9 +20,9 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from tokenpress.core.errors import InputError
 from tokenpress.data import shapes
-from tokenpress.errors import InputError
-from tokenpress.evaluate import Truth
+from tokenpress.measure.evaluate import Truth
 
 TASK_NAME = "tokenpress_shapes"
 TASK_FILE = f"{TASK_NAME}.yaml"

@@ -13,7 +13,7 @@ import torch
 
 import tokenpress
 from tokenpress.data import shapes
-from tokenpress.loading import load_model_and_processor, process
+from tokenpress.runtime.loading import load_model_and_processor, process
 
 #: Set before any engine starts: vLLM's CPU backend takes its KV cache size (GiB) from here.
 CPU_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1"}

@@ -22,7 +22,7 @@ import pytest
 from reference import CPU_ENV, ENGINE_OPTIONS, NONE, POOL, hf_answers, shapes_questions
 
 import tokenpress_vllm
-from tokenpress.loading import load_model_and_processor
+from tokenpress.runtime.loading import load_model_and_processor
 
 MODEL = "zoo:llava-shapes"
 PROMPTS, IMAGES, TRUTH = shapes_questions(2, "<image>", start=16)

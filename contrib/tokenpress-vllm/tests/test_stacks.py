@@ -10,8 +10,8 @@ import pytest
 from reference import POOL, stack
 
 import tokenpress_vllm
-from tokenpress.loading import load_config, resolve_model_path
-from tokenpress.stack import load_stack
+from tokenpress.core.stack import load_stack
+from tokenpress.runtime.loading import load_config, resolve_model_path
 from tokenpress_vllm.__main__ import main
 from tokenpress_vllm.stacks import NotServable, check_servable, image_layout
 

@@ -25,8 +25,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from tokenpress.loading import load_config, resolve_model_path
-from tokenpress.stack import Stack, load_stack
+from tokenpress.core.stack import Stack, load_stack
+from tokenpress.runtime.loading import load_config, resolve_model_path
 from tokenpress_vllm.stacks import CONFIG_KEY, REQUEST_KEY, NotServable, ServingStacks, check_servable
 
 __version__ = "0.1.0"
@@ -84,8 +84,8 @@ def _stray_weights(folder: Path) -> list[Path]:
 def _check_against_model(folder: Path, served: ServingStacks) -> None:
     """What tokenpress checks when a stack is attached to this model (encoder signals the family gives,
     encoder blocks, hook signatures), on the model built from its config on the meta device (no weights)."""
-    from tokenpress.attach import check_stack, find_adapter
-    from tokenpress.loading import load_model
+    from tokenpress.runtime.attach import check_stack, find_adapter
+    from tokenpress.runtime.loading import load_model
 
     adapter = find_adapter(load_model(folder, meta=True))
     for stack in served:

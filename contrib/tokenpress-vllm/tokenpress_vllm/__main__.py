@@ -9,7 +9,7 @@ import json
 import shlex
 import sys
 
-from tokenpress.errors import TokenpressError
+from tokenpress.core.errors import TokenpressError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -21,7 +21,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     import tokenpress_vllm
-    from tokenpress.stack import load_stack
+    from tokenpress.core.stack import load_stack
 
     named = {}
     try:

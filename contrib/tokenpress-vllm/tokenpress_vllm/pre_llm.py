@@ -4,7 +4,7 @@ Hugging Face path, on the checkpoint's own vision encoder and projector.
 The vision side (encoder, projector, LLaVA-NeXT's image newline) is the transformers model's, loaded
 with the same ``from_pretrained`` as tokenpress's Hugging Face path: tokenpress's adapter then encodes
 the images (with any encoder signals or stages inside the encoder), the ``post_encoder`` and
-``projector`` stages run exactly as in :class:`tokenpress.prefill.Prefill`, and the adapter lays out
+``projector`` stages run exactly as in :class:`tokenpress.runtime.prefill.Prefill`, and the adapter lays out
 each image's tokens (LLaVA-NeXT's newlines included) in the order the LLM reads them. vLLM's language
 model then takes those embeddings in place of the image's placeholders.
 """
@@ -17,15 +17,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from tokenpress.adapters.base import ImageSpan, ModelAdapter
-from tokenpress.attach import find_adapter, prepare_stages
-from tokenpress.context import StageContext
-from tokenpress.errors import CompressionError
-from tokenpress.loading import load_model
-from tokenpress.prefill import InsideEncoderStages, StageEntry, observed_runner, run_token_stage
-from tokenpress.registry import get_registry
-from tokenpress.signals import as_requests, keyed
-from tokenpress.tokens import TokenState
+from tokenpress.core.errors import CompressionError
+from tokenpress.core.registry import get_registry
+from tokenpress.core.signals import as_requests, keyed
+from tokenpress.core.tokens import TokenState
+from tokenpress.runtime.adapter import ImageSpan, ModelAdapter
+from tokenpress.runtime.attach import find_adapter, prepare_stages
+from tokenpress.runtime.context import StageContext
+from tokenpress.runtime.loading import load_model
+from tokenpress.runtime.prefill import InsideEncoderStages, StageEntry, observed_runner, run_token_stage
 from tokenpress_vllm.stacks import ServedStack, ServingStacks
 
 

@@ -3,7 +3,7 @@
 vLLM writes an image's placeholder tokens into the prompt (and, on Qwen2.5-VL, fixes their M-RoPE
 positions) when the request arrives, before the image is encoded. So a served stack's stages must act
 before the LLM and promise how many tokens they leave from the image's size alone; the count itself
-comes from tokenpress's own config-only simulation (:func:`tokenpress.flops.simulate`), and the
+comes from tokenpress's own config-only simulation (:func:`tokenpress.core.flops.simulate`), and the
 pre-LLM pipeline checks at run time that the stages kept their promise.
 
 A server is given its stacks through the model config (``--hf-overrides``)::
@@ -22,9 +22,9 @@ from typing import Any, Literal
 
 import torch
 
-from tokenpress.errors import TokenpressError
-from tokenpress.flops import FlopsError, simulate
-from tokenpress.stack import Stack, Stage, load_stack
+from tokenpress.core.errors import TokenpressError
+from tokenpress.core.flops import FlopsError, simulate
+from tokenpress.core.stack import Stack, Stage, load_stack
 
 #: The attribute of the model config (``--hf-overrides``) that holds the served stacks.
 CONFIG_KEY = "tokenpress"
@@ -91,7 +91,7 @@ def _refusal(stage: Stage) -> str | None:
 def _family_blocks(config: Any) -> tuple[int, int | None]:
     """(decoder layers, encoder blocks that feed the features) of a model config, as tokenpress resolves
     a stack's default layers (``None``: the family runs no stage inside its encoder)."""
-    from tokenpress.flops import family_costs
+    from tokenpress.core.flops import family_costs
 
     family = family_costs(config)
     return family.decoder.layers, family.feature_blocks()
@@ -123,7 +123,7 @@ def check_servable(stack: Stack, config: Any) -> Stack:
 
 def _llm_grids(config: Any, image_size: tuple[int, int] | None) -> tuple[tuple[int, int, int], ...]:
     """The uncompressed rows' (t, h, w) grids of one image, as tokenpress's adapter lays them out."""
-    from tokenpress.flops import family_costs
+    from tokenpress.core.flops import family_costs
 
     return tuple(row.grid for row in family_costs(config).image(image_size).rows)
 

@@ -16,7 +16,7 @@ import torch
 from vllm.model_executor.models.utils import AutoWeightsLoader
 from vllm.multimodal.inputs import MultiModalFieldConfig
 
-from tokenpress.errors import CompressionError
+from tokenpress.core.errors import CompressionError
 from tokenpress_vllm.pre_llm import PreLLM
 from tokenpress_vllm.stacks import REQUEST_KEY, ServedStack, ServingStacks
 
@@ -91,7 +91,7 @@ class StackModelMixin:
         raise NotImplementedError
 
     def _image_size(self, kwargs: Mapping[str, Any], image: int) -> tuple[int, int] | None:
-        """The image size the family's token count depends on (see :func:`tokenpress.flops.simulate`)."""
+        """The image size the family's token count depends on (see :func:`tokenpress.core.flops.simulate`)."""
         return None
 
     def _compressed_embeddings(self, kwargs: Mapping[str, Any]) -> list[torch.Tensor]:

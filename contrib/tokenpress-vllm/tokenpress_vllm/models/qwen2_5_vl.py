@@ -18,7 +18,7 @@ from vllm.model_executor.models.qwen2_5_vl import (
 from vllm.multimodal import MULTIMODAL_REGISTRY
 from vllm.multimodal.processing import PromptReplacement
 
-from tokenpress.tokens import TokenState
+from tokenpress.core.tokens import TokenState
 from tokenpress_vllm.models.common import StackInfoMixin, StackModelMixin, StackProcessorMixin
 from tokenpress_vllm.stacks import REQUEST_KEY, ImageLayout, ServedStack
 

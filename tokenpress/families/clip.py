@@ -1,0 +1,113 @@
+"""What the CLIP-style vision towers of the LLaVA families share: encoder signals (the class token's
+attention, a block's keys) recomputed from a block's own projections, and running the tower block by
+block with stages inside it (ToMe, FOLDER)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from tokenpress.core.signals import ClsAttention, EncoderKeys, Signal
+from tokenpress.core.tokens import TokenState
+from tokenpress.runtime.context import EncoderBlock
+from tokenpress.runtime.encoder import EncoderRun, InsideEncoder, captured_output, gather_rows, size_bias, sort_by_cell
+
+
+def cls_attention(encoder_layer: nn.Module, layer_input: torch.Tensor, heads: str = "mean",
+                  bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Attention the CLS token (slot 0) pays to every patch inside a CLIP-style encoder layer.
+
+    Recomputed from the layer's own norm and q/k projections for the one CLS row: (I, N) over the
+    patches (CLS column removed); ``heads="mean"`` averages the layer's per-head softmax,
+    ``heads="full"`` is one head over the full width (scale 1/sqrt(C)). ``bias`` (I, 1, 1, 1 + N) is
+    the block's additive mask after merges inside the encoder (:func:`tokenpress.runtime.encoder.size_bias`).
+    No N x N matrix is formed.
+    """
+    attention = encoder_layer.self_attn
+    normed = encoder_layer.layer_norm1(layer_input)
+    images, length, width = normed.shape
+    count, head_dim, scale = ((attention.num_heads, attention.head_dim, attention.scale) if heads == "mean"
+                              else (1, width, width ** -0.5))
+    query = attention.q_proj(normed[:, :1]).view(images, 1, count, head_dim).transpose(1, 2)
+    key = attention.k_proj(normed).view(images, length, count, head_dim).transpose(1, 2)
+    logits = torch.matmul(query.float(), key.float().transpose(-1, -2)) * scale
+    if bias is not None:
+        logits = logits + bias.float()
+    return torch.softmax(logits, dim=-1).mean(dim=1)[:, 0, 1:]
+
+
+def clip_signal(block: nn.Module, layer_input: torch.Tensor, request: Signal,
+                bias: torch.Tensor | None = None) -> torch.Tensor:
+    """One requested signal of a CLIP-style encoder layer on its input (the CLS token at slot 0), over
+    the patches (CLS removed)."""
+    if isinstance(request, ClsAttention):
+        return cls_attention(block, layer_input, request.heads, bias)
+    if isinstance(request, EncoderKeys):
+        keys = block.self_attn.k_proj(block.layer_norm1(layer_input))[:, 1:]
+        return keys.unflatten(-1, (block.self_attn.num_heads, -1)).mean(-2) if request.heads == "mean" else keys
+    raise ValueError(f"a CLIP encoder does not compute {request.describe()}")
+
+
+def clip_signals(layers: nn.ModuleList, hidden_states: tuple[torch.Tensor, ...],
+                 requests: list[Signal]) -> dict[Signal, torch.Tensor]:
+    """Each requested signal of a CLIP-style encoder run (``hidden_states[l]`` enters layer l, the
+    CLS token at slot 0): per tile, over its patches (CLS removed)."""
+    found: dict[Signal, torch.Tensor] = {}
+    for request in dict.fromkeys(requests):  # each distinct request once
+        layer = request.layer % len(layers)
+        found[request] = clip_signal(layers[layer], hidden_states[layer], request)
+    return found
+
+
+def clip_encode_inside(tower: nn.Module, pixel_values: torch.Tensor, blocks: int, grid: tuple[int, int, int],
+                       row_images: list[int], requests: list[Signal],
+                       inside: InsideEncoder) -> tuple[TokenState, dict[Signal, torch.Tensor], EncoderRun]:
+    """Run a CLIP vision tower block by block with stages inside the blocks ``inside`` lists.
+
+    Every encoder row (image or tile) of ``grid`` patches is one TokenState row, the class token held
+    beside it (never merged). In a block with stages they run between its attention and its MLP
+    (``inside``); once they changed the tokens, later blocks attend with :func:`size_bias`. The output
+    of block ``blocks - 1`` is the features, the tokens sorted back into raster order of their cells;
+    each requested signal is computed on its layer's input, over the tokens of that moment, and laid
+    out like the features (attaching refuses a signal read before a block that merges). Inside the
+    encoder, ``image_to_sample`` holds each row's image (``row_images``): samples are matched later."""
+    vision = getattr(tower, "vision_model", tower)
+    layers = vision.encoder.layers
+    hidden = vision.pre_layrnorm(vision.embeddings(pixel_values))
+    tokens = TokenState.from_dense(hidden[:, 1:], grid, torch.tensor(row_images, device=hidden.device))
+    by_layer: dict[int, list[Signal]] = {}
+    for request in dict.fromkeys(requests):
+        by_layer.setdefault(request.layer % len(layers), []).append(request)
+    bias: torch.Tensor | None = None  # None until a stage changes the tokens: the block runs as the model does
+    found: dict[Signal, torch.Tensor] = {}
+    run = EncoderRun(row_images=list(row_images))
+    for index in range(max(blocks - 1, *by_layer, 0) + 1):
+        for request in by_layer.get(index, []):
+            found[request] = clip_signal(layers[index], hidden, request, bias)
+        if index >= blocks:
+            continue
+        block = layers[index]
+        run.attention.append(tokens.counts())
+        with captured_output(block.self_attn.k_proj) as keys:
+            attended, _ = block.self_attn(hidden_states=block.layer_norm1(hidden), attention_mask=bias)
+        hidden = hidden + attended
+        if index in inside.layers:
+            before = tokens.replace(hidden[:, 1:])
+            heads = block.self_attn.num_heads
+            tokens = inside(EncoderBlock(index, blocks, keys[0][:, 1:].unflatten(-1, (heads, -1)), True), before)
+            if tokens is not before:
+                hidden = torch.cat([hidden[:, :1], tokens.embeddings.to(hidden.dtype)], dim=1)
+                bias = size_bias(tokens, hidden.dtype, class_token=True)
+        run.mlp.append(tokens.counts())
+        hidden = hidden + block.mlp(block.layer_norm2(hidden))
+        tokens = tokens.replace(hidden[:, 1:])
+    tokens, order = sort_by_cell(tokens)
+    return tokens, {request: gather_rows(value, order) for request, value in found.items()}, run
+
+
+def feature_block_count(feature_layer: int | list[int], encoder_layers: int) -> int | None:
+    """How many CLIP blocks feed the features: they are ``hidden_states[vision_feature_layer]``, the
+    output of that many blocks (None: several layers' features concatenated, or the embeddings alone)."""
+    if not isinstance(feature_layer, int):
+        return None
+    return feature_layer % (encoder_layers + 1) or None

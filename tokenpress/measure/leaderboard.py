@@ -1,0 +1,245 @@
+"""``tokenpress leaderboard``: every registered method at 50%, 25% and 11% of the visual tokens on the
+shipped proxies, each proxy in one ``tokenpress eval`` run, written as one Markdown page with plots of
+accuracy retained against the FLOPs ratio and against the measured prefill-time ratio.
+
+Stacks come from the registry, so a new method appears without a line here: each method's
+``params_for_tokens`` gives its setting for a share of an image's tokens (a method without such a
+knob runs once, at its own count; settings that coincide run once). Methods with weights use the ones
+shipped beside the proxy when they exist for that setting (``weights: zoo``) and run unfitted
+otherwise, said in the row. A method a proxy cannot serve is listed with its one-sentence refusal.
+"""
+
+from __future__ import annotations
+
+import datetime
+import platform
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tokenpress.core.errors import TokenpressError, UnsupportedModelError
+from tokenpress.core.method import WeightedConfig
+from tokenpress.core.registry import get_registry
+from tokenpress.core.stack import load_stack
+from tokenpress.data import shapes
+from tokenpress.measure import evaluate
+from tokenpress.runtime.attach import check_stack, compress, find_adapter
+from tokenpress.runtime.loading import load_model_and_processor, process
+
+RATIOS = (0.5, 0.25, 0.11)
+DEFAULT_MODELS = ("zoo:llava-shapes", "zoo:qwen2.5-vl-shapes")
+#: The decoder layer of a decoder_layer method that has no default layers (FastV's K = 2).
+DECODER_LAYER = 2
+
+
+@dataclass
+class Entry:
+    """One stack of the leaderboard: the method, the share it was asked for, how it is set."""
+
+    method: str
+    target: float | None  # the share of tokens asked for (None: the method's own count)
+    stack: dict[str, Any]
+    note: str = ""
+
+
+@dataclass
+class Board:
+    """One proxy's results: the rows of its eval run, what each row stands for, and the refusals."""
+
+    model: str
+    tokens_per_image: int
+    entries: list[Entry]
+    rows: list[evaluate.Row]
+    refused: list[str] = field(default_factory=list)
+
+
+def tokens_per_image(model: Any, processor: Any) -> int:
+    """Visual tokens one benchmark image becomes on ``model`` (its placeholders in a processed prompt)."""
+    sample = shapes.make_sample("test", 0, 0)
+    inputs = process(processor, [sample.image], [shapes.build_prompt(sample.question, getattr(
+        processor, "image_token", shapes.IMAGE_TOKEN))], what="a benchmark image")
+    placeholders = torch.tensor(find_adapter(model).placeholder_ids())
+    return int(torch.isin(inputs["input_ids"], placeholders).sum())
+
+
+def entries_for(model: Any, tokens: int, registry: Any = None) -> tuple[list[Entry], list[str]]:
+    """The leaderboard's stacks for ``model`` (an image of ``tokens`` visual tokens), and the refusals."""
+    registry = registry or get_registry()
+    adapter = find_adapter(model)
+    entries, refused = [], []
+    for name, method_class in sorted(registry.methods.items()):
+        settings: list[tuple[float | None, dict[str, Any]]] = []
+        for ratio in sorted(RATIOS):  # the smallest first: a setting two shares give is named by the smaller
+            params = method_class.params_for_tokens(tokens, ratio)
+            identity = method_class.identity_params
+            if params is None or (identity is not None and all(params.get(k) == v for k, v in identity.items())):
+                continue
+            if all(params != seen for _, seen in settings):
+                settings.append((ratio, params))
+        if not settings:
+            settings = [(None, dict(method_class.example_params))]
+        for ratio, params in settings:
+            stage: dict[str, Any] = {"method": name, "params": dict(params)}
+            if method_class.default_point() == "decoder_layer" and not method_class.has_default_layers():
+                stage["layers"] = [DECODER_LAYER]
+            label = f"{name} {ratio:.0%}" if ratio is not None else f"{name} (own count)"
+            entry = Entry(name, ratio, {"name": label, "stages": [stage]})
+            try:
+                check_stack(load_stack(entry.stack), adapter)
+            except UnsupportedModelError as exc:
+                refused.append(f"{name}: {str(exc).split(': ', 2)[-1]}")
+                break
+            if issubclass(method_class.Config, WeightedConfig):
+                entry.note = _with_shipped_weights(model, entry)
+            entries.append(entry)
+    return entries, refused
+
+
+def _with_shipped_weights(model: Any, entry: Entry) -> str:
+    """Use the weights shipped beside the proxy when they exist for this setting; say which."""
+    stage = entry.stack["stages"][0]
+    trial = {**entry.stack, "stages": [{**stage, "params": {**stage["params"], "weights": "zoo"}}]}
+    try:
+        compress(model, trial).detach()
+    except TokenpressError:
+        entry.stack["name"] += " (unfitted)"
+        return "unfitted: no shipped weights for this setting"
+    entry.stack = trial
+    return "shipped weights"
+
+
+def run(models: tuple[str, ...] = DEFAULT_MODELS, n: int = 600, batch_size: int = 50,
+        progress: bool = True) -> list[Board]:
+    """One ``tokenpress eval`` run per proxy over every registered method's stacks."""
+
+    boards = []
+    for name in models:
+        loaded = load_model_and_processor(name, progress=progress)
+        tokens = tokens_per_image(*loaded)
+        entries, refused = entries_for(loaded[0], tokens)
+        rows = evaluate.evaluate([entry.stack for entry in entries], model=name, n=n, batch_size=batch_size,
+                                 progress=progress, loaded=loaded)
+        boards.append(Board(name, tokens, entries, rows, refused))
+    return boards
+
+
+#: The plots' marker for each share of the visual tokens asked (None: the method's own count), with
+#: the shape it draws (for the caption under a plot) and its legend label.
+MARKERS: dict[float | None, tuple[str, str, str]] = {
+    0.5: ("o", "●", "50% asked"), 0.25: ("s", "■", "25% asked"), 0.11: ("^", "▲", "11% asked"),
+    None: ("D", "◆", "own count"),
+}
+BASELINE_MARKER = ("*", "★", "baseline")
+PLOT_AXES = {"flops": ("prefill FLOPs (% of baseline)", "FLOPs ratio"),
+             "time": ("measured prefill time (% of baseline)", "measured prefill time ratio")}
+
+
+def plot_caption(board: Board) -> str:
+    """The line under each of a board's plots: what the colours and the marker shapes stand for."""
+    targets = {entry.target for entry in board.entries}
+    shapes = ", ".join(f"{shape} {label}" for target, (_, shape, label) in MARKERS.items() if target in targets)
+    return (f"Colour: the method (legend); shape: the share of the visual tokens asked ({shapes}); "
+            f"{BASELINE_MARKER[1]} the uncompressed baseline.")
+
+
+def _plot(board: Board, path: Path, x: str) -> Path:
+    import matplotlib  # optional (the plot extra): imported only to plot, checked before any measurement
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
+
+    by_name = {row.stack: row for row in board.rows}
+    methods = sorted({entry.method for entry in board.entries})
+    colours = dict(zip(methods, plt.get_cmap("tab20")(range(len(methods))), strict=True))
+    figure, axis = plt.subplots(figsize=(9, 5), dpi=120, layout="constrained")  # room for the legends beside
+    for entry in board.entries:
+        row = by_name[entry.stack["name"]]
+        value = row.flops_ratio if x == "flops" else row.prefill_time_ratio
+        axis.scatter(value * 100, row.retention * 100, color=colours[entry.method], marker=MARKERS[entry.target][0],
+                     s=45)
+    axis.scatter([100], [100], color="black", marker=BASELINE_MARKER[0], s=80)
+    label, what = PLOT_AXES[x]
+    axis.set_xlabel(label)
+    axis.set_ylabel("accuracy retained (%)")
+    axis.set_title(f"{board.model}: accuracy retained against the {what}")
+    axis.grid(alpha=0.3)
+    figure.legend(handles=[Patch(color=colours[method], label=method) for method in methods], title="method",
+                  fontsize=7, title_fontsize=8, loc="outside right upper")
+    targets = {entry.target for entry in board.entries}
+    shapes = [Line2D([], [], color="grey", marker=marker, linestyle="", label=text)
+              for target, (marker, _, text) in MARKERS.items() if target in targets]
+    shapes.append(Line2D([], [], color="black", marker=BASELINE_MARKER[0], linestyle="", markersize=9,
+                         label=BASELINE_MARKER[2]))
+    figure.legend(handles=shapes, title="share of tokens", fontsize=7, title_fontsize=8, loc="outside right lower")
+    figure.savefig(path)
+    plt.close(figure)
+    return path
+
+
+#: Six columns fit the docs site's page; a row's stack name says the share asked ("tome 25%").
+TABLE_HEADER = ["| stack | tokens kept | accuracy | retention | FLOPs ratio | prefill time ratio |",
+                "| --- | ---: | ---: | ---: | ---: | ---: |"]
+SUPERSCRIPT_DIGITS = str.maketrans("0123456789", "⁰¹²³⁴⁵⁶⁷⁸⁹")
+
+
+def board_table(board: Board) -> list[str]:
+    """One proxy's table (the baseline, then by share asked and accuracy) and, under it, the notes its
+    rows point to with a superscript number (kept out of the table so that it fits the page)."""
+    entries = {entry.stack["name"]: entry for entry in board.entries}
+    ordered = sorted(board.rows[1:], key=lambda row: (-(entries[row.stack].target or 0), -row.accuracy))
+    notes: list[str] = []
+    lines = list(TABLE_HEADER)
+    for row in [board.rows[0], *ordered]:
+        entry = entries.get(row.stack)
+        mark = ""
+        if entry is not None and entry.note:
+            if entry.note not in notes:
+                notes.append(entry.note)
+            mark = " " + str(notes.index(entry.note) + 1).translate(SUPERSCRIPT_DIGITS)
+        lines.append(f"| {row.stack}{mark} | {row.tokens_kept:.1%} | {row.accuracy:.1%} | "
+                     f"{row.retention:.1%} | {row.flops_ratio:.3f} | {row.prefill_time_ratio:.3f} |")
+    if notes:
+        lines.append("")
+        lines += [f"- {str(number).translate(SUPERSCRIPT_DIGITS)} {note}" for number, note in enumerate(notes, start=1)]
+    return lines
+
+
+def board_section(board: Board, plots: dict[str, str]) -> list[str]:
+    """One proxy's part of the page: its table and notes, its refusals, and its plots (``x`` -> the
+    plot's path relative to the page), each with its caption."""
+    lines = [f"## {board.model} ({board.tokens_per_image} visual tokens per image)", "", *board_table(board)]
+    if board.refused:
+        lines += ["", "Refused on this model:", ""] + [f"- {line}" for line in board.refused]
+    for x, link in plots.items():
+        lines += ["", f"![{board.model}: accuracy retained against the {PLOT_AXES[x][1]}]({link})", "",
+                  plot_caption(board)]
+    return lines
+
+
+def write_page(boards: list[Board], path: str | Path, n: int, command: str) -> list[Path]:
+    """The leaderboard page at ``path`` and its plots beside it (in ``leaderboard/``); returns the files."""
+    path = Path(path)
+    folder = path.parent / path.stem
+    folder.mkdir(parents=True, exist_ok=True)
+    written = [path]
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else (
+        f"CPU ({platform.machine()}, {torch.get_num_threads()} threads)")
+    lines = ["# Leaderboard", "",
+             f"Every registered method at 50%, 25% and 11% of the visual tokens on the shipped proxies, {n} test "
+             f"questions each, one `tokenpress eval` run per proxy (so the ratios are against the baseline measured "
+             f"in the same run). Rebuilt by `{command}` on {datetime.date.today().isoformat()}, {device}.", "",
+             "**retention** is accuracy / the baseline's; **tokens kept** the visual tokens the last decoder layer "
+             "holds (a routing method keeps them all); FLOPs are the analytical prefill FLOPs of what ran, time the "
+             "median per-batch prefill time ratio. A method faithful to its paper that loses to `random` is shown "
+             "as it is.", ""]
+    for board in boards:
+        slug = board.model.replace("zoo:", "").replace("/", "-")
+        plots = {x: _plot(board, folder / f"{slug}-{x}.png", x) for x in PLOT_AXES}
+        written += plots.values()
+        lines += [*board_section(board, {x: f"{folder.name}/{plot.name}" for x, plot in plots.items()}), ""]
+    path.write_text("\n".join(lines), encoding="utf-8")
+    return written

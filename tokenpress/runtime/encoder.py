@@ -1,0 +1,100 @@
+"""Running stages inside a vision encoder: what every family's encoder loop shares.
+
+A ``post_encoder`` stage of a method that acts inside the encoder (``Method.encoder_blocks``) lists
+encoder blocks in ``layers``. The adapter then runs the encoder block by block and, in each listed
+block, calls the stages after the block's attention and before its MLP (where ToMe merges), with the
+block's keys (:class:`~tokenpress.runtime.context.EncoderBlock`). Once a stage has changed the tokens, every
+later block's attention adds ``log(size)`` to each key's logits (proportional attention: a merged
+token counts as the patches it stands for) and never attends to padding. Nothing N x N is formed
+beyond what the encoder's own attention backend forms.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from dataclasses import replace as dc_replace
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+from tokenpress.core.tokens import TokenState
+from tokenpress.runtime.context import EncoderBlock
+
+
+class InsideEncoder(Protocol):
+    """What an adapter's encoder loop calls in the blocks that have stages (built by the prefill)."""
+
+    layers: frozenset[int]
+
+    def __call__(self, block: EncoderBlock, tokens: TokenState) -> TokenState: ...
+
+
+@dataclass
+class EncoderRun:
+    """Token counts of an encoder run block by block (device tensors, per encoder row, class token not
+    counted): what the FLOPs model charges the encoder when stages acted inside it."""
+
+    attention: list[torch.Tensor] = field(default_factory=list)  # per block: (rows,) tokens its attention saw
+    mlp: list[torch.Tensor] = field(default_factory=list)  # per block: (rows,) tokens its MLP saw
+    row_images: list[int] = field(default_factory=list)  # per encoder row: the image it belongs to
+
+
+def size_bias(tokens: TokenState, dtype: torch.dtype, class_token: bool) -> torch.Tensor:
+    """(I, 1, 1, [1 +] N) additive attention mask: ``log(size)`` of every real token (proportional
+    attention), the most negative number for padding, 0 for the class token."""
+    bias = torch.where(tokens.valid, tokens.size.clamp_min(1e-12).log(), torch.finfo(torch.float32).min)
+    if class_token:
+        bias = torch.cat([bias.new_zeros(tokens.num_images, 1), bias], dim=1)
+    return bias.to(dtype).view(tokens.num_images, 1, 1, -1)
+
+
+@contextlib.contextmanager
+def captured_output(module: nn.Module, keep: Callable[[torch.Tensor], Any] | None = None) -> Iterator[list[Any]]:
+    """Record ``module``'s forward outputs (``keep(output)`` when given) made by this thread inside the
+    block: how an encoder loop reads a block's keys without computing them twice. A forward hook on this
+    instance, removed on exit; calls of the module by other threads (one model may serve several) are
+    not recorded."""
+    outputs: list[Any] = []
+    thread = threading.get_ident()
+
+    def record(_module: nn.Module, _args: Any, output: torch.Tensor) -> None:
+        if threading.get_ident() == thread:
+            outputs.append(output if keep is None else keep(output))
+
+    handle = module.register_forward_hook(record)
+    try:
+        yield outputs
+    finally:
+        handle.remove()
+
+
+def module_view(module: nn.Module, **children: nn.Module) -> nn.Module:
+    """A shallow copy of ``module`` whose named children are replaced, for one call: runs the model's own
+    forward (its weights, its hooks, its transformers release's code) with a piece changed, while the
+    model's module tree is never touched (another thread may be running it)."""
+    view = copy.copy(module)
+    view._modules = {**module._modules, **children}
+    return view
+
+
+def sort_by_cell(tokens: TokenState) -> tuple[TokenState, torch.Tensor]:
+    """The tokens in raster order of their cells (summary tokens and padding last), and the (I, N)
+    slot permutation applied (for laying signals out the same way). Merges inside the encoder leave
+    tokens in the order their algorithm needs; the LLM reads them in the order of their positions."""
+    big = torch.iinfo(torch.long).max
+    key = torch.where(tokens.valid & (tokens.grid_index >= 0), tokens.grid_index,
+                      torch.where(tokens.valid, big - 1, big))
+    order = torch.argsort(key, dim=-1, stable=True)
+    counts = tokens.known_counts
+    return dc_replace(tokens.select(order), known_counts=counts), order
+
+
+def gather_rows(values: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    """``values`` (I, N) or (I, N, C) with every row's slots permuted by ``order`` (I, N)."""
+    index = order if values.dim() == 2 else order.unsqueeze(-1).expand(-1, -1, values.shape[-1])
+    return torch.gather(values, 1, index)
