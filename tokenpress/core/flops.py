@@ -48,7 +48,7 @@ import torch
 from tokenpress.core.errors import StackError, TokenpressError, UnsupportedModelError
 from tokenpress.core.method import PRE_LLM_POINTS
 from tokenpress.core.registry import get_registry
-from tokenpress.core.signals import as_requests
+from tokenpress.core.signals import as_requests, served_request
 from tokenpress.core.stack import load_stack
 
 if TYPE_CHECKING:
@@ -373,6 +373,13 @@ class FamilyCosts:
         """(encoder width, LLM width, projector hidden width, encoder heads): see :class:`StageShape`."""
         raise NotImplementedError
 
+    #: Whether the family's vision encoder has a class token (what a class-token request is served as).
+    class_token: ClassVar[bool] = True
+
+    def signal_cost(self, request: Any) -> float:
+        """:meth:`signal_flops` of the request the family computes for ``request``."""
+        return self.signal_flops(served_request(request, self.class_token))
+
     def signal_flops(self, request: Any) -> float:
         """FLOPs of computing one encoder signal (a :class:`tokenpress.core.signals.Signal`) on one encoder
         run (one image; one tile where a family encodes tiles)."""
@@ -541,7 +548,7 @@ def _run(family: FamilyCosts, image: ImageCosts, stack: Stack, text_tokens: int,
             for request in as_requests(_method(stage).required_signals()):
                 if request not in charged:  # the encoder computes each distinct request once per prefill
                     charged.add(request)
-                    stage_cost += family.signal_flops(request) * family.encoder_runs([image.projected])
+                    stage_cost += family.signal_cost(request) * family.encoder_runs([image.projected])
             if point == "projector" and stage.method_class.replaces_projector:
                 projected = 0  # the stage projects itself: the model's projector never runs
             own += stage_cost
@@ -643,7 +650,7 @@ def _signal_flops(family: FamilyCosts, runs: int, stack: Stack | None) -> float:
         return 0.0
     requested = dict.fromkeys(request for stage in stack.stages
                               for request in as_requests(_method(stage).required_signals()))
-    return runs * sum(family.signal_flops(request) for request in requested)
+    return runs * sum(family.signal_cost(request) for request in requested)
 
 
 def measured(config: Any, inputs: Mapping[str, Any], stats: PrefillStats | None = None,

@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
-__all__ = ["ClsAttention", "EncoderKeys", "Signal", "as_requests", "keyed"]
+__all__ = ["AttentionReceived", "ClsAttention", "EncoderKeys", "Signal", "as_requests", "keyed"]
 
 
 @dataclass(frozen=True)
@@ -37,11 +37,17 @@ class ClsAttention(Signal):
 
     ``heads="mean"``: the layer's softmax per head, averaged over heads; ``heads="full"``: one head
     over the full width, ``softmax(q k^T / sqrt(C))`` (PruMerge's score). Families with a class
-    token only (CLIP: LLaVA-1.5, LLaVA-NeXT's tiles).
+    token serve it (CLIP: LLaVA-1.5, LLaVA-NeXT's tiles; InternViT).
+
+    ``class_free``: what an encoder without a class token (SigLIP, Qwen's ViTs) gives instead:
+    ``"refuse"`` (attaching refuses, in one sentence), or ``"received"``: :class:`AttentionReceived` of the
+    same layer and heads, the attention each patch receives - what the authors and the toolkits that host
+    VisionZip, PruMerge and VisPruner use on such encoders. The value is found under this request.
     """
 
     name: ClassVar[str] = "cls_attention"
     heads: Literal["mean", "full"] = "mean"
+    class_free: Literal["refuse", "received"] = "refuse"
 
 
 @dataclass(frozen=True)
@@ -54,8 +60,28 @@ class EncoderKeys(Signal):
     heads: Literal["concat", "mean"] = "concat"
 
 
+@dataclass(frozen=True)
+class AttentionReceived(Signal):
+    """(I, P) float: the attention each patch receives inside encoder layer ``layer``: the layer's softmax
+    attention averaged over its queries (every token that attends, within the segment it attends in: an
+    image, a tile, a video frame or a window) and over heads (``heads="mean"``; ``"full"``: one head over
+    the full width). Each row sums to 1 over the segment's tokens. Computed a block of queries at a time
+    (no N x N matrix beyond the encoder's own); every family can serve it."""
+
+    name: ClassVar[str] = "attention_received"
+    heads: Literal["mean", "full"] = "mean"
+
+
+def served_request(request: Signal, has_class_token: bool) -> Signal:
+    """The request a family computes for ``request``: a class-token attention asked with
+    ``class_free="received"`` becomes :class:`AttentionReceived` on an encoder without a class token."""
+    if isinstance(request, ClsAttention) and not has_class_token and request.class_free == "received":
+        return AttentionReceived(layer=request.layer, heads=request.heads)
+    return request
+
+
 #: Signal name -> request class, for stacks of methods written against the name: value API.
-BY_NAME: dict[str, type[Signal]] = {cls.name: cls for cls in (ClsAttention, EncoderKeys)}
+BY_NAME: dict[str, type[Signal]] = {cls.name: cls for cls in (ClsAttention, EncoderKeys, AttentionReceived)}
 
 
 def keyed(computed: dict[Signal, Any]) -> dict[Any, Any]:

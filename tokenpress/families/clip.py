@@ -1,16 +1,25 @@
-"""What the CLIP-style vision towers of the LLaVA families share: encoder signals (the class token's
-attention, a block's keys) recomputed from a block's own projections, and running the tower block by
-block with stages inside it (ToMe, FOLDER)."""
+"""What CLIP-style vision towers share (CLIP in the LLaVA families; SigLIP, the same blocks without a class
+token): encoder signals (the class token's attention, the attention each patch receives, a block's keys)
+recomputed from a block's own norm and projections, and running the tower block by block with stages
+inside it (ToMe, FOLDER)."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from tokenpress.core.signals import ClsAttention, EncoderKeys, Signal
+from tokenpress.core.signals import AttentionReceived, ClsAttention, EncoderKeys, Signal
 from tokenpress.core.tokens import TokenState
 from tokenpress.runtime.context import EncoderBlock
-from tokenpress.runtime.encoder import EncoderRun, InsideEncoder, captured_output, gather_rows, size_bias, sort_by_cell
+from tokenpress.runtime.encoder import (
+    EncoderRun,
+    InsideEncoder,
+    attention_received,
+    captured_output,
+    gather_rows,
+    size_bias,
+    sort_by_cell,
+)
 
 
 def cls_attention(encoder_layer: nn.Module, layer_input: torch.Tensor, heads: str = "mean",
@@ -36,26 +45,45 @@ def cls_attention(encoder_layer: nn.Module, layer_input: torch.Tensor, heads: st
     return torch.softmax(logits, dim=-1).mean(dim=1)[:, 0, 1:]
 
 
+def received_attention(encoder_layer: nn.Module, layer_input: torch.Tensor, heads: str = "mean",
+                       class_token: bool = True, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """(I, N) over the patches: the attention each patch receives inside a CLIP-style encoder layer, averaged
+    over every query of its tile (the class token's included) and over heads (``heads="full"``: one head
+    over the full width), recomputed from the layer's own norm and q/k (a block of queries at a time)."""
+    attention = encoder_layer.self_attn
+    normed = encoder_layer.layer_norm1(layer_input)
+    images, length, width = normed.shape
+    count, head_dim, scale = ((attention.num_heads, attention.head_dim, attention.scale) if heads == "mean"
+                              else (1, width, width ** -0.5))
+    query = attention.q_proj(normed).view(images, length, count, head_dim).transpose(1, 2)
+    key = attention.k_proj(normed).view(images, length, count, head_dim).transpose(1, 2)
+    received = attention_received(query, key, scale, bias)
+    return received[:, 1:] if class_token else received
+
+
 def clip_signal(block: nn.Module, layer_input: torch.Tensor, request: Signal,
-                bias: torch.Tensor | None = None) -> torch.Tensor:
-    """One requested signal of a CLIP-style encoder layer on its input (the CLS token at slot 0), over
-    the patches (CLS removed)."""
-    if isinstance(request, ClsAttention):
+                bias: torch.Tensor | None = None, class_token: bool = True) -> torch.Tensor:
+    """One requested signal of a CLIP-style encoder layer on its input (the class token, where there is
+    one, at slot 0), over the patches (class token removed)."""
+    first = 1 if class_token else 0
+    if isinstance(request, ClsAttention) and class_token:
         return cls_attention(block, layer_input, request.heads, bias)
+    if isinstance(request, AttentionReceived):
+        return received_attention(block, layer_input, request.heads, class_token, bias)
     if isinstance(request, EncoderKeys):
-        keys = block.self_attn.k_proj(block.layer_norm1(layer_input))[:, 1:]
+        keys = block.self_attn.k_proj(block.layer_norm1(layer_input))[:, first:]
         return keys.unflatten(-1, (block.self_attn.num_heads, -1)).mean(-2) if request.heads == "mean" else keys
-    raise ValueError(f"a CLIP encoder does not compute {request.describe()}")
+    raise ValueError(f"this encoder does not compute {request.describe()}")
 
 
-def clip_signals(layers: nn.ModuleList, hidden_states: tuple[torch.Tensor, ...],
-                 requests: list[Signal]) -> dict[Signal, torch.Tensor]:
-    """Each requested signal of a CLIP-style encoder run (``hidden_states[l]`` enters layer l, the
-    CLS token at slot 0): per tile, over its patches (CLS removed)."""
+def clip_signals(layers: nn.ModuleList, hidden_states: tuple[torch.Tensor, ...], requests: list[Signal],
+                 class_token: bool = True) -> dict[Signal, torch.Tensor]:
+    """Each requested signal of a CLIP-style encoder run (``hidden_states[l]`` enters layer l, the class
+    token, where there is one, at slot 0): per tile, over its patches."""
     found: dict[Signal, torch.Tensor] = {}
     for request in dict.fromkeys(requests):  # each distinct request once
         layer = request.layer % len(layers)
-        found[request] = clip_signal(layers[layer], hidden_states[layer], request)
+        found[request] = clip_signal(layers[layer], hidden_states[layer], request, class_token=class_token)
     return found
 
 

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from tokenpress.core.errors import CompressionError
-from tokenpress.core.signals import Signal
+from tokenpress.core.signals import Signal, served_request
 from tokenpress.core.tokens import TokenState
 from tokenpress.runtime import compat
 from tokenpress.runtime.sequence import Sequence
@@ -197,9 +197,20 @@ class ModelAdapter:
         for layer in self.layers:
             compat.cache_argument(layer)
 
+    @property
+    def has_class_token(self) -> bool:
+        """Whether the vision encoder has a class token (it serves ``cls_attention``)."""
+        return "cls_attention" in self.signals
+
+    def served_signal(self, request: Signal) -> Signal:
+        """The request this family computes for ``request`` (a class-token attention asked with
+        ``class_free="received"`` is the attention each patch receives on an encoder without one)."""
+        return served_request(request, self.has_class_token)
+
     def check_signal(self, request: Signal) -> str | None:
         """Why the signal request cannot be served (None when it can): a signal the family does not
         compute (:attr:`signals`, or :attr:`no_signals_because`), or a layer its encoder does not have."""
+        request = self.served_signal(request)
         if request.name not in self.signals:
             why = f" ({self.no_signals_because})" if self.no_signals_because else ""
             return f"the {self.family} adapter cannot provide the encoder signal {request.name!r}{why}"

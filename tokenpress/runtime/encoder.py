@@ -82,6 +82,28 @@ def module_view(module: nn.Module, **children: nn.Module) -> nn.Module:
     return view
 
 
+def attention_received(query: torch.Tensor, key: torch.Tensor, scale: float, bias: torch.Tensor | None = None,
+                       chunk: int = 256) -> torch.Tensor:
+    """(I, N) float: the attention each of the N tokens receives, averaged over the heads and the queries of
+    its row: ``query`` and ``key`` are (I, H, N, d) (rotary already applied where the encoder applies it),
+    ``bias`` an additive mask broadcastable to (I, H, N, N) (-inf or the dtype's minimum where a query does
+    not see a key: other segments, padding). A block of ``chunk`` queries at a time: the memory is
+    (I, H, chunk, N), never N x N. A query that sees no key contributes nothing."""
+    images, heads, length, _ = query.shape
+    received = query.new_zeros(images, heads, length, dtype=torch.float32)
+    counted = query.new_zeros(images, heads, 1, dtype=torch.float32)
+    for start in range(0, length, chunk):
+        rows = slice(start, min(start + chunk, length))
+        logits = torch.matmul(query[:, :, rows].float(), key.float().transpose(-1, -2)) * scale
+        if bias is not None:
+            logits = logits + bias[..., rows, :].float()
+        attends = torch.isfinite(logits).any(-1, keepdim=True) & (logits.amax(-1, keepdim=True) > -1e30)
+        weights = torch.softmax(logits, dim=-1).nan_to_num(0.0) * attends
+        received += weights.sum(dim=2)
+        counted += attends.sum(dim=2)
+    return (received / counted.clamp_min(1)).mean(dim=1)
+
+
 def sort_by_cell(tokens: TokenState) -> tuple[TokenState, torch.Tensor]:
     """The tokens in raster order of their cells (summary tokens and padding last), and the (I, N)
     slot permutation applied (for laying signals out the same way). Merges inside the encoder leave

@@ -209,6 +209,8 @@ class Prefill:
 
         requests = list(dict.fromkeys(request for entry in self.entries  # each distinct request once
                                       for request in as_requests(entry.method.required_signals())))
+        served = {request: adapter.served_signal(request) for request in requests}  # what the family computes
+        requests = list(dict.fromkeys(served.values()))
         inside = InsideEncoderStages(adapter, [entry for entry in self.entries if entry.stage.inside_encoder],
                                      self._run_stage, self.states, sample_keys)
         if inside.entries:
@@ -216,7 +218,7 @@ class Prefill:
             tokens, computed = adapter.encode_images(media, requests, inside)
         else:
             tokens, computed = adapter.encode_images(media, requests)
-        signals = keyed(computed)
+        signals = keyed({request: computed[concrete] for request, concrete in served.items()})
         spans = sorted(adapter.image_spans(input_ids, valid_in, tokens), key=lambda span: span.image)
         row_sample = [0] * tokens.num_images
         row_rank = [0] * tokens.num_images

@@ -21,7 +21,7 @@ class LlavaAdapter(ModelAdapter):
     """Adapter for ``LlavaForConditionalGeneration`` (LLaVA-1.5 and its relatives)."""
 
     family = "llava"
-    signals = ("cls_attention", "keys")
+    signals = ("cls_attention", "keys", "attention_received")
     cost_model = LlavaCosts
     test_family = "tokenpress.families.llava.testbed:LLAVA"
 

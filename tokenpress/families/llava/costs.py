@@ -7,7 +7,7 @@ from typing import Any
 
 from tokenpress.core.errors import UnsupportedModelError
 from tokenpress.core.flops import DecoderShape, EncoderShape, FamilyCosts, ImageCosts, SimulatedRow
-from tokenpress.core.signals import ClsAttention, EncoderKeys, Signal
+from tokenpress.core.signals import AttentionReceived, ClsAttention, EncoderKeys, Signal
 from tokenpress.families.clip import feature_block_count
 
 
@@ -73,4 +73,6 @@ class LlavaCosts(FamilyCosts):
         if isinstance(request, ClsAttention):
             # the CLS row's q projection, every token's k projection, and the CLS x tokens logits
             return 2.0 * width * width * (1 + tokens) + 2.0 * tokens * width
+        if isinstance(request, AttentionReceived):  # every token's q and k projections, every query's logits
+            return 2.0 * width * width * 2 * tokens + 2.0 * tokens * tokens * width
         return 0.0

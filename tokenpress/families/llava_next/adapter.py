@@ -39,7 +39,7 @@ class LlavaNextAdapter(LlavaAdapter):
     """Adapter for ``LlavaNextForConditionalGeneration`` (spatial_unpad with image newlines)."""
 
     family = "llava-next"
-    signals = ("cls_attention", "keys")  # per tile, stitched onto each row as the features are
+    signals = ("cls_attention", "keys", "attention_received")  # per tile, stitched onto each row as the features are
     cost_model = LlavaNextCosts
     test_family = "tokenpress.families.llava_next.testbed:LLAVA_NEXT"
 
