@@ -378,6 +378,61 @@ def test_the_stage_context_table_lists_every_member():
     assert not missing, f"the StageContext table of plugin-authoring.md does not list {missing}"
 
 
+# --- (2a) the architecture page: every module, the old paths --------------------------------------
+
+ARCHITECTURE = DOCS / "architecture.md"
+
+
+def package_modules() -> set[str]:
+    """Every module of ``tokenpress/`` by its import name (a package by its own name)."""
+    modules = set()
+    for path in (ROOT / "tokenpress").rglob("*.py"):
+        parts = list(path.relative_to(ROOT).with_suffix("").parts)
+        if parts[-1] == "__init__":
+            parts.pop()
+        modules.add(".".join(parts))
+    return modules
+
+
+def architecture_module_list() -> list[str]:
+    """The modules named at the start of the items of the architecture page's "Every module" list."""
+    section = ARCHITECTURE.read_text(encoding="utf-8").partition("\n## Every module\n")[2].partition("\n## ")[0]
+    assert section, "docs/architecture.md has no 'Every module' section"
+    return re.findall(r"^- \[?`(tokenpress[\w.]*)`", section, re.MULTILINE)
+
+
+def test_the_architecture_page_lists_every_module():
+    """One line per module of the package: a module added, moved or removed shows here until the page
+    says what it holds."""
+    listed = architecture_module_list()
+    modules = package_modules()
+    assert {"tokenpress", "tokenpress.core.flops", "tokenpress.families.llava.costs"} <= modules  # the walk works
+    missing = sorted(modules - set(listed))
+    assert not missing, f"docs/architecture.md (Every module) does not list {missing}"
+    gone = sorted(set(listed) - modules)
+    assert not gone, f"docs/architecture.md (Every module) lists modules that do not exist: {gone}"
+    twice = sorted({name for name in listed if listed.count(name) > 1})
+    assert not twice, f"docs/architecture.md (Every module) lists {twice} more than once"
+
+
+def test_the_architecture_page_generates_the_old_paths_table():
+    """The old module paths are the deprecation aliases' own table (tokenpress._moved.MOVED), rendered by the
+    hook: every old path with every place it moved to."""
+    from tokenpress._moved import MOVED
+
+    text = ARCHITECTURE.read_text(encoding="utf-8")
+    tables = _hook("reference_tables")
+    assert tables.MOVED_MARKER in text
+    assert "architecture.md" in nav_pages(yaml.safe_load((ROOT / "mkdocs.yml").read_text(encoding="utf-8"))["nav"])
+    rows = {match[1]: match[2] for match in re.finditer(r"^\| `(tokenpress[\w.]*)` \| (.*) \|$",
+                                                         tables.render(text), re.MULTILINE)}
+    assert set(rows) == set(MOVED)
+    for old, new in MOVED.items():
+        targets = (new,) if isinstance(new, str) else new
+        assert re.findall(r"`([\w.]+)`", rows[old]) == list(targets), old
+    assert "docs/architecture.md" in (ROOT / "README.md").read_text(encoding="utf-8")
+
+
 # --- (2b) lists generated from the code: methods, commands, the contract kit's checks -------------
 
 
@@ -546,6 +601,9 @@ def test_mkdocs_build_is_strict_clean(tmp_path):
 
     assert all(f"<code>{name}</code>" in testing for name in dir(MethodContract) if name.startswith("test_"))
     assert "tokenpress.core.flops.ScoringInput" in (site / "api" / "flops" / "index.html").read_text(encoding="utf-8")
+    architecture = (site / "architecture" / "index.html").read_text(encoding="utf-8")
+    assert '<pre class="mermaid"><code>flowchart' in architecture  # a diagram for mkdocs-material, not a code block
+    assert "<code>tokenpress.engine</code>" in architecture and "<!-- moved-modules -->" not in architecture
     escaped = [page.relative_to(site) for page in site.rglob("*.html")
                if re.search(r"<code>[^<]*\\\|", page.read_text(encoding="utf-8"))]
     assert not escaped, f"a literal backslash before a pipe in code on {escaped}"

@@ -6,7 +6,9 @@
 * ``<!-- contract-checks -->``: every ``test_*`` check of the contract kit's ``MethodContract``, with
   its docstring and the reasons its ``pytest.skip`` calls give;
 * ``<!-- contract-attributes -->``: the class attributes of ``MethodContract`` documented with ``#:``
-  comments, with their types and defaults.
+  comments, with their types and defaults;
+* ``<!-- moved-modules -->``: every old module path that still imports for one release, with where it
+  lives now (``tokenpress._moved.MOVED``, what the deprecation aliases are made from).
 """
 
 from __future__ import annotations
@@ -22,13 +24,15 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from tokenpress.tools import cli
+from tokenpress._moved import MOVED
 from tokenpress.testing.contract import MethodContract
+from tokenpress.tools import cli
 
 COMMANDS_MARKER = "<!-- commands-table -->"
 PLUGINS_MARKER = "<!-- plugins-output -->"
 CHECKS_MARKER = "<!-- contract-checks -->"
 ATTRIBUTES_MARKER = "<!-- contract-attributes -->"
+MOVED_MARKER = "<!-- moved-modules -->"
 
 CODE_SPAN = re.compile(r"(`[^`]*`)")
 REST_LITERAL = re.compile(r"``(.+?)``")
@@ -229,6 +233,19 @@ def attributes_table(klass: type = MethodContract) -> str:
     return "\n".join(rows)
 
 
+# --- the old module paths ----------------------------------------------------------------------
+
+
+def moved_table(moved: dict[str, str | tuple[str, ...]] = MOVED) -> str:
+    """One row per old module path, in ``MOVED``'s order, with where it lives now: a module whose names were
+    split among several lists them all, in the order its alias looks a name up."""
+    rows = ["| old path (0.1, warns) | import from now |", "| --- | --- |"]
+    for old, new in moved.items():
+        targets = (new,) if isinstance(new, str) else new
+        rows.append(f"| `{old}` | {', '.join(f'`{target}`' for target in targets)} |")
+    return "\n".join(rows)
+
+
 # --- the hook ------------------------------------------------------------------------------------
 
 GENERATORS: dict[str, Callable[[], str]] = {
@@ -236,6 +253,7 @@ GENERATORS: dict[str, Callable[[], str]] = {
     PLUGINS_MARKER: plugins_output,
     CHECKS_MARKER: checks_table,
     ATTRIBUTES_MARKER: attributes_table,
+    MOVED_MARKER: moved_table,
 }
 
 
