@@ -25,6 +25,20 @@ def _sequence(hidden: torch.Tensor, visual: list[bool], size: list[float] | None
                     size=None if size is None else torch.tensor([size]))
 
 
+def test_per_token_extras_follow_packs_and_merges_like_the_hidden_states():
+    """A family's per-token values (Qwen3-VL's pending DeepStack features) move with their tokens: a pack
+    gathers them, a merge takes the same weighted mean at the group's first member."""
+    hidden = torch.arange(7 * 3, dtype=torch.float32).view(1, 7, 3)
+    extra = 100 + torch.arange(7 * 2, dtype=torch.float32).view(1, 7, 2)
+    sequence = _sequence(hidden, [False, True, True, True, True, True, False], [1, 1, 2, 1, 3, 1, 1])
+    sequence = sequence.with_extra(deep=extra)
+    kept, index, _ = sequence.pack(torch.tensor([[True, False, True, True, False, True, True]]))
+    assert torch.equal(kept.extra["deep"][0], extra[0, [0, 2, 3, 5, 6]])
+    merged, _, _ = sequence.merge(torch.tensor([[0, -1, 0, -2, 0, 1, 5]]), None, groups=2)
+    torch.testing.assert_close(merged.extra["deep"][0, 2], (2 * extra[0, 2] + 3 * extra[0, 4]) / 5)
+    assert torch.equal(merged.extra["deep"][0, [0, 1, 3, 4]], extra[0, [0, 1, 5, 6]])
+
+
 def test_merge_takes_the_weighted_mean_at_its_first_member():
     hidden = torch.arange(7 * 3, dtype=torch.float32).view(1, 7, 3)
     sequence = _sequence(hidden, [False, True, True, True, True, True, False], [1, 1, 2, 1, 3, 1, 1])

@@ -24,7 +24,7 @@ from tokenpress.core.errors import CompressionError
 from tokenpress.core.signals import Signal, served_request
 from tokenpress.core.tokens import TokenState
 from tokenpress.runtime import compat
-from tokenpress.runtime.sequence import Sequence
+from tokenpress.runtime.sequence import Sequence, attention_mask_for
 
 if TYPE_CHECKING:
     from tokenpress.core.flops import FamilyCosts
@@ -97,6 +97,9 @@ class ModelAdapter:
     family: ClassVar[str] = ""
     #: Number of position rows: 1 for 1-D RoPE, 3 for M-RoPE.
     position_rank: ClassVar[int] = 1
+    #: Keyword arguments of the model's forward, besides its media, that the family reads at prefill (in
+    #: :attr:`media` from :meth:`encode_images` on): Gemma 3's ``token_type_ids``.
+    extra_inputs: ClassVar[tuple[str, ...]] = ()
     #: Names of the encoder signals the family can provide (:mod:`tokenpress.core.signals`), e.g. ("cls_attention",).
     signals: ClassVar[tuple[str, ...]] = ()
     #: Why the family provides none or only some of them (said when a request is refused).
@@ -379,7 +382,7 @@ class ModelAdapter:
             spans_by_sample.setdefault(span.sample, []).append(span)
         for sample in range(batch):
             row = {"bank": [], "pos": [[] for _ in range(self.position_rank)], "visual": [], "prompt": [],
-                   "column": [], "visual_id": []}
+                   "column": [], "visual_id": [], "block": []}
             position = 0
             sample_spans = {span.start: span for span in spans_by_sample.get(sample, [])}
             column = 0
@@ -400,6 +403,7 @@ class ModelAdapter:
                     row["prompt"] += [True] * count
                     row["column"] += list(range(span.start, span.start + count))
                     row["visual_id"] += [source if source >= 0 else -1 for source in layout.sources]
+                    row["block"] += [span.image] * count
                     column += span.length
                     continue
                 if valid_cols[sample][column]:
@@ -412,6 +416,7 @@ class ModelAdapter:
                     row["prompt"].append(column < prompt_length)
                     row["column"].append(column)
                     row["visual_id"].append(-1)
+                    row["block"].append(-1)
                 column += 1
             rows.append(row)
 
@@ -444,6 +449,7 @@ class ModelAdapter:
             column=padded("column", 0, torch.long),
             slot_id=torch.arange(length, device=device).expand(batch, -1).clone(),
             visual_id=padded("visual_id", -1, torch.long),
+            block=padded("block", -1, torch.long),
             slot_count=length,
             lengths=tuple(len(row["bank"]) for row in rows),
             visual_lengths=tuple(sum(row["visual"]) for row in rows),
@@ -452,14 +458,45 @@ class ModelAdapter:
 
     # --- decoder --------------------------------------------------------------------------------
 
-    def position_embeddings(self, hidden: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(cos, sin) of the decoder's rotary embedding for ``positions`` (R, B, N)."""
+    def position_embeddings(self, hidden: torch.Tensor, positions: torch.Tensor,
+                            layer: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cos, sin) of the decoder's rotary embedding for ``positions`` (R, B, N) at decoder layer ``layer``
+        (a family whose layers rotate differently, Gemma 3's sliding and full layers, reads it)."""
         return self.language_model.rotary_emb(hidden, positions[0])
 
-    def rotary_tables(self, hidden: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def rotary_tables(self, hidden: torch.Tensor, positions: torch.Tensor,
+                      layer: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         """(cos, sin) of shape (B, N, d) for :meth:`rotate` (the scorer's form; a family whose layers take
         another form converts here)."""
-        return self.position_embeddings(hidden, positions)
+        return self.position_embeddings(hidden, positions, layer)
+
+    def layer_mask(self, layer: int, sequence: Sequence) -> torch.Tensor | None:
+        """The attention mask decoder layer ``layer`` gets at prefill over ``sequence`` (the tokens it
+        processes, real ones left-packed), in the form its attention implementation expects (None: plain
+        causal). Default: causal over the real tokens; a family whose layers attend otherwise (Gemma 3:
+        an image's tokens among themselves, sliding windows) overrides it."""
+        return attention_mask_for(self.attention_implementation, sequence.valid, sequence.length,
+                                  sequence.hidden.dtype, padded=sequence.padded)
+
+    def decode_mask(self, layer: int, key_valid: torch.Tensor, key_positions: torch.Tensor,
+                    positions: torch.Tensor, dtype: torch.dtype, padded: bool | None) -> torch.Tensor | None:
+        """The mask decoder layer ``layer`` gets for new tokens at ``positions`` (R, B, n) against its cache
+        (``key_valid`` (B, S) and ``key_positions`` (R, B, S), the new tokens last). Default: causal over the
+        real keys."""
+        return attention_mask_for(self.attention_implementation, key_valid, positions.shape[-1], dtype,
+                                  padded=padded)
+
+    def score_allowed(self, layer: int, sequence: Sequence, query_index: torch.Tensor) -> torch.Tensor:
+        """(B, R, N) bool: the slots of ``sequence`` each query slot ``query_index`` (B, R) sees at decoder
+        layer ``layer`` (what the scorer masks its recomputed rows with). Default: causal over real tokens."""
+        key_slot = torch.arange(sequence.length, device=query_index.device)
+        return sequence.valid.unsqueeze(1) & (key_slot.view(1, 1, -1) <= query_index.unsqueeze(-1))
+
+    def after_layer(self, layer: int, sequence: Sequence) -> Sequence:
+        """The sequence after decoder layer ``layer`` at prefill (its hidden states as the layer output them,
+        routed tokens back in place): a family whose model adds to the residual stream between layers
+        (Qwen3-VL's DeepStack features at the visual positions) does it here. Default: unchanged."""
+        return sequence
 
     def rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """Apply rotary embedding (cos, sin of shape B, N, d) to x of shape (B, H, N, d)."""

@@ -22,6 +22,7 @@ class DecodeState:
     logical_length: int
     position_offset: torch.Tensor  # (B,): next text position at layer 0 minus the real prompt tokens
     padded: list[bool] | None = None  # per layer: whether key_valid[l] has a false entry (host), None: unknown
+    key_positions: list[torch.Tensor] | None = None  # per layer: (R, B, S_l) positions of its cached keys
 
 
 class CompressedCache(DynamicCache):

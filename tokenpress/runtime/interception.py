@@ -28,7 +28,6 @@ from tokenpress.runtime.prefill import (
     observed_runner,
     prompt_fingerprints,
 )
-from tokenpress.runtime.sequence import attention_mask_for
 
 if TYPE_CHECKING:
     from tokenpress.runtime.adapter import ModelAdapter
@@ -40,7 +39,7 @@ __all__ = ["MEDIA_KEYS", "CompressedForward", "DeferredEncoding", "Prefill", "Pr
 
 #: Keyword arguments of a model's forward that describe its images or videos.
 MEDIA_KEYS = ("pixel_values", "pixel_values_videos", "image_sizes", "image_grid_thw", "video_grid_thw",
-              "second_per_grid_ts")
+              "second_per_grid_ts", "batch_num_images", "image_sizes_videos")
 
 
 class DeferredEncoding:
@@ -84,13 +83,15 @@ class CompressedForward:
         # The cache arrives as `cache` (transformers 5.24+) or `past_key_values`: take either.
         cached = compat.pop_cache(kwargs)
         past_key_values = past_key_values if past_key_values is not None else cached
-        media = {key: kwargs[key] for key in MEDIA_KEYS if kwargs.get(key) is not None}
+        media = {key: kwargs[key] for key in (*MEDIA_KEYS, *self.adapter.extra_inputs)
+                 if kwargs.get(key) is not None}
         if pixel_values is not None:
             media["pixel_values"] = pixel_values
         encoded = kwargs.get("mm_encoder_outputs") or {}
         deferred = {key: value for key, value in encoded.items() if isinstance(value, DeferredEncoding)}
         for value in deferred.values():
-            media.update({key: v for key, v in value.inputs().items() if key in MEDIA_KEYS and v is not None})
+            media.update({key: v for key, v in value.inputs().items()
+                          if key in (*MEDIA_KEYS, *self.adapter.extra_inputs) and v is not None})
         has_media = "pixel_values" in media or "pixel_values_videos" in media
         placeholders = self.adapter.placeholder_ids()
         cache_state = getattr(past_key_values, "tokenpress_state", None)
@@ -158,16 +159,19 @@ class CompressedForward:
             new_valid = torch.ones(batch, count, dtype=torch.bool, device=hidden.device)
             new_padded = False
         offsets = torch.cumsum(new_valid.long(), dim=-1) - 1
-        implementation = adapter.attention_implementation
         for layer in range(adapter.num_layers):
             positions = (state.next_position[layer].unsqueeze(1) + offsets.clamp_min(0))
             positions = positions.unsqueeze(0).expand(adapter.position_rank, -1, -1)
             key_valid = torch.cat([state.key_valid[layer], new_valid], dim=1)
             padded = None if state.padded is None else state.padded[layer] or new_padded
-            mask = attention_mask_for(implementation, key_valid, count, hidden.dtype, padded=padded)
+            key_positions = None
+            if state.key_positions is not None:
+                key_positions = torch.cat([state.key_positions[layer], positions], dim=2)
+                state.key_positions[layer] = key_positions
+            mask = adapter.decode_mask(layer, key_valid, key_positions, positions, hidden.dtype, padded)
             if state.padded is not None:
                 state.padded[layer] = padded
-            embeddings = adapter.position_embeddings(hidden, positions)
+            embeddings = adapter.position_embeddings(hidden, positions, layer)
             hidden = adapter.call_layer(layer, hidden, mask, positions, embeddings, cache)
             state.key_valid[layer] = key_valid
             state.next_position[layer] = state.next_position[layer] + new_valid.sum(-1)

@@ -26,7 +26,7 @@ from tokenpress.core.weights import follow
 from tokenpress.runtime.cache import CompressedCache, DecodeState
 from tokenpress.runtime.context import DecoderContext, StageContext
 from tokenpress.runtime.scorer import Scorer
-from tokenpress.runtime.sequence import Sequence, attention_mask_for, first_members, next_positions
+from tokenpress.runtime.sequence import Sequence, first_members, next_positions
 
 if TYPE_CHECKING:
     from tokenpress.core.registry import Registry
@@ -95,6 +95,7 @@ def run_token_stage(entry: StageEntry, point: str, tokens: TokenState, context: 
 class PrefillResult:
     sequence: Sequence
     key_valid: list[torch.Tensor] = field(default_factory=list)
+    key_positions: list[torch.Tensor] = field(default_factory=list)  # per layer: (R, B, S) positions of its keys
     next_position: list[torch.Tensor] = field(default_factory=list)
     visual_per_layer: list[torch.Tensor] = field(default_factory=list)
     padded: list[bool] = field(default_factory=list)  # per layer: whether its keys hold padding slots
@@ -295,7 +296,7 @@ class Prefill:
         output = output[:, :columns]
         if cache is not None:
             cache.tokenpress_state = DecodeState(result.key_valid, result.next_position, columns, position_offset,
-                                                 result.padded)
+                                                 result.padded, result.key_positions)
         layer_tokens: list[list[int]] = [[] for _ in result.key_valid]
         layer_visual: list[list[int]] = [[] for _ in result.visual_per_layer]
         for values, valid in zip(layer_tokens, result.key_valid, strict=True):
@@ -344,7 +345,6 @@ class Prefill:
                     records: list[StageRecord], deferred: DeferredCounts) -> PrefillResult:
         """Run every decoder layer at prefill, applying the decoder_layer stages before each."""
         adapter = self.adapter
-        implementation = adapter.attention_implementation
         result = PrefillResult(sequence)
         previous: Sequence | None = None
         initial = self.initial = sequence
@@ -391,16 +391,17 @@ class Prefill:
             if self.trace is not None and any(
                     layer in e.stage.layers for e in self.entries if e.stage.point == "decoder_layer"):
                 self.trace.append((f"layer {layer}", self._owners(processed_seq)))
-            mask = attention_mask_for(implementation, processed_seq.valid, processed_seq.length,
-                                      processed_seq.hidden.dtype, padded=processed_seq.padded)
-            embeddings = adapter.position_embeddings(processed_seq.hidden, processed_seq.positions)
+            mask = adapter.layer_mask(layer, processed_seq)
+            embeddings = adapter.position_embeddings(processed_seq.hidden, processed_seq.positions, layer)
             out = adapter.call_layer(layer, processed_seq.hidden, mask, processed_seq.positions, embeddings, cache)
             result.key_valid.append(processed_seq.valid)
+            result.key_positions.append(processed_seq.positions)
             result.padded.append(processed_seq.padded)
             result.visual_per_layer.append((processed_seq.valid & processed_seq.is_visual).sum(-1))
             result.next_position.append(next_positions(processed_seq.positions, processed_seq.valid))
             previous = sequence
             sequence = sequence.with_hidden(out) if index is None else sequence.scatter_hidden(index, picked, out)
+            sequence = adapter.after_layer(layer, sequence)
         result.sequence = sequence
         return result
 

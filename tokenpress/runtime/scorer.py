@@ -37,7 +37,7 @@ def layer_query_key(
     parts = adapter.attention_parts(layer_index)
     q_proj, k_proj = projections if projections is not None else (parts.q_proj, parts.k_proj)
     normed = parts.input_norm(sequence.hidden)
-    cos, sin = adapter.rotary_tables(normed, sequence.positions)
+    cos, sin = adapter.rotary_tables(normed, sequence.positions, layer_index)
     query_in, query_cos, query_sin = normed, cos, sin
     if query_index is not None:
         def rows(table: torch.Tensor) -> torch.Tensor:
@@ -68,14 +68,13 @@ def attention_rows(
     """Attention probabilities of the query slots ``query_index`` (B, R) at layer ``layer_index``.
 
     ``sequence`` must be the hidden states *entering* that layer. Returns (B, R, N) float32,
-    averaged over heads ((B, H, R, N) with ``per_head``), causal (a query sees only slots up to its
-    own) and over real keys only. Rows whose ``query_valid`` is false are all zero.
+    averaged over heads ((B, H, R, N) with ``per_head``), over the keys the layer lets each query see
+    (``ModelAdapter.score_allowed``: causal, real keys). Rows whose ``query_valid`` is false are all zero.
     """
     parts = adapter.attention_parts(layer_index)
     query, key = layer_query_key(adapter, layer_index, sequence, query_index)
     logits = torch.matmul(query.float(), key.float().transpose(-1, -2)) * parts.scaling  # (B, H, R, N)
-    key_slot = torch.arange(sequence.hidden.shape[1], device=key.device)
-    allowed = sequence.valid.unsqueeze(1) & (key_slot.view(1, 1, -1) <= query_index.unsqueeze(-1))
+    allowed = adapter.score_allowed(layer_index, sequence, query_index)
     logits = logits.masked_fill(~allowed.unsqueeze(1), float("-inf"))
     probs = torch.softmax(logits, dim=-1)
     if not per_head:

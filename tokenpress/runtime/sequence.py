@@ -35,6 +35,12 @@ class Sequence:
     visual_lengths: tuple[int, ...]
     #: (B, N) float: how many original patches each visual token stands for (1 for text); None: all 1.
     size: torch.Tensor | None = None
+    #: (B, N) long: the image (its index in the batch) each token laid out in an image's placeholders belongs
+    #: to, -1 for text (Gemma 3's image tokens attend among themselves, per image); None: not laid out.
+    block: torch.Tensor | None = None
+    #: Per-token values a family carries beside the hidden states, (B, N, D') each, following every pack and
+    #: merge (weighted like the hidden states): Qwen3-VL's DeepStack features still to be added.
+    extra: dict[str, torch.Tensor] | None = None
 
     def sizes(self) -> torch.Tensor:
         """(B, N) float: :attr:`size`, or ones where it is not kept."""
@@ -75,14 +81,19 @@ class Sequence:
         lengths, visual_lengths = torch.stack([mask.sum(-1), (mask & self.is_visual).sum(-1)]).tolist()
         index, picked = pack_index(mask, width=max(lengths, default=0))
         gathered: dict = {"lengths": tuple(lengths), "visual_lengths": tuple(visual_lengths)}
+        def rows(value: torch.Tensor) -> torch.Tensor:
+            return torch.gather(value, 1, index.unsqueeze(-1).expand(-1, -1, value.shape[-1]))
+
         for f in fields(self):
             value = getattr(self, f.name)
             if f.name in gathered:
                 continue
-            if not isinstance(value, torch.Tensor):
+            if f.name == "extra" and value is not None:
+                gathered[f.name] = {name: rows(values) for name, values in value.items()}
+            elif not isinstance(value, torch.Tensor):
                 gathered[f.name] = value
             elif f.name == "hidden":
-                gathered[f.name] = torch.gather(value, 1, index.unsqueeze(-1).expand(-1, -1, value.shape[-1]))
+                gathered[f.name] = rows(value)
             elif f.name == "positions":
                 gathered[f.name] = torch.gather(value, 2, index.unsqueeze(0).expand(value.shape[0], -1, -1))
             else:
@@ -99,7 +110,7 @@ class Sequence:
         A merged token takes the slot, position, column and identity of its first member (the earliest
         slot) and stands for all of them: its size is the sum of theirs. Returns the packed sequence
         and, like :meth:`pack`, the (index, valid) of the picks into this one."""
-        batch, length, dim = self.hidden.shape
+        batch, length, _ = self.hidden.shape
         device = self.hidden.device
         visual = self.is_visual & self.valid
         member = visual & (group >= 0)
@@ -108,18 +119,24 @@ class Sequence:
         weight = (sizes if weight is None else weight.float()) * member
         slots = torch.arange(length, device=device).expand(batch, -1)
         first = first_members(member, slot, groups)
-        sums = torch.zeros(batch, groups + 1, dim, dtype=torch.float32, device=device)
-        sums.scatter_add_(1, slot.unsqueeze(-1).expand(-1, -1, dim), self.hidden.float() * weight.unsqueeze(-1))
         totals = torch.zeros(batch, groups + 1, dtype=torch.float32, device=device).scatter_add_(1, slot, weight)
         merged_size = torch.zeros(batch, groups + 1, dtype=torch.float32, device=device).scatter_add_(
             1, slot, sizes * member)
         leads = member & (torch.gather(first, 1, slot) == slots)
-        mean = (sums / totals.clamp_min(1e-12).unsqueeze(-1)).to(self.hidden.dtype)
-        hidden = torch.where(leads.unsqueeze(-1), torch.gather(mean, 1, slot.unsqueeze(-1).expand(-1, -1, dim)),
-                             self.hidden)
+
+        def merged(values: torch.Tensor) -> torch.Tensor:
+            """``values`` (B, N, D') with each group's first member replaced by the group's weighted mean."""
+            width = values.shape[-1]
+            sums = torch.zeros(batch, groups + 1, width, dtype=torch.float32, device=device)
+            sums.scatter_add_(1, slot.unsqueeze(-1).expand(-1, -1, width), values.float() * weight.unsqueeze(-1))
+            mean = (sums / totals.clamp_min(1e-12).unsqueeze(-1)).to(values.dtype)
+            return torch.where(leads.unsqueeze(-1), torch.gather(mean, 1, slot.unsqueeze(-1).expand(-1, -1, width)),
+                               values)
+
         size = torch.where(leads, torch.gather(merged_size, 1, slot), sizes)
+        extra = None if self.extra is None else {name: merged(values) for name, values in self.extra.items()}
         keep = self.valid & ~(visual & (group == -2)) & (~member | leads)
-        return dc_replace(self, hidden=hidden, size=size).pack(keep)
+        return dc_replace(self, hidden=merged(self.hidden), size=size, extra=extra).pack(keep)
 
     def scatter_hidden(self, index: torch.Tensor, picked: torch.Tensor, hidden: torch.Tensor) -> Sequence:
         """Put ``hidden`` (B, K, D) back at the slots ``index`` (B, K) it was packed from."""
@@ -134,6 +151,10 @@ class Sequence:
 
     def with_positions(self, positions: torch.Tensor) -> Sequence:
         return dc_replace(self, positions=positions)
+
+    def with_extra(self, **values: torch.Tensor) -> Sequence:
+        """This sequence with per-token values (B, N, D') carried beside the hidden states (see :attr:`extra`)."""
+        return dc_replace(self, extra={**(self.extra or {}), **values})
 
 
 def next_positions(positions: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:

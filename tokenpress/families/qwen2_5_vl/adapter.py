@@ -231,11 +231,13 @@ class Qwen2_5_VLAdapter(ModelAdapter):
     def call_layer(self, layer_index, hidden, attention_mask, positions, position_embeddings, cache):
         return self._run_layer(layer_index, hidden, attention_mask, None, position_embeddings, cache)
 
-    def position_embeddings(self, hidden: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def position_embeddings(self, hidden: torch.Tensor, positions: torch.Tensor,
+                            layer: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         return self.language_model.rotary_emb(hidden, positions)
 
-    def rotary_tables(self, hidden: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        cos, sin = self.position_embeddings(hidden, positions)
+    def rotary_tables(self, hidden: torch.Tensor, positions: torch.Tensor,
+                      layer: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        cos, sin = self.position_embeddings(hidden, positions, layer)
         return compat.interleave_mrope(cos, sin, self.text_config.rope_parameters["mrope_section"])
 
     def make_output(self, last_hidden_state: torch.Tensor, cache: Any, image_features: list[torch.Tensor] | None,
