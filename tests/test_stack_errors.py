@@ -45,7 +45,7 @@ CASES = [
     Bad("unknown_method", HEAD + "  - method: fastvv\n    layers: [1]\n",
         ("stages[1].method", "'fastvv'", "did you mean 'fastv'")),
     Bad("unknown_method_no_close_match", HEAD + "  - method: gridzap\n",
-        ("stages[1].method", "'gridzap'", "fastv", "pool", "more (see tokenpress plugins)")),
+        ("stages[1].method", "'gridzap'", "fastv", "more (see tokenpress plugins)")),
     Bad("misspelled_top_level_field", "name: bad\nstage:\n  - method: pool\n",
         ("stage:", "unknown field", "did you mean 'stages'")),
     Bad("misspelled_stage_field", HEAD + "  - method: fastv\n    layers: [1]\n    param: {keep_ratio: 0.5}\n",

@@ -267,3 +267,72 @@ def test_tokens_kept_count_from_the_encoders_patches() -> None:
         model(**batch)
     assert handle.prefill_stats.visual_in == [36, 36]
     assert handle.prefill_stats.layer_visual[-1] == [18, 18]  # three blocks, six merges each
+
+
+# --- after the encoder, on a family that runs no stage inside its encoder ------------------------------------
+
+
+def reference_fold(features: torch.Tensor, metric: torch.Tensor, merges: int) -> tuple[torch.Tensor, list]:
+    """The published matching repeated on what is left until ``merges`` tokens are merged (at most half a
+    time), the metric merged with the tokens, survivors in index order: the merged features and each
+    output's input indices."""
+    size = torch.ones(features.shape[0])
+    groups = [[index] for index in range(features.shape[0])]
+    while merges > 0:
+        now = min(merges, features.shape[0] // 2)
+        outputs = reference_matching(metric, now, class_token=False, keep_order=True)
+        metric, _ = merge_groups(metric, size, outputs)
+        features, size = merge_groups(features, size, outputs)
+        groups = [sum((groups[i] for i in output), []) for output in outputs]
+        merges -= now
+    return features, [sorted(group) for group in groups]
+
+
+@pytest.mark.parametrize(("method", "params", "merged"), [
+    ("tome", {"keep_ratio": 0.25}, 12),  # 16 units -> 4: three folded matchings
+    ("folder", {"r": 3}, 6),  # r per encoder block, 2 blocks
+])
+@torch.no_grad()
+def test_after_the_encoder_on_a_windowed_vit_equals_the_folded_published_matching(recorded_tokens, register_methods,
+                                                                                    method, params, merged) -> None:
+    """Qwen2.5-VL runs no stage inside its windowed encoder: ToMe and FOLDER merge once after it, on the last
+    block's head-averaged keys, folded; the result equals the reference on the same features and keys."""
+    from tokenpress.core.signals import EncoderKeys
+    from tokenpress.testing.contract import tiny_model
+    from tokenpress.testing.families import FAMILIES, prompts
+
+    seen = []
+
+    class RecordsKeys(tokenpress.Method):
+        name = "test-records-keys"
+        Config = tokenpress.MethodConfig
+        points = ("post_encoder",)
+
+        def required_signals(self):
+            return [EncoderKeys(layer=-1, heads="mean")]
+
+        @tokenpress.hookimpl
+        def post_encoder(self, tokens, context):
+            seen.append((tokens, context.signals[EncoderKeys(layer=-1, heads="mean")]))
+            return tokens
+
+    register_methods(RecordsKeys)
+    model = tiny_model("qwen2.5-vl")
+    batch = FAMILIES["qwen2.5-vl"].mixed_batch(model, prompts(2))
+    with tokenpress.compress(model, {"name": "k", "stages": [{"method": "test-records-keys"}]}):
+        model(**batch)
+    before, metric = seen[0]
+    stack = {"name": "m", "stages": [{"method": method, "params": params}, {"method": "test-record-tokens"}]}
+    with tokenpress.compress(model, stack) as handle:
+        model(**batch)
+    assert handle.stack.stages[0].after_encoder and handle.records[0].stage.endswith("after the encoder)")
+    after = recorded_tokens[0]
+    for image in range(before.num_images):
+        count = int(before.valid[image].sum())
+        features, groups = reference_fold(before.embeddings[image, :count], metric[image, :count],
+                                          min(merged, count - 1) if method == "folder" else
+                                          count - max(1, round(count * 0.25)))
+        ours = _features_by_patches(after, image)
+        assert sorted(ours) == sorted(tuple(group) for group in groups)
+        for feature, group in zip(features, groups, strict=True):
+            torch.testing.assert_close(ours[tuple(group)], feature, rtol=1e-4, atol=1e-5)

@@ -73,6 +73,7 @@ _LAZY = {
     "pack_index": "tokenpress.core.tokens",
     "seeded_uniform": "tokenpress.core.select",
     "topk_mask": "tokenpress.core.select",
+    "AttentionReceived": "tokenpress.core.signals",
     "ClsAttention": "tokenpress.core.signals",
     "EncoderKeys": "tokenpress.core.signals",
     "Signal": "tokenpress.core.signals",
@@ -83,6 +84,7 @@ _LAZY = {
 
 __all__ = [
     "AttentionParts",
+    "AttentionReceived",
     "ClsAttention",
     "CompressedCache",
     "CompressionError",
@@ -157,7 +159,7 @@ if TYPE_CHECKING:
     from tokenpress.core.method import POINTS, Method, MethodConfig, Ratio, SelectingConfig, WeightedConfig
     from tokenpress.core.registry import get_registry, list_methods, register_plugin
     from tokenpress.core.select import seeded_uniform, topk_mask
-    from tokenpress.core.signals import ClsAttention, EncoderKeys, Signal
+    from tokenpress.core.signals import AttentionReceived, ClsAttention, EncoderKeys, Signal
     from tokenpress.core.stack import Stack, Stage, load_stack, stack_json_schema
     from tokenpress.core.tokens import TokenState, keep_count, keep_counts_on_host, pack_index
     from tokenpress.runtime.adapter import AttentionParts, ImageLayout, ImageSpan, ModelAdapter, ProjectorMLP

@@ -8,7 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 from tokenpress import MethodConfig, StageContext, TokenState
-from tokenpress.core.matching import bipartite_assign, matching_scores, most_merges
+from tokenpress_plugins.tome.fold import fold, fold_flops
 from tokenpress_plugins.tome.method import Tome, TomeConfig
 
 
@@ -37,25 +37,8 @@ class Folder(Tome):
 
     def merge_tokens(self, tokens: TokenState, context: StageContext, merges: list[int]) -> TokenState:
         block = context.encoder_block
-        metric = block.metric()
-        left = list(merges)
-        while any(left):
-            counts = tokens.counts_on_host()
-            now = [min(wanted, most_merges(count)) for wanted, count in zip(left, counts, strict=True)]
-            assign = bipartite_assign(metric, tokens.valid, now, class_token=block.class_token, keep_order=True)
-            out = [count - merged for count, merged in zip(counts, now, strict=True)]
-            width = max(out, default=0)
-            # the metric merges with its tokens (FOLDER: a size-weighted mean), for the next matching
-            metric = tokens.replace(metric.to(tokens.embeddings.dtype)).merge(assign, width).embeddings
-            tokens = tokens.merge(assign, width, counts=out)
-            left = [wanted - merged for wanted, merged in zip(left, now, strict=True)]
-        return tokens
+        return fold(tokens, block.metric(), merges, class_token=block.class_token)
 
     def stage_flops(self, shape: Any) -> float:
         """One similarity product per matching of the fold."""
-        count, left, total = shape.tokens_in, shape.tokens_in - shape.tokens_out, 0.0
-        while left > 0:
-            now = min(left, most_merges(count))
-            total += 2.0 * matching_scores(count) * (shape.encoder_width // shape.encoder_heads)
-            count, left = count - now, left - now
-        return total
+        return fold_flops(shape.tokens_in, shape.tokens_out, shape.encoder_width // shape.encoder_heads)

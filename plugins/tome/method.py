@@ -1,7 +1,12 @@
 """The ``tome`` stage: bipartite soft matching between the attention and the MLP of every listed
 encoder block, the matched tokens merged by a size-weighted average (sizes and provenance kept by
 :meth:`tokenpress.TokenState.merge`); the encoder's later blocks attend proportionally to sizes (the
-core adds ``log(size)`` to their attention logits)."""
+core adds ``log(size)`` to their attention logits).
+
+On a family that runs no stage inside its encoder (Qwen's windowed ViTs, whose mergers need every 2x2 unit
+whole; InternVL's pixel shuffle) the stage runs once **after** the encoder: the same matching on the last
+block's head-averaged keys, folded (repeated on what is left, as FOLDER does) until it has merged what the
+blocks would have - ``keep_ratio`` of the tokens kept, or ``r`` per encoder block."""
 
 from __future__ import annotations
 
@@ -10,10 +15,14 @@ from typing import Any
 import torch
 from pydantic import Field, model_validator
 
-from tokenpress import Method, MethodConfig, Ratio, StageContext, TokenState, hookimpl
+from tokenpress import EncoderKeys, Method, MethodConfig, Ratio, StageContext, TokenState, hookimpl, keep_counts_on_host
 from tokenpress.core.errors import StackError
 from tokenpress.core.matching import bipartite_assign, matching_scores, most_merges
+from tokenpress_plugins.tome.fold import fold, fold_flops
 from tokenpress_plugins.tome.schedule import block_merges
+
+#: The metric of the after-encoder mode: the last encoder block's keys, averaged over heads (ToMe's metric).
+AFTER_ENCODER_METRIC = EncoderKeys(layer=-1, heads="mean")
 
 
 class TomeConfig(MethodConfig):
@@ -47,6 +56,7 @@ class Tome(Method):
     Config = TomeConfig
     points = ("post_encoder",)
     encoder_blocks = True
+    runs_after_encoder = True
     description = "Token Merging inside the vision encoder: bipartite soft matching on the block's keys (ToMe)."
     identity_params = {"r": 0}
     example_params = {"keep_ratio": 0.5}
@@ -63,7 +73,21 @@ class Tome(Method):
     def params_for_keep(cls, keep_ratio: float) -> dict[str, Any]:
         return {"keep_ratio": keep_ratio}
 
+    #: Encoder blocks of the model (the after-encoder mode removes ``r`` per block); set at setup.
+    encoder_layers: int | None = None
+
+    @property
+    def after_encoder(self) -> bool:
+        """Whether this stage runs once after the encoder (it was resolved with no encoder block to act in)."""
+        return not self.layers
+
+    def required_signals(self) -> list[Any]:
+        return [AFTER_ENCODER_METRIC] if self.after_encoder else []
+
     def setup(self, adapter: Any) -> None:
+        self.encoder_layers = adapter.num_encoder_layers()
+        if self.after_encoder:
+            return
         if isinstance(self.config.r, list) and len(self.config.r) != len(self.layers):
             raise StackError(f"params.r lists {len(self.config.r)} values for {len(self.layers)} listed encoder blocks "
                              f"({list(self.layers)}); give one per block, or a single r")
@@ -90,8 +114,25 @@ class Tome(Method):
         out = [count - merged for count, merged in zip(counts, merges, strict=True)]
         return tokens.merge(assign, max(out, default=0), counts=out)
 
+    def after_encoder_merges(self, count: int) -> int | None:
+        """Tokens a row of ``count`` loses in the after-encoder mode: all the blocks' merges at once (None:
+        ``r`` per block, before the model's encoder depth is known)."""
+        config = self.config
+        if config.keep_ratio is not None:
+            return count - keep_counts_on_host([count], config.keep_ratio)[0]
+        if isinstance(config.r, list):
+            total = sum(config.r)
+        elif self.encoder_layers is None:
+            return None
+        else:
+            total = config.r * self.encoder_layers
+        return min(total, count - 1)
+
     @hookimpl
     def post_encoder(self, tokens: TokenState, context: StageContext) -> TokenState:
+        if context.encoder_block is None:  # the after-encoder mode
+            merges = [self.after_encoder_merges(count) for count in tokens.counts_on_host()]
+            return fold(tokens, context.signals[AFTER_ENCODER_METRIC], merges)
         layer = context.encoder_block.layer
         merges = [self.merges(count, layer) for count in tokens.counts_on_host()]
         if not any(merges):
@@ -102,7 +143,14 @@ class Tome(Method):
         return torch.tensor([count - self.merges(count, layer) for count in tokens_in.tolist()], dtype=torch.long)
 
     def promised_count(self, tokens_in: torch.Tensor) -> torch.Tensor | None:
-        """The promise where every listed block does the same (a keep ratio, or one constant r)."""
+        """The promise where every listed block does the same (a keep ratio, or one constant r); after the
+        encoder, what the fold leaves."""
+        if self.after_encoder:
+            merges = [self.after_encoder_merges(count) for count in tokens_in.tolist()]
+            if None in merges:
+                return None
+            return torch.tensor([count - merged for count, merged in zip(tokens_in.tolist(), merges, strict=True)],
+                                dtype=torch.long)
         config = self.config
         if config.keep_ratio is None and not (isinstance(config.r, int) and config.inflection == 0):
             return None  # a schedule: see promised_count_at
@@ -113,7 +161,11 @@ class Tome(Method):
         return matching_scores(tokens_in)
 
     def stage_flops(self, shape: Any) -> float:
-        """The matching's similarity product: every A key against every B key, head-averaged width."""
+        """The matching's similarity product: every A key against every B key, head-averaged width (after
+        the encoder: one per matching of the fold)."""
         if shape.tokens_out >= shape.tokens_in:
             return 0.0
-        return 2.0 * matching_scores(shape.tokens_in) * (shape.encoder_width // shape.encoder_heads)
+        width = shape.encoder_width // shape.encoder_heads
+        if self.after_encoder:
+            return fold_flops(shape.tokens_in, shape.tokens_out, width)
+        return 2.0 * matching_scores(shape.tokens_in) * width

@@ -114,6 +114,11 @@ class Method:
     #: MLP, where ToMe merges, with ``context.encoder_block`` set), or takes :meth:`default_layers`.
     encoder_blocks: ClassVar[bool] = False
 
+    #: True when a method with :attr:`encoder_blocks` runs once after the encoder on a family that runs no
+    #: stage inside its encoder (ToMe's and FOLDER's after-encoder mode), instead of being refused there. Such a
+    #: stage lists no ``layers``; it is resolved so when the stack is attached (``Stage.after_encoder``).
+    runs_after_encoder: ClassVar[bool] = False
+
     #: True when the method's ``decoder_layer`` decisions are :class:`~tokenpress.Route` (tokens skip one
     #: layer and come back) rather than :class:`~tokenpress.Keep`: the config-only FLOPs model then
     #: counts its promise at that layer only.

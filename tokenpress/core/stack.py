@@ -77,11 +77,13 @@ class Stage:
     point: str
     layers: tuple[int, ...]
     config: MethodConfig
+    #: Resolved against a family that runs no stage inside its encoder: the method's after-encoder mode.
+    after_encoder: bool = False
 
     @property
     def inside_encoder(self) -> bool:
         """True for a ``post_encoder`` stage of a method that acts inside the encoder's blocks."""
-        return self.point == "post_encoder" and self.method_class.encoder_blocks
+        return self.point == "post_encoder" and self.method_class.encoder_blocks and not self.after_encoder
 
     def resolved(self, num_layers: int, source: str = "<dict>", encoder_blocks: int | None = None) -> Stage:
         """This stage with its method's default layers filled in, for a decoder of ``num_layers`` layers
@@ -92,6 +94,8 @@ class Stage:
         decoder = self.point == "decoder_layer"
         count, what = (num_layers, "decoder layer") if decoder else (encoder_blocks, "encoder block")
         if count is None:
+            if not decoder and self.method_class.runs_after_encoder:
+                return dataclass_replace(self, after_encoder=True)  # runs once after the encoder
             return self
         layers = self.method_class.default_layers(self.config, count)
         if not layers:
@@ -111,6 +115,7 @@ class Stage:
 
     def label(self) -> str:
         where = f"{self.point}" + (f"@{_layer_list(self.layers)}" if self.layers else "")
+        where += ", after the encoder" if self.after_encoder else ""
         return f"{self.index}:{self.method}({where})"
 
 
@@ -161,9 +166,15 @@ class Stack:
 
     def resolved(self, num_layers: int, encoder_blocks: int | None = None) -> Stack:
         """The stack with every stage's default layers filled in for a ``num_layers``-layer decoder (and
-        ``encoder_blocks`` encoder blocks feeding the features)."""
-        return dataclass_replace(self, stages=tuple(stage.resolved(num_layers, self.source, encoder_blocks)
-                                                    for stage in self.stages))
+        ``encoder_blocks`` encoder blocks feeding the features; None: the family runs no stage inside its
+        encoder, so a method that can runs after it), its stage order checked again (a stage that moved
+        after the encoder runs in its listed place among the post-encoder stages)."""
+        resolved = dataclass_replace(self, stages=tuple(stage.resolved(num_layers, self.source, encoder_blocks)
+                                                        for stage in self.stages))
+        problem = order_problem(resolved)
+        if problem is not None:
+            raise StackError(f"{self.source}: {problem}")
+        return resolved
 
 
 #: Error messages quote at most this many characters of a bad value.

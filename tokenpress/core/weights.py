@@ -255,4 +255,4 @@ def _describe(sizes: dict[str, Any]) -> str:
 
 
 __all__ = ["PatchNorm", "follow", "load", "model_signature", "projector_copy", "read_file_header", "read_header",
-           "resolve", "save", "tensor_shapes", "weights_file_name"]
+           "resolve", "save", "seeded_mlp", "starting_projector", "tensor_shapes", "weights_file_name"]

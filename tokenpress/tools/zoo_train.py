@@ -2,10 +2,11 @@
 
 Usage::
 
-    tokenpress zoo train llava-shapes [--out DIR] [--seed 0] [--device cuda --workers 7] [--set FIELD=VALUE]
+    tokenpress zoo train llava-shapes --out DIR [--resume] [--seed 0] [--device cuda --workers 7] [--set FIELD=VALUE]
     python -m tokenpress.tools.zoo_train ...   (the same command)
 
-(``--out`` defaults to the shipped checkpoint folder, ``tokenpress/zoo/checkpoints/<name>``.)
+(``--out`` is a folder of yours: the shipped checkpoints are read-only; a maintainer copies a new one into
+``tokenpress/zoo/checkpoints/<name>`` by hand to ship it.)
 
 Why these models exist: token-compression methods need a real ``transformers`` VLM to act on, and
 one whose accuracy visibly depends on every region of the image.  Public checkpoints cannot be
