@@ -116,10 +116,3 @@ def test_prumerge_after_a_selection_is_refused_in_one_sentence():
                                                    r"\(random\): prumerge reads encoder signals"):
         tokenpress.compress(model, stack)
     assert tokenpress.attached_handle(model) is None and "forward" not in model.model.__dict__
-
-
-def test_qwen_refuses_prumerge_in_one_sentence():
-    from tokenpress.testing.models import tiny_qwen2_5_vl
-
-    with pytest.raises(tokenpress.UnsupportedModelError, match="no class token"):
-        tokenpress.compress(tiny_qwen2_5_vl(), {"name": "p", "stages": [{"method": "prumerge"}]})

@@ -40,7 +40,10 @@ class PruMerge(Method):
     config: PruMergeConfig
 
     def _requests(self) -> tuple[ClsAttention, EncoderKeys]:
-        return ClsAttention(layer=self.config.layer, heads="full"), EncoderKeys(layer=self.config.layer)
+        # an encoder without a class token gives the attention each patch receives instead (as the toolkits
+        # that host PruMerge do on SigLIP and Qwen's ViTs)
+        return (ClsAttention(layer=self.config.layer, heads="full", class_free="received"),
+                EncoderKeys(layer=self.config.layer))
 
     def required_signals(self) -> list[Any]:
         return list(self._requests())

@@ -72,7 +72,10 @@ class VisionZip(Method):
         return dominant, min(self.config.contextual, patches - dominant)
 
     def _requests(self) -> tuple[ClsAttention, EncoderKeys]:
-        return ClsAttention(layer=self.config.layer, heads="mean"), EncoderKeys(layer=self.config.layer, heads="mean")
+        # an encoder without a class token gives the attention each patch receives instead (AngelSlim's VisionZip
+        # on Qwen2.5-VL scores with the ViT's recomputed attention)
+        return (ClsAttention(layer=self.config.layer, heads="mean", class_free="received"),
+                EncoderKeys(layer=self.config.layer, heads="mean"))
 
     def required_signals(self) -> list[Any]:
         return list(self._requests())
