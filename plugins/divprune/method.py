@@ -54,32 +54,35 @@ class DivPrune(Method):
 
     @hookimpl
     def projector(self, tokens: TokenState, context: StageContext) -> TokenState:
-        """On the projected tokens (the LLM's input space), as the released code."""
+        """On the projected tokens (the LLM's input space), as the released code. Each row keeps
+        round(keep_ratio x N) of the N tokens the stage receives - the promise - or all the projector gives
+        when that is fewer (a projector that resizes a grid: LLaVA-OneVision's anyres_max)."""
         counts = tokens.counts_on_host()
-        if keep_counts_on_host(counts, self.config.keep_ratio) == counts:
+        kept = keep_counts_on_host(counts, self.config.keep_ratio)
+        if kept == counts:
             return tokens  # nothing to drop: the model's projector runs after the stage as usual
-        return self._select(context.project(tokens))
+        projected = context.project(tokens)
+        return self._select(projected, [min(keep, count) for keep, count in zip(
+            kept, projected.counts_on_host(), strict=True)])
 
     @hookimpl
     def post_encoder(self, tokens: TokenState, context: StageContext) -> TokenState:
         """On the encoder's features, before the projector."""
-        return self._select(tokens)
+        return self._select(tokens, keep_counts_on_host(tokens.counts_on_host(), self.config.keep_ratio))
 
-    def _select(self, tokens: TokenState) -> TokenState:
-        """Each image row keeps round(keep_ratio x N) tokens. Rows are selected in groups of equal real
+    def _select(self, tokens: TokenState, kept: list[int]) -> TokenState:
+        """Row r keeps ``kept[r]`` tokens (at most all it holds). Rows are selected in groups of equal real
         counts, each packed without padding, so no row does work for another's padding."""
         counts = tokens.counts_on_host()
-        kept = keep_counts_on_host(counts, self.config.keep_ratio)
         if kept == counts:
             return tokens
         device = tokens.valid.device
         mask = tokens.valid.clone()
-        groups: dict[int, list[int]] = {}
+        groups: dict[tuple[int, int], list[int]] = {}
         for row, (count, keep) in enumerate(zip(counts, kept, strict=True)):
             if keep < count:
-                groups.setdefault(count, []).append(row)
-        for count, rows in groups.items():
-            keep = kept[rows[0]]  # the same count keeps the same number
+                groups.setdefault((count, keep), []).append(row)
+        for (count, keep), rows in groups.items():
             index_rows = torch.tensor(rows, device=device)
             index, _ = pack_index(tokens.valid[index_rows], width=count)  # every picked slot is real
             packed = torch.gather(tokens.embeddings[index_rows], 1,
