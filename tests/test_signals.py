@@ -48,11 +48,14 @@ def test_the_blockwise_attention_received_equals_the_full_matrix() -> None:
     expected = weights.mean(dim=2).mean(dim=1)
     torch.testing.assert_close(attention_received(query, key, 0.3, bias, chunk=5), expected)
     assert torch.allclose(expected.sum(-1), torch.ones(2))
+    # a subset of the queries (a window's) against every key: sized by the keys
+    subset = attention_received(query[:, :, :11], key, 0.3, bias[:, :, :11], chunk=4)
+    torch.testing.assert_close(subset, weights[:, :, :11].mean(dim=2).mean(dim=1))
 
 
 def test_a_class_token_request_is_served_as_received_attention_only_where_asked() -> None:
     asked = ClsAttention(layer=-2, heads="full", class_free="received")
-    assert served_request(asked, has_class_token=True) is asked
+    assert served_request(asked, has_class_token=True) == ClsAttention(layer=-2, heads="full")  # computed once
     assert served_request(asked, has_class_token=False) == AttentionReceived(layer=-2, heads="full")
     assert served_request(ClsAttention(layer=-2), has_class_token=False) == ClsAttention(layer=-2)
     assert served_request(EncoderKeys(layer=0), has_class_token=False) == EncoderKeys(layer=0)

@@ -75,8 +75,10 @@ class AttentionReceived(Signal):
 def served_request(request: Signal, has_class_token: bool) -> Signal:
     """The request a family computes for ``request``: a class-token attention asked with
     ``class_free="received"`` becomes :class:`AttentionReceived` on an encoder without a class token."""
-    if isinstance(request, ClsAttention) and not has_class_token and request.class_free == "received":
-        return AttentionReceived(layer=request.layer, heads=request.heads)
+    if isinstance(request, ClsAttention) and request.class_free == "received":
+        if not has_class_token:
+            return AttentionReceived(layer=request.layer, heads=request.heads)
+        return ClsAttention(layer=request.layer, heads=request.heads)  # the same value as a plain request: once
     return request
 
 

@@ -84,13 +84,13 @@ def module_view(module: nn.Module, **children: nn.Module) -> nn.Module:
 
 def attention_received(query: torch.Tensor, key: torch.Tensor, scale: float, bias: torch.Tensor | None = None,
                        chunk: int = 256) -> torch.Tensor:
-    """(I, N) float: the attention each of the N tokens receives, averaged over the heads and the queries of
-    its row: ``query`` and ``key`` are (I, H, N, d) (rotary already applied where the encoder applies it),
-    ``bias`` an additive mask broadcastable to (I, H, N, N) (-inf or the dtype's minimum where a query does
+    """(I, N) float: the attention each of the N keys receives, averaged over the heads and the queries of
+    its row: ``query`` (I, H, Q, d) and ``key`` (I, H, N, d) (rotary already applied where the encoder applies
+    it; the queries may be a subset of the tokens), ``bias`` an additive mask broadcastable to (I, H, Q, N) (-inf or the dtype's minimum where a query does
     not see a key: other segments, padding). A block of ``chunk`` queries at a time: the memory is
     (I, H, chunk, N), never N x N. A query that sees no key contributes nothing."""
     images, heads, length, _ = query.shape
-    received = query.new_zeros(images, heads, length, dtype=torch.float32)
+    received = query.new_zeros(images, heads, key.shape[2], dtype=torch.float32)
     counted = query.new_zeros(images, heads, 1, dtype=torch.float32)
     for start in range(0, length, chunk):
         rows = slice(start, min(start + chunk, length))
