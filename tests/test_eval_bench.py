@@ -38,7 +38,8 @@ def test_eval_compares_every_stack_with_the_baseline(eval_rows):
 def test_eval_json_and_csv_schema(eval_rows):
     rows = json.loads(evaluate.rows_to_json(eval_rows))
     assert [set(row) for row in rows] == [{"stack", "accuracy", "retention", "tokens_kept", "flops_ratio",
-                                           "prefill_time_ratio", "per_family"}] * 3
+                                           "prefill_time_ratio", "per_family", "mean_tokens_per_layer",
+                                           "note"}] * 3
     table = list(csv.DictReader(io.StringIO(evaluate.rows_to_csv(eval_rows))))
     assert [row["stack"] for row in table] == ["baseline", "fastv-k2-r50", "pool-2x2"]
     assert set(evaluate.CSV_FIELDS) <= set(table[0])

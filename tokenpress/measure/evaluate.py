@@ -26,7 +26,8 @@ from tokenpress.core import flops as flops_model
 from tokenpress.core.errors import InputError, TokenpressError
 from tokenpress.core.stack import Stack, load_stack
 from tokenpress.data import shapes
-from tokenpress.runtime.attach import compress
+from tokenpress.measure import budget
+from tokenpress.runtime.attach import compress, find_adapter
 from tokenpress.runtime.loading import load_model_and_processor, process
 
 DEFAULT_MODEL = "zoo:llava-shapes"
@@ -40,6 +41,7 @@ class RunResult:
     predictions: list[str] = field(default_factory=list)
     visual_in: int = 0
     visual_kept: int = 0
+    visual_layer_mean: float = 0.0  # visual tokens each decoder layer processed, averaged over the layers, summed
     flops: float = 0.0
     prefill_seconds: list[float] = field(default_factory=list)
     accuracy: float = 0.0
@@ -61,10 +63,15 @@ class Row:
     stack: str
     accuracy: float
     retention: float
-    tokens_kept: float
+    tokens_kept: float  # visual tokens the last decoder layer processed, over the encoder's
     flops_ratio: float
     prefill_time_ratio: float
     per_family: dict[str, float]
+    #: Visual tokens a decoder layer processed on average over the layers, over the encoder's: what a
+    #: decoder-side method's cost follows (it keeps everything in its first layers).
+    mean_tokens_per_layer: float = 1.0
+    #: How the stack was made, when the command made it (the knob chosen for a FLOPs budget).
+    note: str = ""
 
 
 def _run_batch(model: Any, inputs: dict[str, torch.Tensor], stack: Stack | None, max_new_tokens: int,
@@ -85,9 +92,11 @@ def _run_batch(model: Any, inputs: dict[str, torch.Tensor], stack: Stack | None,
         placeholders = torch.isin(inputs["input_ids"], torch.tensor(_placeholder_ids(model))).sum().item()
         result.visual_in += placeholders
         result.visual_kept += placeholders
+        result.visual_layer_mean += placeholders
     else:
         result.visual_in += sum(stats.visual_in)
         result.visual_kept += sum(stats.layer_visual[-1])
+        result.visual_layer_mean += sum(sum(layer) for layer in stats.layer_visual) / len(stats.layer_visual)
     result.flops += flops_model.measured(model, inputs, stats, stack, records).total
     return list(output[:, inputs["input_ids"].shape[1]:])
 
@@ -111,7 +120,6 @@ class Ranks:
     def current(cls) -> Ranks:
         """Join the process group ``torchrun`` / ``accelerate launch`` describe in the environment (gloo on a
         CPU, NCCL on GPUs; one rank per GPU); a single process when there is none."""
-
 
         world = int(os.environ.get("WORLD_SIZE", "1"))
         if world <= 1 or not dist.is_available():
@@ -149,15 +157,16 @@ class Ranks:
 
 def evaluate(stacks: list[Stack | str | Path], model: str = DEFAULT_MODEL, n: int = 1000, batch_size: int = 50,
              split: str = "test", seed: int = 0, max_new_tokens: int = 2, progress: bool = True,
-             loaded: tuple[Any, Any] | None = None, ranks: Ranks | None = None) -> list[Row]:
-    """Accuracy, retention, tokens kept, FLOPs and prefill-time ratios of each stack vs the baseline.
+             loaded: tuple[Any, Any] | None = None, ranks: Ranks | None = None,
+             notes: dict[str, str] | None = None) -> list[Row]:
+    """Accuracy, retention, tokens kept, FLOPs and prefill-time ratios of each stack vs the baseline
+    (``notes``: a note per stack name for the table, e.g. the knob chosen for a FLOPs budget).
 
     Under ``torchrun``/``accelerate launch`` (``ranks``: default, from the environment) every rank runs
     every ``world``-th batch and the ranks' results are gathered into one table, the same on every rank:
     the accuracy table equals the single-process one exactly (each batch is the batch it would be
     alone, and a sample's answer never depends on its batch).
     """
-
 
     if split not in shapes.SPLIT_SIZES:
         raise InputError(f"unknown split {split!r}; expected one of {', '.join(shapes.SPLIT_SIZES)}")
@@ -204,8 +213,49 @@ def evaluate(stacks: list[Stack | str | Path], model: str = DEFAULT_MODEL, n: in
             ours / theirs for ours, theirs in zip(result.prefill_seconds, base.prefill_seconds, strict=True))
         rows.append(Row(name, result.accuracy, result.accuracy / base.accuracy if base.accuracy else float("nan"),
                         result.visual_kept / max(result.visual_in, 1), result.flops / base.flops, time_ratio,
-                        result.per_family))
+                        result.per_family, result.visual_layer_mean / max(result.visual_in, 1),
+                        (notes or {}).get(name, "")))
     return rows
+
+
+def calibration_inputs(processor: Any, split: str = "test", seed: int = 0, count: int = 8) -> dict[str, torch.Tensor]:
+    """The first ``count`` questions of ``split`` as one padded batch: what a FLOPs budget is matched on
+    (the comparison's own questions, so image layouts and prompt lengths are the ones it runs)."""
+    samples = [shapes.make_sample(split, index, seed) for index in range(count)]
+    image_token = getattr(processor, "image_token", shapes.IMAGE_TOKEN)
+    return process(processor, [s.image for s in samples], [shapes.build_prompt(s.question, image_token)
+                                                            for s in samples], what=f"{split} questions", padding=True)
+
+
+def sweep_stacks(model: Any, processor: Any, methods: list[str], ratios: list[float], budgets: list[float],
+                 split: str = "test", seed: int = 0, layer: int | None = None
+                 ) -> tuple[list[dict[str, Any]], dict[str, str]]:
+    """One stack per method and keep ratio (``ratios``) and per method and FLOPs budget (``budgets``: each
+    method's knob solved on the model at hand, :func:`tokenpress.measure.budget.match_flops`), with a note per
+    budget stack saying the knob chosen and the FLOPs ratio it reaches; a method without a keep knob is
+    noted and skipped."""
+    num_layers = find_adapter(model).num_layers
+    stacks: list[dict[str, Any]] = []
+    notes: dict[str, str] = {}
+    for method in methods:
+        for ratio in ratios:
+            stack = budget.method_stack(method, ratio, num_layers, layer)
+            if stack is None:
+                raise TokenpressError(f"--methods {method}: it has no keep knob (a keep ratio cannot be asked of it)")
+            stacks.append(stack)
+    if budgets:
+        inputs = calibration_inputs(processor, split, seed)
+        device = next(model.parameters()).device
+        inputs = {key: value.to(device) for key, value in inputs.items()}
+        for method in methods:
+            for target in budgets:
+                matched = budget.match_flops(model, inputs, method, target, layer)
+                stack = {**matched.stack, "name": f"{method} @ FLOPs {target:g}"}
+                stacks.append(stack)
+                verdict = "" if matched.matched else f" (the closest it reaches: {target:g} is out of its range)"
+                notes[stack["name"]] = (f"{matched.knob} (from keep ratio {matched.keep_ratio:.3f}): FLOPs ratio "
+                                        f"{matched.flops_ratio:.3f} on the calibration batch{verdict}")
+    return stacks, notes
 
 
 def _gathered(ranks: Ranks, starts: list[int], size: int, n: int, truths: list[Truth],
@@ -233,17 +283,23 @@ def _gathered(ranks: Ranks, starts: list[int], size: int, n: int, truths: list[T
         for name, result in shard_results.items():
             merged[name].visual_in += result.visual_in
             merged[name].visual_kept += result.visual_kept
+            merged[name].visual_layer_mean += result.visual_layer_mean
             merged[name].flops += result.flops
     return all_truths, merged
 
 
 def format_table(rows: list[Row]) -> str:
-    """The comparison as a Markdown table, then accuracy per question family."""
-    lines = ["| stack | accuracy | retention | tokens kept | FLOPs ratio | prefill time ratio |",
-             "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    """The comparison as a Markdown table (tokens kept at the last layer, and per layer on average), the
+    knobs chosen for FLOPs budgets under it, then accuracy per question family."""
+    lines = ["| stack | accuracy | retention | tokens kept (last layer) | tokens per layer (mean) | FLOPs ratio | "
+             "prefill time ratio |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for row in rows:
         lines.append(f"| {row.stack} | {row.accuracy:.1%} | {row.retention:.1%} | {row.tokens_kept:.1%} | "
-                     f"{row.flops_ratio:.3f} | {row.prefill_time_ratio:.3f} |")
+                     f"{row.mean_tokens_per_layer:.1%} | {row.flops_ratio:.3f} | {row.prefill_time_ratio:.3f} |")
+    noted = [row for row in rows if row.note]
+    if noted:
+        lines += [""] + [f"- {row.stack}: {row.note}" for row in noted]
     families = sorted({family for row in rows for family in row.per_family})
     lines += ["", "| stack | " + " | ".join(families) + " |", "| --- |" + " ---: |" * len(families)]
     for row in rows:
@@ -256,7 +312,8 @@ def rows_to_json(rows: list[Row]) -> str:
     return json.dumps([asdict(row) for row in rows], indent=2)
 
 
-CSV_FIELDS = ("stack", "accuracy", "retention", "tokens_kept", "flops_ratio", "prefill_time_ratio")
+CSV_FIELDS = ("stack", "accuracy", "retention", "tokens_kept", "mean_tokens_per_layer", "flops_ratio",
+              "prefill_time_ratio", "note")
 
 
 def rows_to_csv(rows: list[Row]) -> str:

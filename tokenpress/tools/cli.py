@@ -135,11 +135,40 @@ def _proxy_hint(model: str) -> str | None:
             "\"what color is at 3 5 ?\" (row 3, column 5); other prompts get an empty answer")
 
 
+def _number_list(text: str | None, option: str) -> list[float]:
+    """``"0.5,0.25"`` -> [0.5, 0.25], each in (0, 1] (one line and exit 2 otherwise)."""
+    if not text:
+        return []
+    values = []
+    for part in (item.strip() for item in text.split(",") if item.strip()):
+        try:
+            value = float(part)
+        except ValueError:
+            raise UserError(f"{option} {text}: {part!r} is not a number") from None
+        if not 0.0 < value <= 1.0:
+            raise UserError(f"{option} {text}: {part} is not in (0, 1]")
+        values.append(value)
+    return values
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
+    from tokenpress.core.registry import get_registry
     from tokenpress.measure import evaluate
+    from tokenpress.runtime.loading import load_model_and_processor
 
     for path in args.stacks:
         _check_stack(path, None)
+    methods = [name.strip() for name in (args.methods or "").split(",") if name.strip()]
+    ratios, budgets = _number_list(args.ratios, "--ratios"), _number_list(args.match_flops, "--match-flops")
+    unknown = [name for name in methods if name not in get_registry().methods]
+    if unknown:
+        raise UserError(f"--methods: unknown method {unknown[0]!r} (see tokenpress plugins)")
+    if methods and not (ratios or budgets):
+        raise UserError("--methods needs --ratios (keep ratios) or --match-flops (FLOPs budgets) to sweep")
+    if (ratios or budgets) and not methods:
+        raise UserError("--ratios and --match-flops sweep the methods named by --methods")
+    if not args.stacks and not methods:
+        raise UserError("give stack files, or --methods with --ratios or --match-flops")
     written = {option: outputs.check_file(value, option, suffix, what)
                for option, value, suffix, what in (("--json", args.json, ".json", "the rows as JSON"),
                                                    ("--csv", args.csv, ".csv", "the rows as CSV"))
@@ -147,9 +176,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
     plot = outputs.check_plot(args.plot, "--plot") if args.plot else None
     ranks = evaluate.Ranks.current()  # under torchrun / accelerate launch: the questions shared across ranks
     try:
-        rows = evaluate.evaluate(args.stacks, model=args.model, n=args.n, batch_size=args.batch_size,
+        loaded = load_model_and_processor(args.model, progress=not args.quiet)
+        swept, notes = evaluate.sweep_stacks(*loaded, methods, ratios, budgets, args.split, args.seed, args.layer)
+        rows = evaluate.evaluate([*args.stacks, *swept], model=args.model, n=args.n, batch_size=args.batch_size,
                                  split=args.split, seed=args.seed, max_new_tokens=args.max_new_tokens,
-                                 progress=not args.quiet, ranks=ranks)
+                                 progress=not args.quiet, ranks=ranks, loaded=loaded, notes=notes)
     except BaseException:
         ranks.close(wait=False)
         raise
@@ -364,8 +395,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="accuracy, tokens, FLOPs and time of stacks vs the uncompressed model",
                        epilog=outputs.RULES)
-    p.add_argument("stacks", nargs="+", metavar="STACK")
+    p.add_argument("stacks", nargs="*", metavar="STACK")
     p.add_argument("--model", default="zoo:llava-shapes", help="zoo:NAME or a checkpoint folder")
+    p.add_argument("--methods", metavar="A,B", help="sweep these methods (no YAML needed): at --ratios and/or at "
+                   "--match-flops budgets")
+    p.add_argument("--ratios", metavar="R,R", help="keep ratios of the --methods sweep (each method's keep knob)")
+    p.add_argument("--match-flops", metavar="F,F", help="FLOPs budgets of the --methods sweep: each method's knob "
+                   "is solved so that its prefill FLOPs ratio on this model is the budget (the knob chosen is shown)")
+    p.add_argument("--layer", type=non_negative_int, help="decoder layer of swept decoder methods without default "
+                   "layers (default 2)")
     p.add_argument("-n", "--n", type=positive_int, default=1000,
                    help="number of questions (at most the split's size: train 20000, val 500, test 1000); "
                         "under torchrun write -n, which torchrun does not mistake for one of its own options")
