@@ -88,21 +88,27 @@ def clip_signals(layers: nn.ModuleList, hidden_states: tuple[torch.Tensor, ...],
 
 
 def clip_encode_inside(tower: nn.Module, pixel_values: torch.Tensor, blocks: int, grid: tuple[int, int, int],
-                       row_images: list[int], requests: list[Signal],
-                       inside: InsideEncoder) -> tuple[TokenState, dict[Signal, torch.Tensor], EncoderRun]:
-    """Run a CLIP vision tower block by block with stages inside the blocks ``inside`` lists.
+                       row_images: list[int], requests: list[Signal], inside: InsideEncoder,
+                       class_token: bool = True) -> tuple[TokenState, dict[Signal, torch.Tensor], EncoderRun]:
+    """Run a CLIP-style vision tower block by block with stages inside the blocks ``inside`` lists.
 
-    Every encoder row (image or tile) of ``grid`` patches is one TokenState row, the class token held
-    beside it (never merged). In a block with stages they run between its attention and its MLP
-    (``inside``); once they changed the tokens, later blocks attend with :func:`size_bias`. The output
-    of block ``blocks - 1`` is the features, the tokens sorted back into raster order of their cells;
-    each requested signal is computed on its layer's input, over the tokens of that moment, and laid
-    out like the features (attaching refuses a signal read before a block that merges). Inside the
-    encoder, ``image_to_sample`` holds each row's image (``row_images``): samples are matched later."""
+    Every encoder row (image or tile) of ``grid`` patches is one TokenState row; the class token, where
+    the tower has one (``class_token``: CLIP; SigLIP has none), is held beside it (never merged). The
+    embeddings go through the tower's pre-layernorm where it has one (CLIP's ``pre_layrnorm``; SigLIP has
+    none). In a block with stages they run between its attention and its MLP (``inside``); once they
+    changed the tokens, later blocks attend with :func:`size_bias`. The output of block ``blocks - 1`` is
+    the features, the tokens sorted back into raster order of their cells; each requested signal is
+    computed on its layer's input, over the tokens of that moment, and laid out like the features
+    (attaching refuses a signal read before a block that merges). Inside the encoder, ``image_to_sample``
+    holds each row's image (``row_images``): samples are matched later."""
     vision = getattr(tower, "vision_model", tower)
     layers = vision.encoder.layers
-    hidden = vision.pre_layrnorm(vision.embeddings(pixel_values))
-    tokens = TokenState.from_dense(hidden[:, 1:], grid, torch.tensor(row_images, device=hidden.device))
+    first = 1 if class_token else 0
+    hidden = vision.embeddings(pixel_values)
+    pre_norm = getattr(vision, "pre_layrnorm", None)
+    if pre_norm is not None:
+        hidden = pre_norm(hidden)
+    tokens = TokenState.from_dense(hidden[:, first:], grid, torch.tensor(row_images, device=hidden.device))
     by_layer: dict[int, list[Signal]] = {}
     for request in dict.fromkeys(requests):
         by_layer.setdefault(request.layer % len(layers), []).append(request)
@@ -111,7 +117,7 @@ def clip_encode_inside(tower: nn.Module, pixel_values: torch.Tensor, blocks: int
     run = EncoderRun(row_images=list(row_images))
     for index in range(max(blocks - 1, *by_layer, 0) + 1):
         for request in by_layer.get(index, []):
-            found[request] = clip_signal(layers[index], hidden, request, bias)
+            found[request] = clip_signal(layers[index], hidden, request, bias, class_token)
         if index >= blocks:
             continue
         block = layers[index]
@@ -120,15 +126,16 @@ def clip_encode_inside(tower: nn.Module, pixel_values: torch.Tensor, blocks: int
             attended, _ = block.self_attn(hidden_states=block.layer_norm1(hidden), attention_mask=bias)
         hidden = hidden + attended
         if index in inside.layers:
-            before = tokens.replace(hidden[:, 1:])
+            before = tokens.replace(hidden[:, first:])
             heads = block.self_attn.num_heads
-            tokens = inside(EncoderBlock(index, blocks, keys[0][:, 1:].unflatten(-1, (heads, -1)), True), before)
+            block_keys = keys[0][:, first:].unflatten(-1, (heads, -1))
+            tokens = inside(EncoderBlock(index, blocks, block_keys, class_token), before)
             if tokens is not before:
-                hidden = torch.cat([hidden[:, :1], tokens.embeddings.to(hidden.dtype)], dim=1)
-                bias = size_bias(tokens, hidden.dtype, class_token=True)
+                hidden = torch.cat([hidden[:, :first], tokens.embeddings.to(hidden.dtype)], dim=1)
+                bias = size_bias(tokens, hidden.dtype, class_token=class_token)
         run.mlp.append(tokens.counts())
         hidden = hidden + block.mlp(block.layer_norm2(hidden))
-        tokens = tokens.replace(hidden[:, 1:])
+        tokens = tokens.replace(hidden[:, first:])
     tokens, order = sort_by_cell(tokens)
     return tokens, {request: gather_rows(value, order) for request, value in found.items()}, run
 
