@@ -332,3 +332,35 @@ def test_nothing_is_scored_when_every_token_stays():
     cost = DART(DARTConfig(), (2,)).scoring_flops(item)  # LLaVA-1.5-7B: 576 visual tokens, 50 text
     assert cost == 2 * 626 * 4096 * 4096 + 2 * 4096 * 4096 + 2 * 8 * 576 * 4096
     assert math.isclose(cost / 1e9, 21.08, rel_tol=1e-3)
+
+
+@torch.no_grad()
+def test_after_another_decoder_stage_the_pivots_follow_the_tokens_by_identity():
+    """fastv drops half the visual tokens before layer 2, then dart acts there too: its key norms come from
+    layer 1, which saw every token, and reach the slots fastv left by identity. Each sample keeps what the
+    reference keeps from fastv's survivors (the unmodified model's layer-1 keys and layer-2 inputs: fastv
+    drops only before layer 2), and generation with and without the cache agrees."""
+    model = tiny_model("llava", dtype=torch.float64)
+    spec = FAMILIES["llava"]
+    batch = {key: value.double() if value.is_floating_point() else value
+             for key, value in spec.batch(model, prompts(3), "left", 1).items()}
+    params = {"keep_ratio": 0.3}
+    stack = {"name": "fd", "stages": [{"method": "fastv", "layers": [2], "params": {"keep_ratio": 0.5}},
+                                      {"method": "dart", "layers": [2], "params": params}]}
+    with observing(Decisions()) as decisions, tokenpress.compress(model, stack) as handle:
+        cached = model.generate(**batch, max_new_tokens=4, do_sample=False, use_cache=True)
+        uncached = model.generate(**batch, max_new_tokens=4, do_sample=False, use_cache=False)
+        (record,) = [record for record in handle.report().records if record.method == "dart"]
+    assert torch.equal(cached, uncached)
+    assert record.tokens_in == [18, 18, 18] and record.tokens_out == [5, 5, 5]
+    sequence, keep = decisions.calls[0]
+    assert sequence.length < sequence.slot_count  # dart saw the sequence fastv left, not layer 1's
+    visual = sequence.is_visual & sequence.valid
+    for b in range(3):
+        survivors = set(sequence.slot_id[b][visual[b]].tolist())
+        alone = {key: value.double() if value.is_floating_point() else value
+                 for key, value in spec.select(batch, b).items()}
+        norms, features, columns, after = reference_inputs(model, alone, 2)
+        total = kept_total(len(survivors), 0.3, 4, 4, "exact")
+        expected = reference_dart(norms, features, [c for c in columns if c in survivors], after, total)
+        assert set(sequence.slot_id[b][keep.mask[b] & visual[b]].tolist()) == expected
