@@ -7,9 +7,9 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 import torch
-from pydantic import ConfigDict, Field, model_validator
+from pydantic import BeforeValidator, ConfigDict, Field
 
-from tokenpress import DecoderContext, Keep, Method, MethodConfig, Ratio, hookimpl
+from tokenpress import DecoderContext, Keep, Method, MethodConfig, hookimpl
 from tokenpress.core.flops import scorer_flops
 from tokenpress.core.select import topk_mask
 from tokenpress_plugins.pyramiddrop.schedule import (
@@ -19,7 +19,20 @@ from tokenpress_plugins.pyramiddrop.schedule import (
     stage_layers,
 )
 
-Share = Annotated[Ratio, Field(gt=0.0, le=1.0)]
+
+def _shares(value: Any) -> Any:
+    """``lambda`` as a stack writes it: a number in (0, 1] (never a boolean or a string), or a non-empty list
+    of them; refused here in one sentence (a union of types would name its branches instead)."""
+    values = value if isinstance(value, list) else [value]
+    if not values:
+        raise ValueError("lambda lists no share; give one value, or one per listed layer")
+    for share in values:
+        which = f" (its {share!r})" if isinstance(value, list) else ""
+        if isinstance(share, bool) or not isinstance(share, (int, float)):
+            raise ValueError(f"lambda is a number in (0, 1] or a list of them{which}")
+        if not 0.0 < share <= 1.0:
+            raise ValueError(f"lambda is a share in (0, 1]{which}")
+    return value
 
 
 class PyramidDropConfig(MethodConfig):
@@ -30,15 +43,10 @@ class PyramidDropConfig(MethodConfig):
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True, validate_by_name=True,
                               validate_by_alias=True, serialize_by_alias=True)
 
-    lambda_: Share | list[Share] = Field(PUBLISHED_LAMBDA, alias="lambda", description=(
-        "Share of the visual tokens each stage keeps of those the stage before left, in (0, 1]: one value for "
-        "every stage (published: 0.5, i.e. 576 -> 288 -> 144 -> 72 on LLaVA-1.5), or one per listed layer."))
-
-    @model_validator(mode="after")
-    def _some_share(self) -> PyramidDropConfig:
-        if isinstance(self.lambda_, list) and not self.lambda_:
-            raise ValueError("lambda lists no share; give one value, or one per listed layer")
-        return self
+    lambda_: Annotated[float | list[float], BeforeValidator(_shares)] = Field(
+        PUBLISHED_LAMBDA, alias="lambda", description=(
+            "Share of the visual tokens each stage keeps of those the stage before left, in (0, 1]: one value for "
+            "every stage (published: 0.5, i.e. 576 -> 288 -> 144 -> 72 on LLaVA-1.5), or one per listed layer."))
 
 
 class PyramidDrop(Method):

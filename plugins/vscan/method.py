@@ -21,6 +21,7 @@ from tokenpress import (
     hookimpl,
     keep_count,
     keep_counts_on_host,
+    pack_index,
 )
 from tokenpress.core.errors import CompressionError
 from tokenpress.core.flops import scorer_flops
@@ -135,10 +136,31 @@ class VScan(Method):
         local = local_scan(local_scores, tokens.valid, window_ids(tokens.grid_index, tokens.grid, window),
                            [window_count(grid, window) for grid in grids], local_counts)
         kept = local | global_scan(global_scores, tokens.valid & ~local, global_counts)
+        rest = [count - k for count, k in zip(counts, keep, strict=True)]
         projected = context.project(tokens)  # every token: the merge works in the LLM's space
-        choice = nearest_kept(projected.embeddings, kept, tokens.valid & ~kept, max(keep),
-                              max(count - k for count, k in zip(counts, keep, strict=True)))
+        if projected.grid_sizes() != tokens.grid_sizes():  # the family re-gridded a row it received whole
+            projected = self._project_apart(tokens, kept, keep, rest, context)
+        choice = nearest_kept(projected.embeddings, kept, tokens.valid & ~kept, max(keep), max(rest))
         return projected.merge(merge_assign(kept, choice), max(keep), counts=keep)
+
+    @staticmethod
+    def _project_apart(tokens: TokenState, kept: torch.Tensor, keep: list[int], rest: list[int],
+                       context: StageContext) -> TokenState:
+        """Every token through the model's projector, in its slot, for a family that re-grids a row it projects
+        whole (LLaVA-OneVision's anyres_max resize of a high-resolution grid): the kept tokens and the others go
+        through it as two selections, so the row is treated as the selection it has become, as after any other
+        selecting stage. The projector maps each token on its own, so this is the projection of every token."""
+        images, slots, _ = tokens.embeddings.shape
+        parts = []
+        for mask, counts in ((kept, keep), (tokens.valid & ~kept, rest)):
+            part = context.project(tokens.keep(mask, counts=counts))
+            index, valid = pack_index(mask, width=max(counts))
+            parts.append((part.embeddings[:, :index.shape[1]], torch.where(valid, index, slots)))
+        width = parts[0][0].shape[-1]
+        embeddings = parts[0][0].new_zeros(images, slots + 1, width)  # + a dump slot for the padding picks
+        for values, index in parts:
+            embeddings.scatter_(1, index.unsqueeze(-1).expand(-1, -1, width), values)
+        return tokens.replace(embeddings[:, :slots], space="llm")
 
     @staticmethod
     def _scores(tokens: TokenState, attention: torch.Tensor) -> torch.Tensor:
