@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -14,6 +15,7 @@ import tokenpress
 from reference import llava_patch_features, merged_embeddings
 from tokenpress.core import weights
 from tokenpress.core.errors import InputError
+from tokenpress.core.tokens import pack_index
 from tokenpress.testing import llava_batch, sample_prompts, select_rows
 from tokenpress.testing.families import FAMILIES, prompts
 from tokenpress.testing.models import tiny_llava
@@ -272,3 +274,66 @@ def test_tokenpress_fit_leaves_a_calibrated_method_to_calibrate(tmp_path):
     stack = tmp_path / "alvts.yaml"
     stack.write_text("name: a\nstages:\n  - method: alvts\n    params: {keep_ratio: 0.25}\n", encoding="utf-8")
     assert main(["fit", str(stack), "--model", "zoo:llava-shapes", "--steps", "1", "--quiet"]) == 2
+
+
+def previous_importance(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    valid: torch.Tensor,
+    visual: torch.Tensor,
+    text: torch.Tensor,
+    scaling: float,
+    chunk: int = 64,
+    combine: Any = None,
+) -> torch.Tensor:
+    """The score as tokenpress computed it before its block-causal rewrite (the packed visual and text rows,
+    every key computed and masked, a chunk of rows at a time): what the faster path must equal."""
+    batch, heads, length, width = query.shape
+    visual, text = visual & valid, text & valid & ~visual
+    rows, picked = pack_index(visual | text, width=length)  # the rows whose attention counts, left-packed
+    index = rows[:, None, :, None].expand(-1, heads, -1, width)
+    scaled_rows = torch.gather(query.float(), 2, index) * scaling  # (B, H, R, d)
+    weights = torch.stack([torch.gather(visual, 1, rows) & picked, torch.gather(text, 1, rows) & picked], 1).float()
+    key_t = key.float().transpose(-1, -2)  # (B, H, d, N)
+    key_slot = torch.arange(length, device=query.device)
+    totals = torch.zeros(batch, 2, length, dtype=torch.float32, device=query.device)  # (S_V2V, S_T2V) sums
+    for start in range(0, rows.shape[1], chunk):
+        stop = start + chunk
+        logits = torch.matmul(scaled_rows[:, :, start:stop], key_t)  # (B, H, c, N): the largest temporary
+        allowed = valid[:, None, :] & (key_slot[None, None, :] <= rows[:, start:stop, None])  # causal, real keys
+        allowed |= ~picked[:, start:stop, None]  # padding rows (weight 0) see every key: no all -inf row
+        bias = torch.zeros(allowed.shape, dtype=logits.dtype, device=logits.device).masked_fill_(~allowed, -torch.inf)
+        probs = torch.softmax(logits.add_(bias[:, None]), dim=-1)  # an additive mask: far faster than masked_fill
+        totals = totals + torch.bmm(weights[:, :, start:stop], probs.sum(1)) / heads
+    v2v, t2v = totals[:, 0], totals[:, 1]
+    v2v = v2v / visual.sum(-1, keepdim=True).clamp_min(1)
+    t2v = t2v / text.sum(-1, keepdim=True).clamp_min(1)
+    score = combine(v2v, t2v) if combine is not None else v2v * t2v
+    return score * visual
+
+
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_the_block_causal_score_equals_the_previous_computation(seed) -> None:
+    """The block-causal score (every slot a weighted row, each block of rows against the keys up to it)
+    equals the previous packed-rows computation on a left-packed batch of different lengths, whatever
+    the chunk sizes, and so routes the same sets."""
+    from tokenpress.core.select import topk_mask
+    from tokenpress_plugins.alvts.selector import importance
+
+    generator = torch.Generator().manual_seed(seed)
+    batch, heads, length, width = 3, 4, 97, 16
+    query = torch.randn(batch, heads, length, width, generator=generator)
+    key = torch.randn(batch, heads, length, width, generator=generator)
+    lengths = torch.tensor([97, 80, 61])
+    valid = torch.arange(length).unsqueeze(0) < lengths.unsqueeze(1)
+    visual = torch.zeros(batch, length, dtype=torch.bool)
+    visual[:, 5:50] = True
+    text = valid & ~visual
+    reference = previous_importance(query, key, valid, visual, text, 0.25, chunk=13)
+    counts = torch.tensor([20, 11, 33])
+    for chunk in (7, 64, 200):
+        ours = importance(query, key, valid, visual, text, 0.25, chunk=chunk)
+        torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-10)
+        assert torch.equal(topk_mask(ours, visual & valid, counts), topk_mask(reference, visual & valid, counts))

@@ -6,8 +6,9 @@ tables from the model adapter and hands tensors to these functions.
 * :func:`low_rank` - ``W ~ U V`` from a truncated SVD, ``U = U_R S_R^1/2`` and ``V = S_R^1/2 V_R^T``.
 * :func:`importance` - ``S(i) = S_V2V(i) * S_T2V(i)``: the mean attention visual token ``i``
   receives from the visual tokens, times the mean it receives from the prompt's text tokens, with
-  the layer's causal softmax over all keys, averaged over heads. Query rows are processed a chunk
-  at a time, so no (rows x keys) matrix larger than ``chunk x keys`` per head ever exists.
+  the layer's causal softmax over all keys, averaged over heads. A chunk of query rows at a time,
+  each against the keys up to its last row only (so no (rows x keys) matrix larger than ``chunk x keys``
+  per head ever exists, and the causal half is never computed).
 """
 
 from __future__ import annotations
@@ -16,8 +17,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-
-from tokenpress.core.tokens import pack_index
 
 
 @dataclass
@@ -74,30 +73,31 @@ def importance(
     """``S_V2V * S_T2V`` of every slot, (B, N) float32; zero outside the real visual slots.
 
     ``query`` (B, H, N, d) and ``key`` (B, H, N, d) are rotated (keys repeated for grouped-query
-    attention); ``valid``, ``visual``, ``text`` (B, N) mark real slots, visual slots and the text
-    rows whose attention counts for ``S_T2V``. A row attends causally (slot order) to real keys.
-    ``combine(v2v, t2v)`` replaces the product (for ablations).
+    attention); ``valid``, ``visual``, ``text`` (B, N) mark real slots (left-packed: a sample's real slots
+    come first), visual slots and the text rows whose attention counts for ``S_T2V``. A row attends
+    causally (slot order) to real keys. ``combine(v2v, t2v)`` replaces the product (for ablations).
+
+    Every slot is a query row, weighted (visual, text) or 0; ``chunk`` rows at a time, each block of rows
+    against the keys up to its last row only (causality: the keys after it are never computed), the mask
+    needed on the block's own diagonal alone. Memory: ``chunk x N`` per head; work: half the rows x keys
+    products a full matrix would take.
     """
-    batch, heads, length, width = query.shape
+    batch, heads, length, _ = query.shape
     visual, text = visual & valid, text & valid & ~visual
-    rows, picked = pack_index(visual | text, width=length)  # the rows whose attention counts, left-packed
-    index = rows[:, None, :, None].expand(-1, heads, -1, width)
-    scaled_rows = torch.gather(query.float(), 2, index) * scaling  # (B, H, R, d)
-    weights = torch.stack([torch.gather(visual, 1, rows) & picked, torch.gather(text, 1, rows) & picked], 1).float()
-    key_t = key.float().transpose(-1, -2)  # (B, H, d, N)
-    key_slot = torch.arange(length, device=query.device)
-    totals = torch.zeros(batch, 2, length, dtype=torch.float32, device=query.device)  # (S_V2V, S_T2V) sums
-    for start in range(0, rows.shape[1], chunk):
-        stop = start + chunk
-        logits = torch.matmul(scaled_rows[:, :, start:stop], key_t)  # (B, H, c, N): the largest temporary
-        allowed = valid[:, None, :] & (key_slot[None, None, :] <= rows[:, start:stop, None])  # causal, real keys
-        allowed |= ~picked[:, start:stop, None]  # padding rows (weight 0) see every key: no all -inf row
-        bias = torch.zeros(allowed.shape, dtype=logits.dtype, device=logits.device).masked_fill_(~allowed, -torch.inf)
-        probs = torch.softmax(logits.add_(bias[:, None]), dim=-1)  # an additive mask: far faster than masked_fill
-        totals = totals + torch.bmm(weights[:, :, start:stop], probs.sum(1)) / heads
-    v2v, t2v = totals[:, 0], totals[:, 1]
-    v2v = v2v / visual.sum(-1, keepdim=True).clamp_min(1)
-    t2v = t2v / text.sum(-1, keepdim=True).clamp_min(1)
+    weights = torch.stack([visual, text], 1).float()  # (B, 2, N): which rows count for S_V2V and S_T2V
+    scaled = query.float() * scaling
+    key = key.float()
+    upper = torch.ones(chunk, chunk, dtype=torch.bool, device=query.device).triu(1)  # a block's future keys
+    totals = torch.zeros(batch, 2, length, dtype=torch.float32, device=query.device)
+    for start in range(0, length, chunk):
+        stop = min(start + chunk, length)
+        logits = torch.matmul(scaled[:, :, start:stop], key[:, :, :stop].transpose(-1, -2))  # (B, H, c, stop)
+        logits[..., start:stop].masked_fill_(upper[: stop - start, : stop - start], -torch.inf)
+        probs = torch.softmax(logits, dim=-1).sum(1)  # summed over heads: (B, c, stop)
+        totals[..., :stop] += torch.bmm(weights[..., start:stop], probs)
+    totals /= heads
+    v2v = totals[:, 0] / visual.sum(-1, keepdim=True).clamp_min(1)
+    t2v = totals[:, 1] / text.sum(-1, keepdim=True).clamp_min(1)
     score = combine(v2v, t2v) if combine is not None else v2v * t2v
     return score * visual
 
