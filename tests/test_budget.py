@@ -43,10 +43,19 @@ def test_the_flops_ratio_is_the_analytical_model_on_a_real_prefill(llava) -> Non
 
 def test_fastv_moves_its_layer_earlier_only_when_its_keep_ratio_cannot_reach_the_budget(llava) -> None:
     model, inputs = llava
-    reachable = budget.match_flops(model, inputs, "fastv", 0.75)
+    reachable = budget.match_flops(model, inputs, "fastv", 0.75, layer=2)
     assert reachable.matched and reachable.stack["stages"][0]["layers"] == [2]
-    low = budget.match_flops(model, inputs, "fastv", 0.45)
+    low = budget.match_flops(model, inputs, "fastv", 0.45, layer=2)
     assert low.stack["stages"][0]["layers"][0] < 2 and "layers" in low.knob
+
+
+def test_without_a_layer_fastv_starts_from_the_papers_k_scaled_to_the_depth(llava) -> None:
+    """K = 2 of 32 is layer 1 of the tiny model's 4 (at least 1), and 2 of 28, 3 of 40."""
+    model, inputs = llava
+    fastv = tokenpress.get_registry().methods["fastv"]
+    config = fastv.Config(keep_ratio=0.5)
+    assert [fastv.default_layers(config, depth) for depth in (4, 12, 28, 32, 40)] == [(1,), (1,), (2,), (2,), (3,)]
+    assert budget.match_flops(model, inputs, "fastv", 0.75).stack["stages"][0]["layers"] == [1]
 
 
 def test_eval_sweeps_methods_at_ratios_and_budgets_in_one_run(checkpoint, capsys) -> None:

@@ -238,6 +238,16 @@ def test_entry_point_name_taken_twice_is_an_error(acme: pytest.MonkeyPatch, tmp_
     assert f"tokenpress {tokenpress.__version__} (entry point pool)" in message
 
 
+def test_an_approach_outside_the_surveys_families_is_named(acme: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """The methods index groups by ``Method.approach``: a typo there is a plugin error naming the origin."""
+    source = DUPLICATE_MODULE.replace('"fastv"', '"acme-x"').replace(
+        'points = ("decoder_layer",)', 'points = ("decoder_layer",)\n    approach = "atention"')
+    make_distribution(tmp_path, "dup-tokenpress", "0.2", "dup_tokenpress", source, "acmex")
+    with pytest.raises(tokenpress.PluginError, match=r"dup-tokenpress 0\.2 .*'acme-x' declares approach 'atention', "
+                                                     r"not one of transform, similarity, attention, query"):
+        tokenpress.get_registry(reload=True)
+
+
 def test_broken_plugin_is_named(acme: pytest.MonkeyPatch, tmp_path: Path) -> None:
     make_distribution(tmp_path, "acme-broken", "1.0", "broken_tokenpress", BROKEN_MODULE, "broken")
     with pytest.raises(tokenpress.PluginError, match=r"'broken' \(acme-broken 1\.0 .*libacme\.so"):

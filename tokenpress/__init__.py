@@ -60,6 +60,7 @@ _LAZY = {
     "Ratio": "tokenpress.core.method",
     "SelectingConfig": "tokenpress.core.method",
     "WeightedConfig": "tokenpress.core.method",
+    "scaled_layer": "tokenpress.core.method",
     "get_registry": "tokenpress.core.registry",
     "list_methods": "tokenpress.core.registry",
     "register_plugin": "tokenpress.core.registry",
@@ -133,6 +134,7 @@ __all__ = [
     "load_stack",
     "pack_index",
     "register_plugin",
+    "scaled_layer",
     "scorer_flops",
     "seeded_uniform",
     "stack_json_schema",
@@ -156,7 +158,15 @@ def __dir__() -> list[str]:
 if TYPE_CHECKING:
     from tokenpress.core.decisions import Keep, LayerDecision, Merge, Route
     from tokenpress.core.flops import ScoringInput, StageShape, scorer_flops
-    from tokenpress.core.method import POINTS, Method, MethodConfig, Ratio, SelectingConfig, WeightedConfig
+    from tokenpress.core.method import (
+        POINTS,
+        Method,
+        MethodConfig,
+        Ratio,
+        SelectingConfig,
+        WeightedConfig,
+        scaled_layer,
+    )
     from tokenpress.core.registry import get_registry, list_methods, register_plugin
     from tokenpress.core.select import seeded_uniform, topk_mask
     from tokenpress.core.signals import AttentionReceived, ClsAttention, EncoderKeys, Signal

@@ -47,14 +47,30 @@ def page_source(method_class: type[tokenpress.Method]) -> str:
             "      heading_level: 3\n")
 
 
+APPROACH_HEADINGS = {
+    "transform": "transform-based",
+    "similarity": "similarity-based",
+    "attention": "attention-based",
+    "query": "query-based",
+    "": "baseline",
+}
+
+
 def methods_table(page_folder: str = "methods") -> str:
-    """One row per built-in method: its page (linked from a page in ``page_folder``), its points (the
-    first is the default) and its description."""
-    rows = ["| method | points (first = default) | what it does |", "| --- | --- | --- |"]
-    for name, method_class in built_in_methods().items():
+    """One row per built-in method, grouped by the survey's families (``Method.approach``) and by year
+    within each: its page (linked from a page in ``page_folder``), family, year, paper, points (the first
+    is the default) and description."""
+    def order(item: tuple[str, type[tokenpress.Method]]) -> tuple[int, int, str]:
+        name, method_class = item
+        return (list(APPROACH_HEADINGS).index(method_class.approach), method_class.year or 0, name)
+
+    rows = ["| method | family | year | paper | points (first = default) | what it does |",
+            "| --- | --- | --- | --- | --- | --- |"]
+    for name, method_class in sorted(built_in_methods().items(), key=order):
         points = ", ".join(f"`{point}`" for point in method_class.points)
         link = posixpath.relpath(f"methods/{name}.md", page_folder or ".")
-        rows.append(f"| [`{name}`]({link}) | {points} | {method_class.description} |")
+        rows.append(f"| [`{name}`]({link}) | {APPROACH_HEADINGS[method_class.approach]} | "
+                    f"{method_class.year or ''} | {method_class.paper} | {points} | {method_class.description} |")
     return "\n".join(rows)
 
 

@@ -63,6 +63,9 @@ class ALVTS(Method):
     points = ("decoder_layer",)
     routes = True
     description = "Per layer, route the top keep_ratio visual tokens by a low-rank importance score (ALVTS)."
+    approach = "attention"
+    paper = "ALVTS, CVPR 2026"
+    year = 2026
     identity_params = {"keep_ratio": 1.0}
     example_params = {"keep_ratio": 0.5}
     config: ALVTSConfig

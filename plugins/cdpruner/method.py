@@ -28,6 +28,9 @@ class CDPruner(Method):
     Config = CDPrunerConfig
     points = ("query_conditioned",)
     description = "Keep the keep_ratio of visual tokens maximising a DPP of similarity weighted by prompt relevance."
+    approach = "query"
+    paper = "Zhang et al., NeurIPS 2025"
+    year = 2025
     identity_params = {"keep_ratio": 1.0}
     example_params = {"keep_ratio": 0.25}
     config: CDPrunerConfig

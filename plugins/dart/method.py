@@ -4,13 +4,22 @@ LLM's final norm); drop the other visual tokens from layer K on."""
 
 from __future__ import annotations
 
-import math
 from typing import Any, Literal
 
 import torch
 from pydantic import Field
 
-from tokenpress import DecoderContext, Keep, Method, MethodConfig, Ratio, SelectingConfig, hookimpl, layer_query_key
+from tokenpress import (
+    DecoderContext,
+    Keep,
+    Method,
+    MethodConfig,
+    Ratio,
+    SelectingConfig,
+    hookimpl,
+    layer_query_key,
+    scaled_layer,
+)
 from tokenpress_plugins.dart.duplication import duplication_flops, kept_total, key_norms, select_keep
 
 #: The released code prunes before decoder layer 2 of LLaVA-1.5's 32 (``pruned_layer = 2``).
@@ -46,6 +55,9 @@ class DART(Method):
     points = ("decoder_layer",)
     description = ("Keep pivot tokens (largest key norms) and, for each, the visual tokens least similar to it "
                    "(DART).")
+    approach = "similarity"
+    paper = "Wen et al., EMNLP 2025"
+    year = 2025
     identity_params = {"keep_ratio": 1.0}
     example_params = {"keep_ratio": 0.25}
     config: DARTConfig
@@ -56,11 +68,11 @@ class DART(Method):
         could choose pivots): 2 on 32 and 28 layers, 3 on 40, 1 on the 4-layer test models."""
         if num_layers < 2:
             return ()
-        layer = math.floor(PUBLISHED_LAYER * num_layers / PUBLISHED_DEPTH + 0.5)
+        layer = scaled_layer(PUBLISHED_LAYER, PUBLISHED_DEPTH, num_layers)
         return (min(max(1, layer), num_layers - 1),)
 
     @classmethod
-    def params_for_keep(cls, keep_ratio: float) -> dict[str, Any]:
+    def params_for_keep(cls, keep_ratio: float, num_layers: int | None = None) -> dict[str, Any]:
         return {"keep_ratio": keep_ratio}
 
     def layers_problem(self) -> str | None:

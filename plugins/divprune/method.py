@@ -44,12 +44,15 @@ class DivPrune(Method):
     Config = DivPruneConfig
     points = ("projector", "post_encoder")
     description = "Keep the keep_ratio of visual tokens that are most diverse (greedy max-min cosine distance)."
+    approach = "similarity"
+    paper = "Alvar et al., CVPR 2025"
+    year = 2025
     identity_params = {"keep_ratio": 1.0}
     example_params = {"keep_ratio": 0.25}
     config: DivPruneConfig
 
     @classmethod
-    def params_for_keep(cls, keep_ratio: float) -> dict[str, Any]:
+    def params_for_keep(cls, keep_ratio: float, num_layers: int | None = None) -> dict[str, Any]:
         return {"keep_ratio": keep_ratio}
 
     @hookimpl

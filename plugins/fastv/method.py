@@ -7,13 +7,18 @@ from typing import Any, Literal
 import torch
 from pydantic import Field
 
-from tokenpress import DecoderContext, Keep, Method, SelectingConfig, hookimpl, keep_count
+from tokenpress import DecoderContext, Keep, Method, MethodConfig, SelectingConfig, hookimpl, keep_count, scaled_layer
 from tokenpress.core.flops import scorer_flops
 from tokenpress.core.select import topk_mask
 
+#: The paper's K: tokens are dropped before layer 2 of LLaVA-1.5-7B's 32.
+PUBLISHED_LAYER = 2
+PUBLISHED_DEPTH = 32
+
 
 class FastVConfig(SelectingConfig):
-    """Parameters of ``fastv`` (the stage's ``layers`` give K: tokens are dropped before layer K)."""
+    """Parameters of ``fastv`` (the stage's ``layers`` give K: tokens are dropped before layer K; a stage that
+    lists none acts before the paper's K = 2 of 32 scaled to the model's depth)."""
 
     query: Literal["last", "text"] = Field(
         "last", description="Whose attention ranks the visual tokens: the last prompt token, or all prompt text."
@@ -30,9 +35,20 @@ class FastV(Method):
     Config = FastVConfig
     points = ("decoder_layer",)
     description = "Keep the top keep_ratio visual tokens by the last prompt token's attention (FastV)."
+    approach = "attention"
+    paper = "Chen et al., ECCV 2024"
+    year = 2024
     identity_params = {"keep_ratio": 1.0}
     example_params = {"keep_ratio": 0.5}
     config: FastVConfig
+
+    @classmethod
+    def default_layers(cls, config: MethodConfig, num_layers: int) -> tuple[int, ...]:
+        """Before layer K = round(2 x L / 32) (halves up), at least 1 (the paper scores with layer K-1's
+        attention): 2 on 32 and 28 layers, 3 on 40, 1 on 12 and on the 4-layer test models."""
+        if num_layers < 2:
+            return ()
+        return (min(max(1, scaled_layer(PUBLISHED_LAYER, PUBLISHED_DEPTH, num_layers)), num_layers - 1),)
 
     @hookimpl
     def decoder_layer(self, context: DecoderContext) -> Keep:

@@ -23,6 +23,9 @@ class Folder(Tome):
     name = "folder"
     Config = FolderConfig
     description = "FOLDER: folded bipartite merging in the encoder's last block(s), many tokens at once."
+    approach = "similarity"
+    paper = "Wang et al., ICCV 2025"
+    year = 2025
     keep_order = True
     config: FolderConfig
 

@@ -31,6 +31,9 @@ class LDP(Method):
     Config = LDPConfig
     points = ("projector",)
     description = "MobileVLM's lightweight downsample projector: pointwise + depthwise convs, stride 2."
+    approach = "transform"
+    paper = "Chu et al., MobileVLM, 2023"
+    year = 2023
     identity_params = None
     example_params = {"stride": 2}
     replaces_projector = True
@@ -52,7 +55,7 @@ class LDP(Method):
         return tokens.regrid(self.weights, self.config.stride, space="llm")
 
     @classmethod
-    def params_for_keep(cls, keep_ratio: float) -> dict | None:
+    def params_for_keep(cls, keep_ratio: float, num_layers: int | None = None) -> dict | None:
         return {"stride": min(4, max(2, round(keep_ratio ** -0.5)))}
 
     def expected_grid(self, height: int, width: int) -> tuple[int, int]:

@@ -36,6 +36,9 @@ class PixelUnshuffle(Method):
     Config = PixelUnshuffleConfig
     points = ("projector",)
     description = "Fold r x r patch windows into one wider token; the method's own MLP projects it (InternVL2)."
+    approach = "transform"
+    paper = "Chen et al., InternVL 1.5, 2024"
+    year = 2024
     identity_params = None  # its own projector: no setting reproduces the model
     replaces_projector = True
     example_params = {"ratio": 2}
@@ -66,7 +69,7 @@ class PixelUnshuffle(Method):
         return tokens.regrid(lambda grid: mlp(unshuffle(grid, ratio)), ratio, space="llm")
 
     @classmethod
-    def params_for_keep(cls, keep_ratio: float) -> dict | None:
+    def params_for_keep(cls, keep_ratio: float, num_layers: int | None = None) -> dict | None:
         return {"ratio": max(2, round(keep_ratio ** -0.5))}
 
     def expected_grid(self, height: int, width: int) -> tuple[int, int]:

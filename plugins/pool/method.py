@@ -25,6 +25,7 @@ class Pool(Method):
     Config = PoolConfig
     points = ("post_encoder", "projector")
     description = "2-D avg/max pooling or bilinear resizing of the patch grid (kernel x kernel -> 1)."
+    approach = "transform"
     identity_params = {"kernel": 1}
     example_params = {"kernel": 2}
     config: PoolConfig
@@ -43,7 +44,7 @@ class Pool(Method):
         return self._pool(context.project(tokens))
 
     @classmethod
-    def params_for_keep(cls, keep_ratio: float) -> dict:
+    def params_for_keep(cls, keep_ratio: float, num_layers: int | None = None) -> dict:
         """The square kernel closest to keeping ``keep_ratio`` (0.25 -> 2, 0.11 -> 3)."""
         return {"kernel": max(1, round(keep_ratio ** -0.5)), "mode": "avg"}
 

@@ -36,6 +36,9 @@ class PruMerge(Method):
     Config = PruMergeConfig
     points = ("post_encoder",)
     description = "Keep the CLS-attention outliers (IQR), each absorbing its key-nearest neighbours (PruMerge)."
+    approach = "attention"
+    paper = "Shang et al., LLaVA-PruMerge, 2024"
+    year = 2024
     example_params = {"plus": False}
     config: PruMergeConfig
 

@@ -57,6 +57,9 @@ class PyramidDrop(Method):
     points = ("decoder_layer",)
     description = ("At a few decoder layers, keep lambda of the visual tokens by the last instruction token's "
                    "attention (PyramidDrop).")
+    approach = "attention"
+    paper = "Xing et al., CVPR 2025"
+    year = 2025
     identity_params = {"lambda": 1.0}
     example_params = {"lambda": PUBLISHED_LAMBDA}
     config: PyramidDropConfig
@@ -68,7 +71,7 @@ class PyramidDrop(Method):
         return stage_layers(num_layers)
 
     @classmethod
-    def params_for_keep(cls, keep_ratio: float) -> dict[str, Any]:
+    def params_for_keep(cls, keep_ratio: float, num_layers: int | None = None) -> dict[str, Any]:
         """The single lambda whose three published stages leave about ``keep_ratio`` of the visual tokens
         after the last one (``keep_ratio ** (1/3)``; 0.125 gives the published 0.5)."""
         return {"lambda": lambda_for_final_share(keep_ratio)}

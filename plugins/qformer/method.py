@@ -34,6 +34,9 @@ class QFormer(Method):
     Config = QFormerConfig
     points = ("projector",)
     description = "Learned queries read the image by cross-attention and replace its tokens (BLIP-2's Q-Former)."
+    approach = "query"
+    paper = "Li et al., BLIP-2, ICML 2023"
+    year = 2023
     identity_params = None
     example_params = {"queries": 8}
 

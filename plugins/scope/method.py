@@ -47,12 +47,15 @@ class Scope(Method):
     points = ("post_encoder",)
     description = ("Keep patches chosen greedily by CLS attention times the feature-similarity coverage they "
                    "add (SCOPE).")
+    approach = "attention"
+    paper = "Deng et al., NeurIPS 2025"
+    year = 2025
     identity_params = {"keep_ratio": 1.0}
     example_params = {"keep_ratio": 0.25}
     config: ScopeConfig
 
     @classmethod
-    def params_for_keep(cls, keep_ratio: float) -> dict[str, Any]:
+    def params_for_keep(cls, keep_ratio: float, num_layers: int | None = None) -> dict[str, Any]:
         return {"keep_ratio": keep_ratio}
 
     def kept(self, patches: int) -> int:

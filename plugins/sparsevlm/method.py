@@ -4,13 +4,12 @@ ones into cluster means and delete the rest (one :class:`~tokenpress.Merge`)."""
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
 from pydantic import Field, model_validator
 
-from tokenpress import DecoderContext, Keep, Merge, Method, MethodConfig, Ratio, hookimpl
+from tokenpress import DecoderContext, Keep, Merge, Method, MethodConfig, Ratio, hookimpl, scaled_layer
 from tokenpress.core.errors import StackError
 from tokenpress.core.flops import scorer_flops
 from tokenpress.core.select import topk_mask
@@ -70,6 +69,9 @@ class SparseVLM(Method):
     points = ("decoder_layer",)
     description = ("Keep the visual tokens the prompt's raters attend to most (count from the rank), recycle "
                    "the best pruned ones into cluster means (SparseVLM).")
+    approach = "query"
+    paper = "Zhang et al., ICML 2025"
+    year = 2025
     identity_params = {"keep_ratio": 1.0}
     example_params = {"scale": 9.0, "bias": 6.0}  # the published 128-token setting
     config: SparseVLMConfig
@@ -78,11 +80,11 @@ class SparseVLM(Method):
     def default_layers(cls, config: MethodConfig, num_layers: int) -> tuple[int, ...]:
         """Before the layer after each published location, scaled to the depth: after layers
         round(l * L / 32) (halves up) for l in 2, 6, 15; [3, 7, 16] on 32 layers."""
-        after = {math.floor(layer * num_layers / PUBLISHED_DEPTH + 0.5) for layer in PUBLISHED_AFTER}
+        after = {scaled_layer(layer, PUBLISHED_DEPTH, num_layers) for layer in PUBLISHED_AFTER}
         return tuple(sorted(layer + 1 for layer in after if layer + 1 < num_layers))
 
     @classmethod
-    def params_for_keep(cls, keep_ratio: float) -> dict[str, Any]:
+    def params_for_keep(cls, keep_ratio: float, num_layers: int | None = None) -> dict[str, Any]:
         return {"keep_ratio": keep_ratio}
 
     def setup(self, adapter: Any) -> None:

@@ -58,6 +58,9 @@ class Tome(Method):
     encoder_blocks = True
     runs_after_encoder = True
     description = "Token Merging inside the vision encoder: bipartite soft matching on the block's keys (ToMe)."
+    approach = "similarity"
+    paper = "Bolya et al., ICLR 2023"
+    year = 2023
     identity_params = {"r": 0}
     example_params = {"keep_ratio": 0.5}
     #: ToMe's output order (unmerged A tokens, then B) feeds the next block's alternation; FOLDER keeps order.
@@ -70,7 +73,7 @@ class Tome(Method):
         return tuple(range(num_layers))
 
     @classmethod
-    def params_for_keep(cls, keep_ratio: float) -> dict[str, Any]:
+    def params_for_keep(cls, keep_ratio: float, num_layers: int | None = None) -> dict[str, Any]:
         return {"keep_ratio": keep_ratio}
 
     #: Encoder blocks of the model (the after-encoder mode removes ``r`` per block); set at setup.

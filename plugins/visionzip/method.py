@@ -53,12 +53,15 @@ class VisionZip(Method):
     Config = VisionZipConfig
     points = ("post_encoder",)
     description = "Keep the patches the CLS token attends to most, merge the rest into a few by key similarity."
+    approach = "attention"
+    paper = "Yang et al., CVPR 2025"
+    year = 2025
     identity_params = {"keep_ratio": 1.0}
     example_params = {"keep_ratio": 0.25}
     config: VisionZipConfig
 
     @classmethod
-    def params_for_keep(cls, keep_ratio: float) -> dict[str, Any]:
+    def params_for_keep(cls, keep_ratio: float, num_layers: int | None = None) -> dict[str, Any]:
         return {"keep_ratio": keep_ratio}
 
     def split(self, patches: int) -> tuple[int, int]:

@@ -45,12 +45,15 @@ class VisPruner(Method):
     points = ("post_encoder",)
     description = ("Keep the patches the CLS token attends to most, then diverse ones among the rest after "
                    "iterative de-duplication by feature similarity (VisPruner).")
+    approach = "attention"
+    paper = "Zhang et al., ICCV 2025"
+    year = 2025
     identity_params = {"keep_ratio": 1.0}
     example_params = {"keep_ratio": 0.25}
     config: VisPrunerConfig
 
     @classmethod
-    def params_for_keep(cls, keep_ratio: float) -> dict[str, Any]:
+    def params_for_keep(cls, keep_ratio: float, num_layers: int | None = None) -> dict[str, Any]:
         return {"keep_ratio": keep_ratio}
 
     def kept(self, patches: int) -> int:

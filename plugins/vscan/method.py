@@ -72,6 +72,9 @@ class VScan(Method):
     points = ("projector", "decoder_layer")
     description = ("Keep global and per-window local picks by CLS attention and merge the rest into them "
                    "(projector); keep the tokens the last instruction token attends to (middle layer) (VScan).")
+    approach = "attention"
+    paper = "Zhang et al., TMLR 2026"
+    year = 2026
     identity_params = {"keep_ratio": 1.0}
     # the 2-layer test encoders have no layer 5: the shared suites run the local scan in layer 0
     example_params = {"keep_ratio": PUBLISHED_PROJECTOR_SHARE, "local_layer": 0}
@@ -84,7 +87,7 @@ class VScan(Method):
         return (num_layers // 2,)
 
     @classmethod
-    def params_for_keep(cls, keep_ratio: float) -> dict[str, Any]:
+    def params_for_keep(cls, keep_ratio: float, num_layers: int | None = None) -> dict[str, Any]:
         """The ``projector`` stage keeping ``keep_ratio`` (the scans at their published layers)."""
         return {"keep_ratio": keep_ratio}
 

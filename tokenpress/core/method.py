@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Annotated, Any, ClassVar
 
 import torch
@@ -18,6 +19,14 @@ POINT_TABLE: tuple[tuple[str, bool], ...] = (
 )
 POINTS: tuple[str, ...] = tuple(name for name, _ in POINT_TABLE)
 PRE_LLM_POINTS: tuple[str, ...] = tuple(name for name, before_llm in POINT_TABLE if before_llm)
+#: The survey's families of methods (:attr:`Method.approach`), in the order the docs list them.
+APPROACHES: tuple[str, ...] = ("transform", "similarity", "attention", "query")
+
+
+def scaled_layer(layer: int, published_depth: int, num_layers: int) -> int:
+    """The layer at the relative depth a paper's ``layer`` of ``published_depth`` has in a decoder of
+    ``num_layers`` (halves rounded up): FastV's K = 2 of LLaVA-1.5's 32 layers is 2 of 28, 3 of 40, 1 of 12."""
+    return math.floor(layer * num_layers / published_depth + 0.5)
 
 
 class MethodConfig(BaseModel):
@@ -83,6 +92,14 @@ class Method:
     identity_params: ClassVar[dict[str, Any] | None] = None
     #: ``params`` of a typical compressing use, for the shared suites and examples.
     example_params: ClassVar[dict[str, Any]] = {}
+    #: How the method decides, in the survey's families (:data:`APPROACHES`): ``transform`` (a fixed reshaping
+    #: of the grid), ``similarity`` (merging or choosing by feature similarity or diversity), ``attention``
+    #: (scores from the model's own attention), ``query`` (conditioned on the prompt, or learned queries);
+    #: ``""``: none of them (a baseline). The docs' methods index groups methods by it.
+    approach: ClassVar[str] = ""
+    #: The method's paper as the docs cite it (``"Chen et al., ECCV 2024"``) and its year; empty where none.
+    paper: ClassVar[str] = ""
+    year: ClassVar[int | None] = None
 
     def __init__(self, config: MethodConfig, layers: tuple[int, ...] = ()) -> None:
         self.config = config
@@ -95,9 +112,10 @@ class Method:
         return cls.points[0]
 
     @classmethod
-    def params_for_keep(cls, keep_ratio: float) -> dict[str, Any] | None:
+    def params_for_keep(cls, keep_ratio: float, num_layers: int | None = None) -> dict[str, Any] | None:
         """``params`` that keep about ``keep_ratio`` of the visual tokens (for sweeps such as
-        ``tokenpress bench``); ``None`` when the method has no such knob."""
+        ``tokenpress bench``); ``None`` when the method has no such knob. ``num_layers``: the decoder's
+        depth where the sweep knows it (a method whose knob depends on it reads it; None: unknown)."""
         if "keep_ratio" in cls.Config.model_fields:
             return {**cls.example_params, "keep_ratio": keep_ratio}
         return None

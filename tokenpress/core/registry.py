@@ -24,7 +24,7 @@ import pluggy
 
 from tokenpress.core import hookspecs, observers
 from tokenpress.core.errors import PluginError
-from tokenpress.core.method import POINTS, Method
+from tokenpress.core.method import APPROACHES, POINTS, Method
 
 ENTRY_POINT_GROUP = "tokenpress.plugins"
 #: Model families (adapters), built-in and third-party: always loaded (autoload concerns methods), blockable.
@@ -73,6 +73,9 @@ class Registry:
         unknown = [p for p in method_class.points if p not in POINTS]
         if not method_class.points or unknown:
             raise PluginError(f"{origin}: method {name!r} declares unknown points {unknown or '(none)'}")
+        if method_class.approach and method_class.approach not in APPROACHES:
+            raise PluginError(f"{origin}: method {name!r} declares approach {method_class.approach!r}, not one of "
+                              f"{', '.join(APPROACHES)} (or none)")
         missing = [p for p in method_class.points if not callable(getattr(method_class, p, None))]
         if missing:
             raise PluginError(f"{origin}: method {name!r} supports {missing} but has no hook of that name")

@@ -63,15 +63,31 @@ def keep_params(method_class: type[Method], keep_ratio: float, num_layers: int |
 def method_stack(method: str, keep_ratio: float, num_layers: int | None = None, layer: int | None = None,
                  name: str | None = None) -> dict[str, Any] | None:
     """A one-stage stack of ``method`` keeping about ``keep_ratio`` (None: the method has no keep knob).
-    A decoder stage without default layers acts before ``layer`` (default 2, or 1 on a shallower model)."""
+    A decoder stage acts before ``layer`` where one is given, else at its method's default layers; a method
+    without them acts before layer 2 (1 on a decoder of two layers or fewer)."""
     method_class = get_registry().methods[method]
     params = keep_params(method_class, keep_ratio, num_layers)
     if params is None:
         return None
     stage: dict[str, Any] = {"method": method, "params": params}
-    if method_class.default_point() == "decoder_layer" and not method_class.has_default_layers():
-        stage["layers"] = [layer if layer is not None else (2 if (num_layers or 4) > 2 else 1)]
+    if method_class.default_point() == "decoder_layer":
+        if layer is not None:
+            stage["layers"] = [layer]
+        elif not method_class.has_default_layers():
+            stage["layers"] = [2 if (num_layers or 4) > 2 else 1]
     return {"name": name or f"{method} {keep_ratio:.0%}", "stages": [stage]}
+
+
+def single_layer(method: str, params: dict[str, Any], num_layers: int) -> int | None:
+    """The one decoder layer a stage of ``method`` with ``params`` and no listed layers acts before (None:
+    it is no decoder stage, or it acts before several)."""
+    method_class = get_registry().methods[method]
+    if method_class.default_point() != "decoder_layer":
+        return None
+    if not method_class.has_default_layers():
+        return 2 if num_layers > 2 else 1
+    layers = method_class.default_layers(method_class.Config(**params), num_layers)
+    return layers[0] if layers and len(layers) == 1 else None
 
 
 def flops_ratio(model: Any, inputs: dict[str, torch.Tensor], stack: Stack | dict) -> float:
@@ -88,24 +104,23 @@ def match_flops(model: Any, inputs: dict[str, torch.Tensor], method: str, target
                 layer: int | None = None) -> Matched:
     """The setting of ``method``'s keep knob whose FLOPs ratio on ``inputs`` is closest to ``target``.
 
-    A decoder method without default layers acts before ``layer`` (default 2); where no keep ratio there
-    reaches the target, earlier layers are tried (as FastV's own FLOPs comparisons vary its K), and the
-    stack says which one it chose."""
+    A decoder method that acts before one layer acts before ``layer`` where one is given, else its default
+    (FastV: K = 2 of 32 scaled to the depth); where no keep ratio there reaches the target, earlier layers
+    are tried (as FastV's own FLOPs comparisons vary its K), and the stack says which one it chose."""
     if not 0.0 < target <= 1.0:
         raise TokenpressError(f"--match-flops {target}: a FLOPs ratio is in (0, 1]")
     num_layers = find_adapter(model).num_layers
-    method_class = get_registry().methods[method]
     first = method_stack(method, 1.0, num_layers, layer)
     if first is None:
         raise TokenpressError(f"{method} has no keep knob (params_for_keep returns None): it cannot be matched to a "
                               "FLOPs budget")
-    layers = [None]
-    if method_class.default_point() == "decoder_layer" and not method_class.has_default_layers():
-        start = first["stages"][0]["layers"][0]
-        layers = list(range(start, 0, -1))  # the asked layer first, then earlier ones
+    layers: list[int | None] = [layer]
+    start = layer if layer is not None else single_layer(method, first["stages"][0]["params"], num_layers)
+    if start is not None:
+        layers = list(range(start, 0, -1))  # the asked (or default) layer first, then earlier ones
     best: Matched | None = None
     for at in layers:
-        found = _bisect(model, inputs, method, target, num_layers, at if at is not None else layer)
+        found = _bisect(model, inputs, method, target, num_layers, at)
         if best is None or abs(found.flops_ratio - target) < abs(best.flops_ratio - target):
             best = found
         if found.matched:
