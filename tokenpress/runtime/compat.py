@@ -10,6 +10,7 @@ version strings. Each helper says which behaviour it detects and the release whe
   class with ``rope_deltas`` up to 5.22 and a plain ``BaseModelOutputWithPast`` in 5.23; from 5.24
   LLaVA and Qwen2.5-VL return ``MultimodalBaseModelOutputWithPast`` with ``image_outputs`` (an
   encoder output) where LLaVA had ``image_hidden_states`` (:func:`output_class`, :func:`build_output`);
+  Qwen3-VL-MoE's forward returns another class than it declares from 5.24 (:data:`RETURNED_OUTPUTS`);
 * ``mm_encoder_outputs``: pre-computed encoder outputs that ``generate`` passes to the forward, from
   5.19 (:func:`accepts_encoder_outputs`, :func:`encoder_output`);
 * ``from_pretrained`` enables hub kernels by default from 5.25 (:data:`PRETRAINED_OPTIONS`);
@@ -26,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
+import sys
 import typing
 import warnings
 from collections.abc import Callable, Sequence
@@ -146,10 +148,26 @@ def _declared_output(forward: Callable[..., Any]) -> type | None:
     return None
 
 
-def output_class(module: torch.nn.Module) -> type:
-    """The output class ``module``'s forward declares it returns (``-> tuple | X``), for outputs that
-    the model's own outer forward reads field by field; ``BaseModelOutputWithPast`` if it declares none."""
+#: Inner modules whose forward returns another output class than it declares: class name -> the names of the
+#: class it returns, the newest release's first. Qwen3-VL-MoE's forward declares
+#: ``MultimodalBaseModelOutputWithPast`` from 5.24 but returns ``Qwen3VLMoeBaseModelOutputWithPast``, whose
+#: ``router_logits`` its outer forward reads; up to 5.23 it declares and returns ``Qwen3VLMoeModelOutputWithPast``.
+RETURNED_OUTPUTS: dict[str, tuple[str, ...]] = {
+    "Qwen3VLMoeModel": ("Qwen3VLMoeBaseModelOutputWithPast", "Qwen3VLMoeModelOutputWithPast"),
+}
 
+
+def output_class(module: torch.nn.Module) -> type:
+    """The output class ``module``'s forward returns, for outputs that the model's own outer forward reads
+    field by field: the one it declares (``-> tuple | X``), or, for a forward known to return another
+    (:data:`RETURNED_OUTPUTS`), that one as its modeling file defines it; ``BaseModelOutputWithPast`` if it
+    declares none."""
+    defined = sys.modules.get(type(module).__module__)
+    for name in RETURNED_OUTPUTS.get(type(module).__name__, ()):
+        candidate = getattr(defined, name, None)
+        if isinstance(candidate, type) and issubclass(candidate, ModelOutput) and "last_hidden_state" in \
+                _fields(candidate):
+            return candidate
     return _declared_output(type(module).forward) or BaseModelOutputWithPast
 
 
@@ -234,6 +252,7 @@ def interleave_mrope(cos: torch.Tensor, sin: torch.Tensor, mrope_section: Sequen
 __all__ = [
     "CACHE_ARGUMENTS",
     "PRETRAINED_OPTIONS",
+    "RETURNED_OUTPUTS",
     "TESTED_TRANSFORMERS",
     "UntestedTransformersWarning",
     "accepts_encoder_outputs",
