@@ -134,7 +134,6 @@ def bench(model: Any, inputs: dict[str, torch.Tensor], stacks: list[Stack], repe
           progress: bool = True) -> list[BenchRow]:
     """Interleaved prefill timings, FLOPs and peak memory of each stack against the baseline."""
 
-
     # "attached, empty stack": the interception alone (what tokenpress costs before any method runs)
     empty = load_stack({"name": ATTACHED_EMPTY, "stages": []})
     configs: list[tuple[str, Stack | None]] = [("baseline", None), (ATTACHED_EMPTY, empty)] + [
@@ -253,7 +252,6 @@ def profile(model: Any, inputs: dict[str, torch.Tensor], stack: Stack, trace_dir
     profiler object (its ``key_averages()`` table). ``trace_dir`` receives a trace that TensorBoard's
     profiler plugin (torch-tb-profiler) opens.
     """
-
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
     handler = tensorboard_trace_handler(trace_dir) if trace_dir else None

@@ -492,7 +492,6 @@ class MethodContract:
         token counts and the method's declared ``scoring_flops``/``stage_flops``; a family that does work on
         padding slots may count more, within its ``flops_tolerance`` (LLaVA-NeXT: 5%)."""
 
-
         # eager attention: torch's counter does not see the CPU flash kernel SDPA picks
         case = FamilyCase(contract_family, FAMILIES[contract_family], tiny_model(contract_family, "eager"))
         if getattr(case.model.config, "model_type", None) not in flops.SIMULATED_FAMILIES:

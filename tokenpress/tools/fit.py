@@ -98,7 +98,6 @@ def fit(model: Any, processor: Any, stack: Stack | str | Path | dict, train: lis
     a card to ``out_dir``. ``train`` is cycled through in order, ``batch_size`` samples a step.
     ``resume``: continue from ``out_dir``'s saved state, refused when there is none (never a silent restart)."""
 
-
     if not lr > 0:
         raise InputError(f"--lr {lr}: the learning rate must be positive")
     parsed = load_stack(stack)
