@@ -85,16 +85,20 @@ def importance(
     batch, heads, length, _ = query.shape
     visual, text = visual & valid, text & valid & ~visual
     weights = torch.stack([visual, text], 1).float()  # (B, 2, N): which rows count for S_V2V and S_T2V
-    scaled = query.float() * scaling
-    key = key.float()
+    # contiguous once: the rotated (B, N, H, d) views would otherwise be copied by every chunk's product
+    scaled = (query.float() * scaling).contiguous()
+    keys = key.float().transpose(-1, -2).contiguous()  # (B, H, d, N)
     upper = torch.ones(chunk, chunk, dtype=torch.bool, device=query.device).triu(1)  # a block's future keys
     totals = torch.zeros(batch, 2, length, dtype=torch.float32, device=query.device)
     for start in range(0, length, chunk):
         stop = min(start + chunk, length)
-        logits = torch.matmul(scaled[:, :, start:stop], key[:, :, :stop].transpose(-1, -2))  # (B, H, c, stop)
-        logits[..., start:stop].masked_fill_(upper[: stop - start, : stop - start], -torch.inf)
-        probs = torch.softmax(logits, dim=-1).sum(1)  # summed over heads: (B, c, stop)
-        totals[..., :stop] += torch.bmm(weights[..., start:stop], probs)
+        rows = stop - start
+        logits = torch.matmul(scaled[:, :, start:stop], keys[..., :stop])  # (B, H, c, stop)
+        logits[..., start:stop].masked_fill_(upper[:rows, :rows], -torch.inf)
+        probs = torch.softmax(logits, dim=-1).view(batch, heads * rows, stop)
+        # the weighted sum over the block's rows and every head in one product: (B, 2, H*c) @ (B, H*c, stop)
+        row_weights = weights[..., start:stop].unsqueeze(2).expand(batch, 2, heads, rows).reshape(batch, 2, -1)
+        totals[..., :stop] += torch.bmm(row_weights, probs)
     totals /= heads
     v2v = totals[:, 0] / visual.sum(-1, keepdim=True).clamp_min(1)
     t2v = totals[:, 1] / text.sum(-1, keepdim=True).clamp_min(1)

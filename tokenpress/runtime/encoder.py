@@ -86,9 +86,10 @@ def attention_received(query: torch.Tensor, key: torch.Tensor, scale: float, bia
                        chunk: int = 256) -> torch.Tensor:
     """(I, N) float: the attention each of the N keys receives, averaged over the heads and the queries of
     its row: ``query`` (I, H, Q, d) and ``key`` (I, H, N, d) (rotary already applied where the encoder applies
-    it; the queries may be a subset of the tokens), ``bias`` an additive mask broadcastable to (I, H, Q, N) (-inf or the dtype's minimum where a query does
-    not see a key: other segments, padding). A block of ``chunk`` queries at a time: the memory is
-    (I, H, chunk, N), never N x N. A query that sees no key contributes nothing."""
+    it; the queries may be a subset of the tokens), ``bias`` an additive mask broadcastable to (I, H, Q, N)
+    (-inf or the dtype's minimum where a query does not see a key: other segments, padding). A block of
+    ``chunk`` queries at a time: the memory is (I, H, chunk, N), never N x N. A query that sees
+    no key contributes nothing."""
     images, heads, length, _ = query.shape
     received = query.new_zeros(images, heads, key.shape[2], dtype=torch.float32)
     counted = query.new_zeros(images, heads, 1, dtype=torch.float32)
