@@ -28,6 +28,7 @@ from tokenpress_plugins.cdpruner.dpp import (
     selection_flops,
     text_direction,
     unit_tokens,
+    uses_kernel,
 )
 from tokenpress_plugins.cdpruner.method import CDPruner, CDPrunerConfig
 
@@ -105,6 +106,20 @@ def test_ties_go_to_the_lower_slot_and_duplicates_are_never_both_kept_early():
     base = torch.eye(4, dtype=torch.float64)[:2]
     items = torch.stack([base[0], base[0], base[1], base[1]]).unsqueeze(0)
     assert greedy_map(items, torch.ones(1, 4, dtype=torch.bool), 4)[0].tolist() == [0, 2, 1, 3]
+
+
+@pytest.mark.parametrize(("slots", "width"), [(40, 16), (12, 16), (30, 4)])
+def test_the_kernel_and_low_rank_forms_pick_the_same_items(slots, width):
+    """The two forms of the greedy (the N x N kernel built once, or Cholesky rows from the residual
+    directions) pick the same items in the same order, on a padded batch; the default follows the sizes."""
+    generator = torch.Generator().manual_seed(slots + width)
+    items = torch.randn(3, slots, width, generator=generator, dtype=torch.float64)
+    valid = torch.ones(3, slots, dtype=torch.bool)
+    valid[1, slots // 2:] = False
+    steps = min(slots, width) - 1  # gains stay apart from zero: no tie decided by rounding
+    kernel_form = greedy_map(items, valid, steps, kernel=True)
+    assert torch.equal(kernel_form, greedy_map(items, valid, steps, kernel=False))
+    assert uses_kernel(slots, width) == (slots <= 2 * width)
 
 
 # --- (b) against the exact optimum over every k-subset -----------------------------------------------

@@ -498,9 +498,11 @@ class ModelAdapter:
         (Qwen3-VL's DeepStack features at the visual positions) does it here. Default: unchanged."""
         return sequence
 
-    def rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """Apply rotary embedding (cos, sin of shape B, N, d) to x of shape (B, H, N, d)."""
-        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    def rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads_dim: int = 1) -> torch.Tensor:
+        """Apply rotary embedding (cos, sin of shape B, N, d) to x of shape (B, H, N, d), or (B, N, H, d)
+        with ``heads_dim=2`` (the projections' own layout: the elementwise work then runs on contiguous
+        memory instead of a transposed view)."""
+        cos, sin = cos.unsqueeze(heads_dim), sin.unsqueeze(heads_dim)
         half = x.shape[-1] // 2
         rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
         return x * cos + rotated * sin

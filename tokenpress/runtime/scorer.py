@@ -48,7 +48,7 @@ def layer_query_key(
     def heads(projected: torch.Tensor, count: int, norm: Any, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         states = projected.view(*projected.shape[:2], count, parts.head_dim)
         states = norm(states) if norm is not None else states
-        return adapter.rotate(states.transpose(1, 2), cos, sin)
+        return adapter.rotate(states, cos, sin, heads_dim=2).transpose(1, 2)
 
     query = heads(q_proj(query_in), parts.num_heads, parts.q_norm, query_cos, query_sin)
     key = heads(k_proj(normed), parts.num_kv_heads, parts.k_norm, cos, sin)
