@@ -523,11 +523,16 @@ def _fake_board() -> leaderboard.Board:
     entries = [leaderboard.Entry("tome", 0.5, {"name": "tome 50%"}),
                leaderboard.Entry("alvts", 0.5, {"name": "alvts 50%"}, "shipped weights"),
                leaderboard.Entry("qformer", 0.25, {"name": "qformer 25% (unfitted)"}, "unfitted: no weights"),
-               leaderboard.Entry("prumerge", None, {"name": "prumerge (own count)"})]
+               leaderboard.Entry("prumerge", None, {"name": "prumerge (own count)"}),
+               leaderboard.Entry("fastv", None, {"name": "fastv @ FLOPs 0.5"}, budget=0.5,
+                                 knob="keep_ratio=0.01, layers [1] (closest reachable: 0.612)"),
+               leaderboard.Entry("tome", None, {"name": "tome @ FLOPs 0.5"}, budget=0.5, knob="keep_ratio=0.4521")]
     rows = [Row("baseline", 0.9, 1.0, 1.0, 1.0, 1.0, {}), Row("tome 50%", 0.81, 0.9, 0.5, 0.557, 0.5434, {}),
             Row("alvts 50%", 0.855, 0.95, 0.5, 0.684, 0.912, {}),
             Row("qformer 25% (unfitted)", 0.45, 0.5, 0.25, 0.494, 0.487, {}),
-            Row("prumerge (own count)", 0.414, 0.46, 0.083, 0.357, 0.409, {})]
+            Row("prumerge (own count)", 0.414, 0.46, 0.083, 0.357, 0.409, {}),
+            Row("fastv @ FLOPs 0.5", 0.45, 0.5, 0.01, 0.611, 0.7, {}, mean_tokens_per_layer=0.505),
+            Row("tome @ FLOPs 0.5", 0.72, 0.8, 0.452, 0.501, 0.49, {}, mean_tokens_per_layer=0.452)]
     return leaderboard.Board("zoo:tiny", 36, entries, rows, ["folder: cannot merge here"])
 
 
@@ -542,22 +547,29 @@ def test_the_leaderboard_writer_keeps_notes_out_of_the_table_and_captions_its_pl
     assert text.index("| alvts 50% ¹") < text.index("| tome 50% |") < text.index("| qformer 25% (unfitted) ² |")
     assert text.index("| qformer 25% (unfitted) ²") < text.index("| prumerge (own count) |")
     assert "\n- ¹ shipped weights\n- ² unfitted: no weights\n" in text
-    assert all(line.count("|") == 7 for line in text.splitlines() if line.startswith("|"))  # six columns
+    share_table = text.partition("| stack | knob chosen ")[0]
+    assert all(line.count("|") == 7 for line in share_table.splitlines() if line.startswith("|"))  # six columns
+    budget_rows = [line for line in text.splitlines() if "@ FLOPs" in line]  # by budget, then accuracy
+    assert budget_rows == ["| tome @ FLOPs 0.5 | keep_ratio=0.4521 | 45.2% | 72.0% | 80.0% | 0.501 | 0.490 |",
+                           "| fastv @ FLOPs 0.5 | keep_ratio=0.01, layers [1] (closest reachable: 0.612) | 50.5% | "
+                           "45.0% | 50.0% | 0.611 | 0.700 |"]
     assert "- folder: cannot merge here" in text
     plots = [path for path in written if path.suffix == ".png"]
     assert [path.name for path in plots] == ["tiny-flops.png", "tiny-time.png"]
     for plot in plots:
         image = f"![zoo:tiny: accuracy retained against the {leaderboard.PLOT_AXES[plot.stem.split('-')[-1]][1]}]"
         after = text.partition(f"{image}(board/{plot.name})\n\n")[2]
-        assert after.startswith("Colour: the method (legend); shape: the share of the visual tokens asked "
-                                "(● 50% asked, ■ 25% asked, ◆ own count); ★ the uncompressed baseline.")
+        assert after.startswith("Colour: the method (legend); shape: what was asked "
+                                "(● 50% asked, ■ 25% asked, ◆ own count, ✚ FLOPs 0.5 asked); ★ the uncompressed "
+                                "baseline.")
 
 
 def test_the_committed_leaderboard_page_has_the_writers_layout():
     text = (DOCS / "leaderboard.md").read_text(encoding="utf-8")
     headers = [line for line in text.splitlines() if line.startswith("| stack ")]
-    assert headers and set(headers) == {leaderboard.TABLE_HEADER[0]}
-    assert text.count("![") == text.count("\nColour: the method (legend); shape: ") == 2 * len(headers)
+    shares = [line for line in headers if line == leaderboard.TABLE_HEADER[0]]
+    assert shares and set(headers) <= {leaderboard.TABLE_HEADER[0], leaderboard.BUDGET_HEADER[0]}
+    assert text.count("![") == text.count("\nColour: the method (legend); shape: ") == 2 * len(shares)
 
 
 # --- (3) the site builds --------------------------------------------------------------------------

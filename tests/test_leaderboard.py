@@ -21,17 +21,25 @@ def test_every_registered_method_runs_or_is_refused_on_each_family(checkpoint):
     by_name = {entry.stack["name"]: entry for entry in entries}
     assert by_name["pool 11%"].stack["stages"][0]["params"]["kernel"] == 3  # a setting named by the smallest share
     assert "pool 50%" not in by_name  # kernel 1 would change nothing
-    assert by_name["fastv 25%"].stack["stages"][0]["layers"] == [leaderboard.DECODER_LAYER]
+    assert "layers" not in by_name["fastv 25%"].stack["stages"][0]  # its own layer, scaled to the depth
     assert by_name["qformer 25% (unfitted)"].note.startswith("unfitted")  # no weights ship for this test model
 
 
 def test_the_command_writes_the_page_and_its_plots(checkpoint, tmp_path, capsys):
     out = tmp_path / "board.md"
     assert main(["leaderboard", "--models", str(checkpoint), "--n", "2", "--batch-size", "2", "--out", str(out),
-                 "--quiet"]) == 0
+                 "--methods", "tome,cdpruner,fastv,prumerge", "--budgets", "0.5", "--quiet"]) == 0
     page = out.read_text(encoding="utf-8")
     assert page.startswith("# Leaderboard") and "| baseline | " in page
-    assert "| tome 25% | " in page and "| cdpruner 11% | " in page
+    assert "| tome 25% | " in page and "| cdpruner 11% | " in page and "| pool " not in page
+    assert "at prefill-FLOPs budgets of 0.5 on" in page
+    # at the budget: each method with a keep knob, its knob, and the FLOPs ratio the run reached
+    budget_rows = {line.split(" | ")[0][2:]: line.split(" | ") for line in page.splitlines() if "@ FLOPs" in line}
+    assert set(budget_rows) == {"tome @ FLOPs 0.5", "cdpruner @ FLOPs 0.5", "fastv @ FLOPs 0.5"}
+    assert budget_rows["cdpruner @ FLOPs 0.5"][1].startswith("keep_ratio=")
+    assert abs(float(budget_rows["cdpruner @ FLOPs 0.5"][5]) - 0.5) <= 0.02
+    # the tiny encoder lets ToMe merge at most half of the tokens: the budget is out of its reach, and said so
+    assert "(closest reachable: " in budget_rows["tome @ FLOPs 0.5"][1]
     plots = sorted(path.name for path in (tmp_path / "board").iterdir())
     assert len(plots) == 2 and all(path.endswith(".png") for path in plots)
     assert all(f"board/{name}" in page for name in plots)

@@ -151,18 +151,25 @@ def _number_list(text: str | None, option: str) -> list[float]:
     return values
 
 
-def cmd_eval(args: argparse.Namespace) -> int:
+def _known_methods(text: str | None, option: str) -> list[str]:
+    """``"tome,fastv"`` -> ["tome", "fastv"], each a registered method (one line and exit 2 otherwise)."""
     from tokenpress.core.registry import get_registry
+
+    methods = [name.strip() for name in (text or "").split(",") if name.strip()]
+    unknown = [name for name in methods if name not in get_registry().methods]
+    if unknown:
+        raise UserError(f"{option}: unknown method {unknown[0]!r} (see tokenpress plugins)")
+    return methods
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
     from tokenpress.measure import evaluate
     from tokenpress.runtime.loading import load_model_and_processor
 
     for path in args.stacks:
         _check_stack(path, None)
-    methods = [name.strip() for name in (args.methods or "").split(",") if name.strip()]
+    methods = _known_methods(args.methods, "--methods")
     ratios, budgets = _number_list(args.ratios, "--ratios"), _number_list(args.match_flops, "--match-flops")
-    unknown = [name for name in methods if name not in get_registry().methods]
-    if unknown:
-        raise UserError(f"--methods: unknown method {unknown[0]!r} (see tokenpress plugins)")
     if methods and not (ratios or budgets):
         raise UserError("--methods needs --ratios (keep ratios) or --match-flops (FLOPs budgets) to sweep")
     if (ratios or budgets) and not methods:
@@ -206,17 +213,24 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
     from tokenpress.measure import leaderboard
 
     models = tuple(model.strip() for model in args.models.split(",") if model.strip())
+    methods = _known_methods(args.methods, "--methods") if args.methods else None
+    budgets = _number_list(args.budgets, "--budgets")
     page = outputs.check_file(args.out, "--out", ".md", "the leaderboard page")
     outputs.check_folder(str(page.parent / page.stem), "--out", "the leaderboard's plots", plots=True)
-    boards = leaderboard.run(models, n=args.n, batch_size=args.batch_size, progress=not args.quiet)
+    boards = leaderboard.run(models, n=args.n, batch_size=args.batch_size, progress=not args.quiet, methods=methods,
+                             budgets=tuple(budgets))
     command = "tokenpress leaderboard" + (f" --n {args.n}" if args.n != LEADERBOARD_N else "")
+    command += f" --methods {args.methods}" if args.methods else ""
+    command += f" --budgets {args.budgets}" if args.budgets != LEADERBOARD_BUDGETS else ""
     for path in leaderboard.write_page(boards, page, args.n, command):
         print(f"wrote {path}")
     return 0
 
 
-#: Questions per proxy of ``tokenpress leaderboard`` (both proxies, every method, in about 15 minutes on 2 cores).
+#: Questions per proxy of ``tokenpress leaderboard``.
 LEADERBOARD_N = 600
+#: The FLOPs budgets of ``tokenpress leaderboard`` (tokenpress.measure.leaderboard.BUDGETS, without importing torch).
+LEADERBOARD_BUDGETS = "0.5,0.3"
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
@@ -417,11 +431,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("leaderboard", help="every registered method at 50/25/11%% of the visual tokens on the shipped "
-                                           "proxies: one Markdown page with tables and plots", epilog=outputs.RULES)
+    p = sub.add_parser("leaderboard", help="every registered method at 50/25/11%% of the visual tokens and at FLOPs "
+                                           "budgets on the shipped proxies: one Markdown page with tables and plots",
+                       epilog=outputs.RULES)
     p.add_argument("--models", default="zoo:llava-shapes,zoo:qwen2.5-vl-shapes",
                    help="comma-separated zoo:NAME or checkpoint folders")
     p.add_argument("--n", type=positive_int, default=LEADERBOARD_N, help="test questions per model")
+    p.add_argument("--methods", metavar="A,B", help="only these methods (default: every registered one)")
+    p.add_argument("--budgets", metavar="F,F", default=LEADERBOARD_BUDGETS, help="prefill-FLOPs ratios every method "
+                   "with a keep knob is matched to ('' for none; default: %(default)s)")
     p.add_argument("--batch-size", type=positive_int, default=50)
     p.add_argument("--out", default="docs/leaderboard.md", help="the .md page to write (its plots go beside it, in "
                    "a folder of the page's name; default: %(default)s)")
