@@ -21,15 +21,27 @@ def llava():
     return model, FAMILIES["llava"].batch(model, prompts(3), "left", 0)
 
 
-@pytest.mark.parametrize("method", ["random", "divprune", "fastv", "pyramiddrop", "tome", "pool"])
-def test_a_matched_budget_is_within_the_tolerance_or_said_to_be_out_of_reach(llava, method) -> None:
+KNOBBED = sorted(name for name, method in tokenpress.get_registry().methods.items()
+                 if method.params_for_keep(0.5) is not None)
+
+
+@pytest.mark.parametrize("target", [0.6, 0.4])
+@pytest.mark.parametrize("method", KNOBBED)
+def test_a_matched_budget_is_within_the_tolerance_or_said_to_be_out_of_reach(llava, method, target) -> None:
+    """Every registered method with a keep knob: its FLOPs ratio within the tolerance of the budget, or the
+    result says it is out of reach (and is then the closest setting the search met)."""
     model, inputs = llava
-    matched = budget.match_flops(model, inputs, method, 0.6)
-    assert matched.matched == (abs(matched.flops_ratio - 0.6) <= budget.TOLERANCE)
+    try:
+        matched = budget.match_flops(model, inputs, method, target)
+    except tokenpress.UnsupportedModelError as exc:  # vscan's published encoder layer: deeper than 2 layers
+        pytest.skip(f"{method} refuses the tiny LLaVA: {exc}")
+    assert matched.matched == (abs(matched.flops_ratio - target) <= budget.TOLERANCE)
     # the ratio reported is the stack's own, measured again independently of the search
     assert budget.flops_ratio(model, inputs, matched.stack) == pytest.approx(matched.flops_ratio)
-    if method in ("random", "divprune", "fastv", "tome"):  # a continuous knob that reaches 0.6 on this model
+    if method in ("random", "divprune", "cdpruner", "vispruner", "scope"):  # continuous pre-LLM knobs
         assert matched.matched, matched
+    if method in ("fastv", "dart"):  # one decoder layer: 0.6 is reachable on this 4-layer decoder, 0.4 is not
+        assert matched.matched == (target == 0.6), matched
 
 
 def test_the_flops_ratio_is_the_analytical_model_on_a_real_prefill(llava) -> None:

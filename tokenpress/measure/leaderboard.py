@@ -178,17 +178,27 @@ def run(models: tuple[str, ...] = DEFAULT_MODELS, n: int = 600, batch_size: int 
 MARKERS: dict[float | None, tuple[str, str, str]] = {
     0.5: ("o", "●", "50% asked"), 0.25: ("s", "■", "25% asked"), 0.11: ("^", "▲", "11% asked"),
     None: ("D", "◆", "own count"), "flops 0.5": ("P", "✚", "FLOPs 0.5 asked"),
-    "flops 0.3": ("X", "✖", "FLOPs 0.3 asked"),
+    "flops 0.4": ("v", "▼", "FLOPs 0.4 asked"), "flops 0.3": ("X", "✖", "FLOPs 0.3 asked"),
 }
 BASELINE_MARKER = ("*", "★", "baseline")
+
+
+def marker_of(key: float | str | None) -> tuple[str, str, str]:
+    """The plot marker of an entry's :attr:`Entry.marker` key (a budget not in :data:`MARKERS`: a hexagon)."""
+    return MARKERS.get(key, ("h", "⬢", f"{str(key).replace('flops', 'FLOPs')} asked"))
+
+
+def _asked(board: Board) -> list[float | str | None]:
+    """The marker keys of a board's entries: those of :data:`MARKERS` in its order, then any other."""
+    present = {entry.marker for entry in board.entries}
+    return [key for key in MARKERS if key in present] + sorted(str(key) for key in present - set(MARKERS))
 PLOT_AXES = {"flops": ("prefill FLOPs (% of baseline)", "FLOPs ratio"),
              "time": ("measured prefill time (% of baseline)", "measured prefill time ratio")}
 
 
 def plot_caption(board: Board) -> str:
     """The line under each of a board's plots: what the colours and the marker shapes stand for."""
-    targets = {entry.marker for entry in board.entries}
-    shapes = ", ".join(f"{shape} {label}" for target, (_, shape, label) in MARKERS.items() if target in targets)
+    shapes = ", ".join(f"{marker_of(key)[1]} {marker_of(key)[2]}" for key in _asked(board))
     return (f"Colour: the method (legend); shape: what was asked ({shapes}); "
             f"{BASELINE_MARKER[1]} the uncompressed baseline.")
 
@@ -208,7 +218,7 @@ def _plot(board: Board, path: Path, x: str) -> Path:
     for entry in board.entries:
         row = by_name[entry.stack["name"]]
         value = row.flops_ratio if x == "flops" else row.prefill_time_ratio
-        axis.scatter(value * 100, row.retention * 100, color=colours[entry.method], marker=MARKERS[entry.marker][0],
+        axis.scatter(value * 100, row.retention * 100, color=colours[entry.method], marker=marker_of(entry.marker)[0],
                      s=45)
     axis.scatter([100], [100], color="black", marker=BASELINE_MARKER[0], s=80)
     label, what = PLOT_AXES[x]
@@ -218,9 +228,8 @@ def _plot(board: Board, path: Path, x: str) -> Path:
     axis.grid(alpha=0.3)
     figure.legend(handles=[Patch(color=colours[method], label=method) for method in methods], title="method",
                   fontsize=7, title_fontsize=8, loc="outside right upper")
-    targets = {entry.marker for entry in board.entries}
-    shapes = [Line2D([], [], color="grey", marker=marker, linestyle="", label=text)
-              for target, (marker, _, text) in MARKERS.items() if target in targets]
+    shapes = [Line2D([], [], color="grey", marker=marker_of(key)[0], linestyle="", label=marker_of(key)[2])
+              for key in _asked(board)]
     shapes.append(Line2D([], [], color="black", marker=BASELINE_MARKER[0], linestyle="", markersize=9,
                          label=BASELINE_MARKER[2]))
     figure.legend(handles=shapes, title="asked", fontsize=7, title_fontsize=8, loc="outside right lower")
