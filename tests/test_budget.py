@@ -25,6 +25,16 @@ KNOBBED = sorted(name for name, method in tokenpress.get_registry().methods.item
                  if method.params_for_keep(0.5) is not None)
 
 
+@pytest.mark.parametrize("keep_ratio", [1e-4, 0.01, 0.11, 0.5, 1.0])
+@pytest.mark.parametrize("method", KNOBBED)
+def test_every_keep_ratio_the_search_may_try_gives_valid_params(method, keep_ratio) -> None:
+    """The bisection asks a knob for keep ratios down to 1e-4: every answer is a valid config (a knob with
+    a largest setting stops there)."""
+    method_class = tokenpress.get_registry().methods[method]
+    for num_layers in (4, 32):
+        method_class.Config(**budget.keep_params(method_class, keep_ratio, num_layers))
+
+
 @pytest.mark.parametrize("target", [0.6, 0.4])
 @pytest.mark.parametrize("method", KNOBBED)
 def test_a_matched_budget_is_within_the_tolerance_or_said_to_be_out_of_reach(llava, method, target) -> None:

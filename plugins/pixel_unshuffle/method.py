@@ -16,11 +16,15 @@ from tokenpress.core.flops import StageShape
 from tokenpress.core.weights import projector_copy, seeded_mlp
 from tokenpress_plugins.pixel_unshuffle.grid import unshuffle, unshuffled_size
 
+#: The largest window side: r x r patches become one token.
+MAX_RATIO = 8
+
 
 class PixelUnshuffleConfig(WeightedConfig):
     """Parameters of ``pixel_unshuffle``."""
 
-    ratio: int = Field(2, ge=2, le=8, description="Window side r: r x r patches become one token (1/r^2 of them).")
+    ratio: int = Field(2, ge=2, le=MAX_RATIO,
+                       description="Window side r: r x r patches become one token (1/r^2 of them).")
     hidden: int | None = Field(None, ge=1, description="Width of the MLP's hidden layer (default: the LLM's width).")
     seed: int = Field(0, description="Seed of the MLP's initial weights (init: random).")
     init: Literal["auto", "projector", "random"] = Field(
@@ -70,7 +74,7 @@ class PixelUnshuffle(Method):
 
     @classmethod
     def params_for_keep(cls, keep_ratio: float, num_layers: int | None = None) -> dict | None:
-        return {"ratio": max(2, round(keep_ratio ** -0.5))}
+        return {"ratio": min(MAX_RATIO, max(2, round(keep_ratio ** -0.5)))}
 
     def expected_grid(self, height: int, width: int) -> tuple[int, int]:
         return unshuffled_size(height, width, self.config.ratio)

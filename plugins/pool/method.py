@@ -10,11 +10,14 @@ from pydantic import Field
 from tokenpress import Method, MethodConfig, StageContext, TokenState, hookimpl
 from tokenpress_plugins.pool.grid import pool_grid, pooled_size
 
+#: The largest pooling window per side.
+MAX_KERNEL = 64
+
 
 class PoolConfig(MethodConfig):
     """Parameters of ``pool``."""
 
-    kernel: int = Field(2, ge=1, le=64, description="Window (and stride) per side; 1 is the identity.")
+    kernel: int = Field(2, ge=1, le=MAX_KERNEL, description="Window (and stride) per side; 1 is the identity.")
     mode: Literal["avg", "max", "bilinear"] = Field("avg", description="Average, max, or bilinear resize.")
 
 
@@ -45,8 +48,8 @@ class Pool(Method):
 
     @classmethod
     def params_for_keep(cls, keep_ratio: float, num_layers: int | None = None) -> dict:
-        """The square kernel closest to keeping ``keep_ratio`` (0.25 -> 2, 0.11 -> 3)."""
-        return {"kernel": max(1, round(keep_ratio ** -0.5)), "mode": "avg"}
+        """The square kernel closest to keeping ``keep_ratio`` (0.25 -> 2, 0.11 -> 3), at most the largest."""
+        return {"kernel": min(MAX_KERNEL, max(1, round(keep_ratio ** -0.5))), "mode": "avg"}
 
     def promised_count(self, tokens_in: torch.Tensor) -> torch.Tensor | None:
         return None  # depends on the grid, not only the count: see expected_grid
