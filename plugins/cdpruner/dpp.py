@@ -23,6 +23,8 @@ different lengths go together, with no host read and no Python loop over tokens.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 
@@ -97,22 +99,34 @@ def greedy_map(items: torch.Tensor, valid: torch.Tensor, steps: int, kernel: boo
     return _greedy_map_low_rank(items, valid, steps)
 
 
-def _greedy_map_kernel(items: torch.Tensor, valid: torch.Tensor, steps: int) -> torch.Tensor:
-    """The greedy with ``L`` built once; Cholesky rows ``(L_j· - Σ_t c_tj c_t·) / d_j``."""
-    rows, slots, _ = items.shape
-    device = items.device
-    kernel = torch.bmm(items, items.transpose(1, 2))  # (R, N, N)
-    gain = kernel.diagonal(dim1=1, dim2=2).clone()  # residual variances d_i², (R, N)
+def _greedy(gain: torch.Tensor, valid: torch.Tensor, steps: int,
+            cholesky_row: Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """The picks of the greedy both forms share: ``gain`` (R, N) the residual variances ``d_i² = L_ii``;
+    ``cholesky_row(step, chosen, gain)`` the chosen items' new Cholesky row (R, N), which each form
+    computes its own way."""
+    rows = gain.shape[0]
     available = valid.clone()
-    cholesky = items.new_zeros(rows, max(steps - 1, 0), slots)  # the chosen items' Cholesky rows c_t, (R, k-1, N)
-    picks = torch.zeros(rows, steps, dtype=torch.long, device=device)
-    row_index = torch.arange(rows, device=device)
+    picks = torch.zeros(rows, steps, dtype=torch.long, device=gain.device)
+    row_index = torch.arange(rows, device=gain.device)
     for step in range(steps):
         chosen = torch.where(available, gain, -torch.inf).argmax(-1)  # the first maximum: lower slot on a tie
         picks[:, step] = chosen
         available[row_index, chosen] = False
         if step == steps - 1:
             break
+        row = cholesky_row(step, chosen, gain)
+        gain = (gain - row.square()).clamp_min(0.0)  # a residual variance is never negative
+    return picks
+
+
+def _greedy_map_kernel(items: torch.Tensor, valid: torch.Tensor, steps: int) -> torch.Tensor:
+    """The greedy with ``L`` built once; Cholesky rows ``(L_j· - Σ_t c_tj c_t·) / d_j``."""
+    rows, slots, _ = items.shape
+    kernel = torch.bmm(items, items.transpose(1, 2))  # (R, N, N)
+    cholesky = items.new_zeros(rows, max(steps - 1, 0), slots)  # the chosen items' Cholesky rows c_t, (R, k-1, N)
+    row_index = torch.arange(rows, device=items.device)
+
+    def cholesky_row(step: int, chosen: torch.Tensor, gain: torch.Tensor) -> torch.Tensor:
         row = kernel[row_index, chosen]  # (R, N)
         if step:
             earlier = cholesky[:, :step]  # (R, step, N)
@@ -121,25 +135,18 @@ def _greedy_map_kernel(items: torch.Tensor, valid: torch.Tensor, steps: int) -> 
         scale = gain[row_index, chosen].clamp_min(0.0).sqrt().unsqueeze(-1)  # d_j, the residual's norm
         row = torch.where(scale > RESIDUAL_EPS, row / scale.clamp_min(RESIDUAL_EPS), 0.0)
         cholesky[:, step] = row
-        gain = (gain - row.square()).clamp_min(0.0)  # a residual variance is never negative
-    return picks
+        return row
+
+    return _greedy(kernel.diagonal(dim1=1, dim2=2).clone(), valid, steps, cholesky_row)
 
 
 def _greedy_map_low_rank(items: torch.Tensor, valid: torch.Tensor, steps: int) -> torch.Tensor:
     """The greedy without ``L``: Cholesky rows ``B w`` from the chosen item's unit residual direction."""
     rows, _, width = items.shape
-    device = items.device
-    gain = (items * items).sum(-1)  # residual variances d_i² = L_ii, then L_ii - Σ (Cholesky entries)², (R, N)
-    available = valid.clone()
     directions = items.new_zeros(rows, max(steps - 1, 0), width)  # unit residual directions w, (R, k-1, D)
-    picks = torch.zeros(rows, steps, dtype=torch.long, device=device)
-    row_index = torch.arange(rows, device=device)
-    for step in range(steps):
-        chosen = torch.where(available, gain, -torch.inf).argmax(-1)  # the first maximum: lower slot on a tie
-        picks[:, step] = chosen
-        available[row_index, chosen] = False
-        if step == steps - 1:
-            break
+    row_index = torch.arange(rows, device=items.device)
+
+    def cholesky_row(step: int, chosen: torch.Tensor, gain: torch.Tensor) -> torch.Tensor:
         item = items[row_index, chosen]  # (R, D)
         residual = item
         if step:
@@ -149,10 +156,10 @@ def _greedy_map_low_rank(items: torch.Tensor, valid: torch.Tensor, steps: int) -
         norm = residual.norm(dim=-1, keepdim=True)
         direction = torch.where(norm > RESIDUAL_EPS, residual / norm.clamp_min(RESIDUAL_EPS), 0.0)
         directions[:, step] = direction
-        # the new Cholesky row: (L_j· - Σ_t c_tj c_t·) / d_j = B w, the chosen item's kernel row made orthogonal
-        cholesky_row = torch.bmm(items, direction.unsqueeze(-1)).squeeze(-1)  # (R, N)
-        gain = (gain - cholesky_row.square()).clamp_min(0.0)  # a residual variance is never negative
-    return picks
+        # (L_j· - Σ_t c_tj c_t·) / d_j = B w: the chosen item's kernel row made orthogonal
+        return torch.bmm(items, direction.unsqueeze(-1)).squeeze(-1)  # (R, N)
+
+    return _greedy((items * items).sum(-1), valid, steps, cholesky_row)
 
 
 def select_mask(visual: torch.Tensor, valid: torch.Tensor, direction: torch.Tensor, counts: torch.Tensor,
