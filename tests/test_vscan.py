@@ -361,11 +361,12 @@ class ReturnedStates:
 
 @torch.no_grad()
 def test_stage_one_on_llava_reads_the_released_layers_from_the_encoder():
-    """At the published defaults (local layer 5, global layer -2, 6 x 6 windows), on a LLaVA-1.5 whose CLIP has
-    8 layers and a 12 x 12 grid, keeping 32 (16 local: 4 in each window): the reference reads what the released
-    code reads - the encoder's own attention weights (``output_attentions``: the class token's row, heads
-    averaged, in layers 5 and 6) and the projector applied to LLaVA's features - and gives the same tokens."""
-    model = tiny_llava("eager", image_size=96, encoder_layers=8)  # 12 x 12 patches: 2 x 2 windows of 6 x 6
+    """At the published defaults (local layer 5 of CLIP-L's 24, global layer -2, 6 x 6 windows), on a LLaVA-1.5
+    whose CLIP has 24 layers and a 12 x 12 grid, keeping 32 (16 local: 4 in each window): the reference reads
+    what the released code reads - the encoder's own attention weights (``output_attentions``: the class
+    token's row, heads averaged, in layers 5 and 22) and the projector applied to LLaVA's features - and gives
+    the same tokens."""
+    model = tiny_llava("eager", image_size=96, encoder_layers=24)  # 12 x 12 patches: 2 x 2 windows of 6 x 6
     batch = llava_batch(model, sample_prompts(2))
     stack = {"name": "v", "stages": [{"method": "vscan", "params": {"keep_ratio": 32 / 144}}]}
     with observing(ReturnedStates()) as observer, tokenpress.compress(model, stack):
@@ -474,11 +475,22 @@ def test_a_stage_one_after_a_selection_is_refused_in_one_sentence():
     assert "\n" not in str(error.value) and tokenpress.attached_handle(model) is None
 
 
-def test_the_published_local_layer_needs_an_encoder_that_deep():
-    """The default local layer is CLIP-L's 5: a 2-layer encoder refuses it in one sentence."""
+@pytest.mark.parametrize(("encoder_layers", "local"), [(24, 5), (32, 7), (8, 2), (4, 1), (2, 0), (None, 5)])
+def test_the_default_local_layer_is_the_released_ones_relative_depth(encoder_layers, local):
+    """5 of CLIP-L's 24 is 7 of Qwen2.5-VL's 32 (its released scripts' setting) and 1 of a 4-layer encoder;
+    with the depth unknown, the released 5. A layer given is kept as given."""
+    stack = tokenpress.load_stack({"name": "v", "stages": [{"method": "vscan", "params": {"keep_ratio": 0.25}}]})
+    assert stack.resolved(4, None, encoder_layers).stages[0].config.local_layer == local
+    given = tokenpress.load_stack({"name": "v", "stages": [{"method": "vscan", "params": {"keep_ratio": 0.25,
+                                                                                         "local_layer": 3}}]})
+    assert given.resolved(4, None, encoder_layers).stages[0].config.local_layer == 3
+
+
+def test_a_local_layer_deeper_than_the_encoder_is_refused_in_one_sentence():
     model = tiny_llava("sdpa")
+    stack = {"name": "v", "stages": [{"method": "vscan", "params": {"keep_ratio": 0.25, "local_layer": 5}}]}
     with pytest.raises(tokenpress.UnsupportedModelError, match="layer 5 is out of range for a 2-layer") as error:
-        tokenpress.compress(model, {"name": "v", "stages": [{"method": "vscan", "params": {"keep_ratio": 0.25}}]})
+        tokenpress.compress(model, stack)
     assert "\n" not in str(error.value) and tokenpress.attached_handle(model) is None
 
 

@@ -22,6 +22,7 @@ from tokenpress import (
     keep_count,
     keep_counts_on_host,
     pack_index,
+    scaled_layer,
 )
 from tokenpress.core.errors import CompressionError
 from tokenpress.core.flops import scorer_flops
@@ -42,6 +43,8 @@ from tokenpress_plugins.vscan.scan import (
 #: middle layer on (the Qwen2.5-VL scripts' 0.167 and 0.333 too).
 PUBLISHED_PROJECTOR_SHARE = 0.167
 PUBLISHED_DECODER_SHARE = 0.333
+#: The released local scan's layer, of CLIP-L's 24 (the Qwen2.5-VL scripts' 7 of 32 is the same depth).
+PUBLISHED_LOCAL_LAYER, PUBLISHED_ENCODER_DEPTH = 5, 24
 
 
 class VScanConfig(MethodConfig):
@@ -51,10 +54,11 @@ class VScanConfig(MethodConfig):
     keep_ratio: Ratio = Field(gt=0.0, le=1.0, description=(
         "Share of the visual tokens this stage keeps, in (0, 1]. Published: 0.167 at projector (96 of LLaVA-1.5's "
         "576 tokens), 0.333 at decoder_layer (32 of those 96, from the middle layer on)."))
-    local_layer: int = Field(5, description=(
+    local_layer: int | None = Field(None, description=(
         "Encoder layer whose class-token attention ranks the patches of each window (the local scan), counted "
-        "like ClsAttention layers (negative from the end). Default 5: the released code's shallow layer of "
-        "CLIP-L's 24 (LLaVA-1.5, LLaVA-NeXT); an encoder with fewer layers needs its own (the test models: 0)."))
+        "like ClsAttention layers (negative from the end). Default: the released code's shallow layer, 5 of "
+        "CLIP-L's 24 (LLaVA-1.5, LLaVA-NeXT), at the same relative depth of the encoder at hand (7 of "
+        "Qwen2.5-VL's 32, as its released scripts; 1 of a 4-layer encoder)."))
     global_layer: int = Field(-2, description=(
         "Encoder layer whose class-token attention ranks the patches of the whole image (the global scan); "
         "default -2, the layer LLaVA takes its features from."))
@@ -81,6 +85,18 @@ class VScan(Method):
     config: VScanConfig
 
     @classmethod
+    def config_for_model(cls, config: MethodConfig, encoder_layers: int | None) -> MethodConfig:
+        """An unset ``local_layer`` at the released layer's relative depth of this encoder (the released
+        layer itself where the depth is unknown)."""
+        if not isinstance(config, VScanConfig) or config.local_layer is not None:
+            return config
+        local = PUBLISHED_LOCAL_LAYER
+        if encoder_layers:
+            scaled = scaled_layer(PUBLISHED_LOCAL_LAYER, PUBLISHED_ENCODER_DEPTH, encoder_layers)
+            local = min(scaled, encoder_layers - 1)
+        return config.model_copy(update={"local_layer": local})
+
+    @classmethod
     def default_layers(cls, config: MethodConfig, num_layers: int) -> tuple[int, ...]:
         """A ``decoder_layer`` stage acts before the middle layer, ``L // 2``: 16 of 32 (LLaVA), 14 of 28
         (Qwen2.5-VL-7B), as released."""
@@ -102,7 +118,8 @@ class VScan(Method):
             # an encoder without a class token serves the attention each patch receives (the paper's rule)
             return ClsAttention(layer=layer, heads="mean", class_free="received")
 
-        return request(self.config.local_layer), request(self.config.global_layer)
+        local = self.config.local_layer if self.config.local_layer is not None else PUBLISHED_LOCAL_LAYER
+        return request(local), request(self.config.global_layer)
 
     def required_signals(self) -> list[Any]:
         if self.in_decoder or self.config.keep_ratio == 1.0:

@@ -239,6 +239,14 @@ class Method:
         the projector declares its replacement here; the contract kit checks it against a counter."""
         return 0.0
 
+    @classmethod
+    def config_for_model(cls, config: MethodConfig, encoder_layers: int | None) -> MethodConfig:
+        """``config`` with the parameters that default to a depth resolved for the model at hand
+        (``encoder_layers``: its vision encoder's depth; None where unknown). A paper's encoder layer left
+        unset is put at the same relative depth (:func:`scaled_layer`), as :meth:`default_layers` does for
+        decoder layers. Called when a stack is resolved for a model; default: ``config`` unchanged."""
+        return config
+
     def setup(self, adapter: Any) -> None:
         """Called once when the stack is attached, before any forward pass, with the model's
         :class:`~tokenpress.runtime.adapter.ModelAdapter` (validate, build buffers). Raising leaves the

@@ -85,23 +85,27 @@ class Stage:
         """True for a ``post_encoder`` stage of a method that acts inside the encoder's blocks."""
         return self.point == "post_encoder" and self.method_class.encoder_blocks and not self.after_encoder
 
-    def resolved(self, num_layers: int, source: str = "<dict>", encoder_blocks: int | None = None) -> Stage:
+    def resolved(self, num_layers: int, source: str = "<dict>", encoder_blocks: int | None = None,
+                 encoder_layers: int | None = None) -> Stage:
         """This stage with its method's default layers filled in, for a decoder of ``num_layers`` layers
         (an encoder stage: for ``encoder_blocks`` blocks feeding the features; None: the family runs no
-        stage inside its encoder, which attaching refuses)."""
-        if self.layers or not (self.point == "decoder_layer" or self.inside_encoder):
-            return self
-        decoder = self.point == "decoder_layer"
+        stage inside its encoder, which attaching refuses), and its parameters that default to a depth
+        resolved for a vision encoder of ``encoder_layers`` layers (:meth:`Method.config_for_model`)."""
+        config = self.method_class.config_for_model(self.config, encoder_layers)
+        stage = self if config == self.config else dataclass_replace(self, config=config)
+        if stage.layers or not (stage.point == "decoder_layer" or stage.inside_encoder):
+            return stage
+        decoder = stage.point == "decoder_layer"
         count, what = (num_layers, "decoder layer") if decoder else (encoder_blocks, "encoder block")
         if count is None:
-            if not decoder and self.method_class.runs_after_encoder:
-                return dataclass_replace(self, after_encoder=True)  # runs once after the encoder
-            return self
-        layers = self.method_class.default_layers(self.config, count)
+            if not decoder and stage.method_class.runs_after_encoder:
+                return dataclass_replace(stage, after_encoder=True)  # runs once after the encoder
+            return stage
+        layers = stage.method_class.default_layers(stage.config, count)
         if not layers:
-            raise StackError(f"{source}: stages[{self.index}].layers: method {self.method!r} chose no {what} "
+            raise StackError(f"{source}: stages[{stage.index}].layers: method {stage.method!r} chose no {what} "
                              f"for this model ({count}); list the layers")
-        stage = dataclass_replace(self, layers=tuple(int(layer) for layer in layers))
+        stage = dataclass_replace(stage, layers=tuple(int(layer) for layer in layers))
         _check_layers_of(stage, source)
         return stage
 
@@ -164,13 +168,14 @@ class Stack:
         """The stack as the mapping :func:`load_stack` takes."""
         return {"name": self.name, "positions": self.positions, "stages": [stage.as_dict() for stage in self.stages]}
 
-    def resolved(self, num_layers: int, encoder_blocks: int | None = None) -> Stack:
+    def resolved(self, num_layers: int, encoder_blocks: int | None = None, encoder_layers: int | None = None) -> Stack:
         """The stack with every stage's default layers filled in for a ``num_layers``-layer decoder (and
         ``encoder_blocks`` encoder blocks feeding the features; None: the family runs no stage inside its
-        encoder, so a method that can runs after it), its stage order checked again (a stage that moved
-        after the encoder runs in its listed place among the post-encoder stages)."""
-        resolved = dataclass_replace(self, stages=tuple(stage.resolved(num_layers, self.source, encoder_blocks)
-                                                        for stage in self.stages))
+        encoder, so a method that can runs after it) and its depth-relative parameters for an encoder of
+        ``encoder_layers`` layers (None: unknown, the published values), its stage order checked again (a
+        stage that moved after the encoder runs in its listed place among the post-encoder stages)."""
+        resolved = dataclass_replace(self, stages=tuple(
+            stage.resolved(num_layers, self.source, encoder_blocks, encoder_layers) for stage in self.stages))
         problem = order_problem(resolved)
         if problem is not None:
             raise StackError(f"{self.source}: {problem}")

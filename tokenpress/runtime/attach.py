@@ -252,7 +252,7 @@ def check_stack(stack: Stack, adapter: ModelAdapter) -> list[Method]:
     features the adapter relies on, each stage's hook signatures and the encoder signals it asks
     for. Returns the stages' method instances (not set up). ``tokenpress validate --model`` runs this.
     """
-    stack = stack.resolved(adapter.num_layers, adapter.feature_blocks())
+    stack = stack.resolved(adapter.num_layers, adapter.feature_blocks(), adapter.num_encoder_layers() or None)
     _validate(stack, adapter)
     adapter.check_transformers_features()
     # Each stage object is registered in a plugin manager of its own so that pluggy checks its hook
@@ -362,7 +362,7 @@ def compress(model: nn.Module, stack: Stack | str | Path | dict, registry: Regis
     adapter = find_adapter(model, registry)
     compat.check_transformers()
     # stages that list no layers take their method's default (decoder layers, or encoder blocks)
-    stack = stack.resolved(adapter.num_layers, adapter.feature_blocks())
+    stack = stack.resolved(adapter.num_layers, adapter.feature_blocks(), adapter.num_encoder_layers() or None)
     entries = prepare_stages(stack, adapter)
     handle = Handle(model, stack, adapter, entries, registry)
     handle._attach()
