@@ -89,7 +89,9 @@ def _check_against_model(folder: Path, served: ServingStacks) -> None:
 
     adapter = find_adapter(load_model(folder, meta=True))
     for stack in served:
-        check_stack(stack.stack.resolved(adapter.num_layers, adapter.feature_blocks()), adapter)
+        resolved = stack.stack.resolved(adapter.num_layers, adapter.feature_blocks(),
+                                        adapter.num_encoder_layers() or None)
+        check_stack(resolved, adapter)
 
 
 def serving_checkpoint(model: str | Path) -> str:

@@ -52,7 +52,8 @@ class PreLLM:
         self.entries: dict[int, list[StageEntry]] = {}
         adapter = self.adapter
         for served in stacks:
-            stack = served.stack.resolved(adapter.num_layers, adapter.feature_blocks())
+            stack = served.stack.resolved(adapter.num_layers, adapter.feature_blocks(),
+                                           adapter.num_encoder_layers() or None)
             self.entries[served.index] = prepare_stages(stack, adapter) if stack.stages else []
 
     @property
