@@ -119,6 +119,11 @@ def test_the_kernel_and_low_rank_forms_pick_the_same_items(slots, width):
     steps = min(slots, width) - 1  # gains stay apart from zero: no tie decided by rounding
     kernel_form = greedy_map(items, valid, steps, kernel=True)
     assert torch.equal(kernel_form, greedy_map(items, valid, steps, kernel=False))
+    # each row's kernel over its real tokens only (rows of different lengths), the same picks on them
+    lengths = valid.sum(-1).tolist()
+    per_row = greedy_map(items, valid, steps, kernel=True, lengths=lengths)
+    real = torch.arange(steps).unsqueeze(0) < torch.tensor(lengths).unsqueeze(1)
+    assert torch.equal(torch.where(real, per_row, -1), torch.where(real, kernel_form, -1))
     assert uses_kernel(slots, width) == (slots <= 2 * width)
 
 
@@ -161,6 +166,9 @@ def test_a_padded_batch_selects_in_each_row_what_that_row_selects_alone():
     counts = [5, 7, 4]  # row 1 keeps all its tokens
     mask = select_mask(visual, valid, directions, torch.tensor(counts), max(counts))
     assert mask.sum(-1).tolist() == counts
+    # knowing each row's real tokens (each row's own kernel) changes nothing
+    assert torch.equal(select_mask(visual, valid, directions, torch.tensor(counts), max(counts),
+                                   lengths=valid.sum(-1).tolist()), mask)
     assert not (mask & ~valid).any()
     for r in range(3):
         real = torch.nonzero(valid[r]).flatten()

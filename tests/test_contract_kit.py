@@ -342,11 +342,12 @@ def test_the_stack_under_test_takes_default_layers_positions_and_neighbours() ->
         stages_after = ({"method": "random", "at": "decoder_layer", "layers": [3]},)
 
     class NoDefaults(MethodContract):
-        method = "fastv"
+        method = "random"
+        point = "decoder_layer"
 
     assert "layers" not in Defaults().stack("sparsevlm")["stages"][0]
     assert tokenpress.load_stack(Defaults().stack("sparsevlm")).stages[0].layers == ()  # resolved on the model
-    assert NoDefaults().stack("fastv")["stages"][0]["layers"] == [1]
+    assert NoDefaults().stack("random")["stages"][0]["layers"] == [1]  # a decoder stage without default layers
     stack = Explicit().stack("fastv")
     assert stack["positions"] == "compact" and Explicit().stage_index() == 1
     assert [(stage["method"], stage.get("layers")) for stage in stack["stages"]] == [

@@ -23,7 +23,7 @@ from tokenpress.core import weights as weights_io
 from tokenpress.core.errors import InputError
 from tokenpress.core.select import topk_mask
 from tokenpress_plugins.alvts.parts import LayerSelector, SelectorParts, tensor_layers
-from tokenpress_plugins.alvts.selector import LowRank, importance, low_rank
+from tokenpress_plugins.alvts.selector import LowRank, block_causal_pairs, importance, low_rank
 
 #: The paper's ranks (256 for LLaVA-1.5-7B's 4096-wide decoder, 128 for Qwen2.5-VL-3B's 2048) are
 #: the hidden size over 16; the default keeps that proportion.
@@ -230,8 +230,9 @@ class ALVTS(Method):
     # --- cost -----------------------------------------------------------------------------------
 
     def scoring_flops(self, item: Any) -> float:
-        """The selector's FLOPs at one layer: the low-rank q and k of every token, the logits of every
-        visual and text row against every key, and the two row sums (S_V2V, S_T2V)."""
+        """The selector's FLOPs at one layer: the low-rank q and k of every token, the logits of every row
+        against the keys up to its block's end (block-causal), and the two weighted sums over rows and heads
+        (S_V2V, S_T2V)."""
         decoder = item.decoder
         rank = self.config.rank
         if rank is None and self.weights is not None:
@@ -244,8 +245,9 @@ class ALVTS(Method):
         q_width, k_width = decoder.heads * decoder.head_dim, decoder.kv_heads * decoder.head_dim
         q_rank, k_rank = min(rank, decoder.hidden, q_width), min(rank, decoder.hidden, k_width)  # as low_rank clamps
         projections = 2.0 * tokens * (q_rank * (decoder.hidden + q_width) + k_rank * (decoder.hidden + k_width))
-        logits = 2.0 * decoder.heads * tokens * tokens * decoder.head_dim
-        sums = 2.0 * 2 * tokens * tokens
+        pairs = block_causal_pairs(tokens, self.config.chunk)
+        logits = 2.0 * decoder.heads * pairs * decoder.head_dim
+        sums = 2.0 * 2 * decoder.heads * pairs  # both weighted row sums, over every head at once
         return projections + logits + sums
 
 

@@ -60,6 +60,12 @@ def low_rank(weight: torch.Tensor, bias: torch.Tensor | None, rank: int) -> LowR
     return LowRank(down.contiguous(), up.contiguous(), None if bias is None else bias.detach().to(torch.float32))
 
 
+def block_causal_pairs(length: int, chunk: int) -> int:
+    """Query-key pairs :func:`importance` scores on ``length`` slots, ``chunk`` rows at a time: each block
+    of rows against the keys up to its last row (the diagonal block whole, masked after)."""
+    return sum(min(chunk, length - start) * min(start + chunk, length) for start in range(0, length, chunk))
+
+
 def importance(
     query: torch.Tensor,
     key: torch.Tensor,

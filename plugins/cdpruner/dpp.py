@@ -28,6 +28,8 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from tokenpress import pack_index
+
 #: Added to the min-max range of the relevance, as the published code does: no token gets zero quality.
 RELEVANCE_EPS = 1e-6
 #: Below this residual norm an item adds no new direction (its gain is zero up to rounding).
@@ -85,18 +87,29 @@ def uses_kernel(tokens: int, width: int) -> bool:
     return tokens <= 2 * width
 
 
-def greedy_map(items: torch.Tensor, valid: torch.Tensor, steps: int, kernel: bool | None = None) -> torch.Tensor:
+def greedy_map(items: torch.Tensor, valid: torch.Tensor, steps: int, kernel: bool | None = None,
+               lengths: list[int] | None = None) -> torch.Tensor:
     """(R, steps) the slots the fast greedy MAP inference picks, in the order picked: at each step the
     available real token with the largest marginal gain ``det(L_{Y+i}) / det(L_Y)`` (ties: the lower
     slot), for the kernel ``L = items · itemsᵀ`` (``items`` (R, N, D); for CDPruner ``b_i = q_i x_i / |x_i|``).
 
     Always ``steps`` picks, as the published code (no early stop when the gains reach zero); a row
     with fewer real tokens than ``steps`` picks slot 0 past them (callers mask picks beyond a row's
-    count). ``kernel`` chooses the form (module docstring; default: :func:`uses_kernel`).
+    count). ``kernel`` chooses the form (module docstring; default: :func:`uses_kernel`). ``lengths``, each
+    row's real tokens as host ints where the caller knows them, lets the kernel form build each row's kernel
+    over its real tokens only (rows of different lengths in one batch: LLaVA-NeXT's base tile and grid).
     """
-    if kernel if kernel is not None else uses_kernel(items.shape[1], items.shape[2]):
-        return _greedy_map_kernel(items, valid, steps)
-    return _greedy_map_low_rank(items, valid, steps)
+    longest = max(lengths) if lengths else items.shape[1]
+    if not (kernel if kernel is not None else uses_kernel(longest, items.shape[2])):
+        return _greedy_map_low_rank(items, valid, steps)
+    if lengths is None or all(length == items.shape[1] for length in lengths):
+        return _greedy_map_kernel(items, valid, steps, torch.bmm(items, items.transpose(1, 2)))
+    index, packed_valid = pack_index(valid, width=longest)  # each row's real tokens first
+    packed = torch.gather(items, 1, index.unsqueeze(-1).expand(-1, -1, items.shape[-1]))
+    matrix = items.new_zeros(items.shape[0], longest, longest)
+    for row, length in enumerate(lengths):  # a few image rows: each kernel over its own tokens only
+        matrix[row, :length, :length] = packed[row, :length] @ packed[row, :length].T
+    return torch.gather(index, 1, _greedy_map_kernel(packed, packed_valid, steps, matrix))
 
 
 def _greedy(gain: torch.Tensor, valid: torch.Tensor, steps: int,
@@ -119,10 +132,9 @@ def _greedy(gain: torch.Tensor, valid: torch.Tensor, steps: int,
     return picks
 
 
-def _greedy_map_kernel(items: torch.Tensor, valid: torch.Tensor, steps: int) -> torch.Tensor:
-    """The greedy with ``L`` built once; Cholesky rows ``(L_j· - Σ_t c_tj c_t·) / d_j``."""
+def _greedy_map_kernel(items: torch.Tensor, valid: torch.Tensor, steps: int, kernel: torch.Tensor) -> torch.Tensor:
+    """The greedy on ``kernel`` = ``L`` (R, N, N), built once; Cholesky rows ``(L_j· - Σ_t c_tj c_t·) / d_j``."""
     rows, slots, _ = items.shape
-    kernel = torch.bmm(items, items.transpose(1, 2))  # (R, N, N)
     cholesky = items.new_zeros(rows, max(steps - 1, 0), slots)  # the chosen items' Cholesky rows c_t, (R, k-1, N)
     row_index = torch.arange(rows, device=items.device)
 
@@ -163,15 +175,16 @@ def _greedy_map_low_rank(items: torch.Tensor, valid: torch.Tensor, steps: int) -
 
 
 def select_mask(visual: torch.Tensor, valid: torch.Tensor, direction: torch.Tensor, counts: torch.Tensor,
-                max_count: int, theta: float | None = None) -> torch.Tensor:
+                max_count: int, theta: float | None = None, lengths: list[int] | None = None) -> torch.Tensor:
     """(R, N) bool: the ``counts[r]`` tokens (``counts`` (R,) long, at most each row's real tokens,
     ``max_count`` their largest value as a host int) that the conditional DPP's greedy MAP keeps in
-    row r of ``visual`` (R, N, D), for the instruction ``direction`` (R, D) (:func:`text_direction`)."""
+    row r of ``visual`` (R, N, D), for the instruction ``direction`` (R, D) (:func:`text_direction`);
+    ``lengths``: each row's real tokens as host ints, where known (see :func:`greedy_map`)."""
     rows, slots = valid.shape
     unit = unit_tokens(visual)
     score = quality(relevance(unit, valid, direction), theta)
     items = unit.mul_((score * valid).to(unit.dtype).unsqueeze(-1))  # b_i = q_i x_i / |x_i|; padding zero
-    picks = greedy_map(items, valid, max_count)
+    picks = greedy_map(items, valid, max_count, lengths=lengths)
     real = torch.arange(max_count, device=valid.device).unsqueeze(0) < counts.unsqueeze(1)
     mask = torch.zeros(rows, slots + 1, dtype=torch.bool, device=valid.device)
     mask.scatter_(1, torch.where(real, picks, slots), True)  # picks past a row's count go to a dump column

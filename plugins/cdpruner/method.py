@@ -44,7 +44,7 @@ class CDPruner(Method):
         directions = self._instruction_directions(tokens, context)
         device = tokens.valid.device
         mask = select_mask(tokens.embeddings, tokens.valid, directions, torch.tensor(kept, device=device),
-                           max(kept), self.config.theta)
+                           max(kept), self.config.theta, lengths=counts)
         return tokens.keep(mask, counts=kept)
 
     @staticmethod
