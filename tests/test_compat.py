@@ -64,7 +64,11 @@ def test_compressed_inner_output_is_the_models_own_class_with_the_same_fields(fa
     torch.testing.assert_close(outer.logits[real], model(**batch).logits[real], rtol=1e-5, atol=1e-5)
     assert isinstance(compat.output_cache(ours), tokenpress.CompressedCache)
     if _image_features(own) is not None:
-        torch.testing.assert_close(_image_features(ours), _image_features(own), rtol=1e-5, atol=1e-6)
+        ours_features, own_features = _image_features(ours), _image_features(own)
+        if type(own).__name__ in compat.STACKED_IMAGE_STATES and ours_features.shape != own_features.shape:
+            # up to 5.23 InternVL stacks per tile; tokenpress's rows are per sample: the same values, flat
+            ours_features, own_features = (ours_features.flatten(0, -2), own_features.flatten(0, -2))
+        torch.testing.assert_close(ours_features, own_features, rtol=1e-5, atol=1e-6)
     if "rope_deltas" in ours:
         assert torch.equal(ours.rope_deltas, own.rope_deltas)
 

@@ -11,6 +11,8 @@ version strings. Each helper says which behaviour it detects and the release whe
   LLaVA and Qwen2.5-VL return ``MultimodalBaseModelOutputWithPast`` with ``image_outputs`` (an
   encoder output) where LLaVA had ``image_hidden_states`` (:func:`output_class`, :func:`build_output`);
   Qwen3-VL-MoE's forward returns another class than it declares from 5.24 (:data:`RETURNED_OUTPUTS`);
+  up to 5.23 Gemma 3's and InternVL's ``image_hidden_states`` hold one row per image, stacked (I, T, D), where
+  the other families concatenate them (:data:`STACKED_IMAGE_STATES`);
 * ``mm_encoder_outputs``: pre-computed encoder outputs that ``generate`` passes to the forward, from
   5.19 (:func:`accepts_encoder_outputs`, :func:`encoder_output`);
 * ``from_pretrained`` enables hub kernels by default from 5.25 (:data:`PRETRAINED_OPTIONS`);
@@ -157,6 +159,14 @@ RETURNED_OUTPUTS: dict[str, tuple[str, ...]] = {
 }
 
 
+#: Output classes whose ``image_hidden_states`` (up to 5.23, before ``image_outputs``) stack the images'
+#: features (I, T, D), as those models' ``get_image_features`` returns them, instead of concatenating them.
+#: tokenpress stacks its per-sample features there when they have equal shapes (Gemma 3, one image per
+#: sample); InternVL stacks per tile, which tokenpress's per-sample features do not split into: it gets
+#: the same values concatenated (T_total, D).
+STACKED_IMAGE_STATES: frozenset[str] = frozenset({"Gemma3ModelOutputWithPast", "InternVLModelOutputWithPast"})
+
+
 def output_class(module: torch.nn.Module) -> type:
     """The output class ``module``'s forward returns, for outputs that the model's own outer forward reads
     field by field: the one it declares (``-> tuple | X``), or, for a forward known to return another
@@ -202,9 +212,20 @@ def build_output(output_class: type, last_hidden_state: torch.Tensor, cache: Any
         if "image_outputs" in fields:
             values["image_outputs"] = encoder_output(image_features)
         elif "image_hidden_states" in fields:
-            values["image_hidden_states"] = torch.cat(list(image_features)) if image_features else None
+            values["image_hidden_states"] = _image_states(output_class, list(image_features))
     values.update({name: value for name, value in extra.items() if name in fields})
     return output_class(**values)
+
+
+def _image_states(output_class: type, features: list[torch.Tensor]) -> torch.Tensor | None:
+    """``image_hidden_states`` as ``output_class`` holds them: stacked per image where the model stacks them
+    (:data:`STACKED_IMAGE_STATES`) and the images kept equal counts, else concatenated."""
+    if not features:
+        return None
+    same = all(feature.shape == features[0].shape for feature in features)
+    if output_class.__name__ in STACKED_IMAGE_STATES and same:
+        return torch.stack(features)
+    return torch.cat(features)
 
 
 def output_cache(output: Any) -> Any:
