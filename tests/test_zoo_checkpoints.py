@@ -292,6 +292,36 @@ def test_an_interrupted_training_run_resumes_to_the_same_weights(tmp_path: Path,
         train("llava-shapes", tmp_path / "fresh", resume=True, **options)
 
 
+def test_a_resumed_run_may_change_its_length_and_says_so(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """--resume with other --steps continues the saved run on the new schedule and records where it changed;
+    any other change of the recipe, or a length the run has already passed, is refused."""
+    from tokenpress.tools import zoo_train as training
+
+    options = {"seed": 0, "progress": False, "tiny": True, "device": "cpu", "measure": False,
+               "overrides": {"eval_every": 2}}
+    real_loss, calls = training._loss_and_stats, []
+
+    def interrupted(*args: object, **kwargs: object) -> object:
+        calls.append(1)
+        if len(calls) == 5:  # during step 5: the state of step 4 is on disk
+            raise KeyboardInterrupt
+        return real_loss(*args, **kwargs)
+
+    monkeypatch.setattr(training, "_loss_and_stats", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        train("llava-shapes", tmp_path, steps=5, **options)
+    monkeypatch.setattr(training, "_loss_and_stats", real_loss)
+    with pytest.raises(InputError, match="saved at step 4; --steps 4 would end it before that"):
+        train("llava-shapes", tmp_path, steps=4, resume=True, **options)
+    with pytest.raises(InputError, match="another recipe or seed"):
+        train("llava-shapes", tmp_path, steps=7, resume=True, **{**options, "overrides": {"eval_every": 3}})
+    metrics = train("llava-shapes", tmp_path, steps=7, resume=True, **options)
+    assert [h["step"] for h in metrics["history"]] == [2, 4, 6, 7]
+    assert metrics["recipe"]["steps"] == 7
+    assert metrics["schedule_changes"] == [{"at_step": 4, "steps_before": 5, "steps_after": 7}]
+    assert "resumed after step 4 with 7 steps instead of 5" in card.resumed_note(metrics)
+
+
 def _package_files() -> dict[str, bytes]:
     root = Path(tokenpress.__file__).parent
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))

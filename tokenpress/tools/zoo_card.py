@@ -166,7 +166,7 @@ tokenpress zoo train {name} --out DIR --seed {metrics["seed"]}{device_flags}
 ```
 
 {r["steps"]} AdamW steps (lr {r["lr"]}, betas 0.9/0.98, weight decay {r["weight_decay"]}, {r["warmup"]} warm-up
-steps then cosine to 10%), batch {r["batch_size"]} freshly generated images per step; {where}.
+steps then cosine to 10%), batch {r["batch_size"]} freshly generated images per step; {where}.{resumed_note(metrics)}
 
 1. Steps 1-{r["caption_steps"]}: captions only. The sequence is `<s>` + image + `describe <kind>` +
    the caption, `<kind>` cycling over color / shape / size / exists: every cell as `row column ? word`
@@ -193,6 +193,13 @@ Greedy accuracy on {r["val_size"]} validation questions during training, in %:
 {validation_table(metrics["history"])}
 
 """
+
+
+def resumed_note(metrics: dict[str, Any]) -> str:
+    """A sentence per change of the run's length on resume (``--resume --steps N``), else nothing."""
+    return "".join(f" The run was resumed after step {change['at_step']} with {change['steps_after']} steps instead "
+                   f"of {change['steps_before']}: until then the learning rate followed the "
+                   f"{change['steps_before']}-step schedule." for change in metrics.get("schedule_changes", []))
 
 
 def validation_table(history: list[dict[str, Any]]) -> str:

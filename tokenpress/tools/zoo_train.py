@@ -135,8 +135,9 @@ RECIPES: dict[str, Recipe] = {
     "qwen2.5-vl-shapes": Recipe(arch="qwen", steps=1500, text_layers=6),
     # A deep, narrow LLaVA-1.5 for layer-wise methods (FastV's K, ALVTS's routing, PyramidDrop's stages):
     # 12 decoder layers of width 128 at about the parameter count of llava-shapes' 4 of width 192.
-    "llava-shapes-deep": Recipe(arch="llava", text_hidden=128, text_layers=12, text_heads=4, aux_layer=3,
-                                name_layer=5),
+    # 1500 steps, as qwen2.5-vl-shapes: validation reached 97% at step 750 of a first 3000-step run.
+    "llava-shapes-deep": Recipe(arch="llava", steps=1500, text_hidden=128, text_layers=12, text_heads=4,
+                                aux_layer=3, name_layer=5),
 }
 # Sizes for smoke tests: a few seconds end to end.
 TINY = {
@@ -680,34 +681,45 @@ def bf16_autocast(device: torch.device) -> bool:
 
 def _save_state(path: Path, recipe: Recipe, seed: int, step: int, model: torch.nn.Module, probe: torch.nn.Module,
                 opt: torch.optim.Optimizer, history: list[dict[str, Any]], running: dict[str, Any],
-                minutes: float) -> None:
+                minutes: float, schedule: list[dict[str, int]]) -> None:
     """Everything a resumed run needs (the batches depend on the step alone), written atomically."""
     state = {"recipe": asdict(recipe), "seed": seed, "step": step, "model": model.state_dict(),
              "probe": probe.state_dict(), "optimizer": opt.state_dict(), "history": history,
-             "running": {k: float(v) for k, v in running.items()}, "minutes": minutes}
+             "running": {k: float(v) for k, v in running.items()}, "minutes": minutes,
+             "schedule_changes": schedule}
     partial = path.with_suffix(".partial")
     torch.save(state, partial)
     partial.replace(path)
 
 
 def _load_state(path: Path, recipe: Recipe, seed: int, model: torch.nn.Module, probe: torch.nn.Module,
-                opt: torch.optim.Optimizer, history: list[dict[str, Any]],
-                running: dict[str, Any]) -> tuple[int, float]:
-    """Restore a run saved by :func:`_save_state`: (the next step, the minutes it had trained)."""
+                opt: torch.optim.Optimizer, history: list[dict[str, Any]], running: dict[str, Any],
+                schedule: list[dict[str, int]]) -> tuple[int, float]:
+    """Restore a run saved by :func:`_save_state`: (the next step, the minutes it had trained). ``schedule``
+    receives the run's changes of length (a resumed run may be given other ``--steps``)."""
     if not path.is_file():
         raise InputError(f"{path.parent}: no {STATE_FILE} to resume from (it is written at every evaluation of a "
                          "run, and removed when the run completes)")
     state = torch.load(path, map_location="cpu", weights_only=False)
     recorded = {**state["recipe"], "family_weights": tuple(state["recipe"]["family_weights"])}
-    if recorded != asdict(recipe) or state["seed"] != seed:
-        raise InputError(f"{path}: saved by a run with another recipe or seed; resume with the same name, seed, "
-                         "--steps and --set options")
+    step = int(state["step"])
+    if {**recorded, "steps": recipe.steps} != asdict(recipe) or state["seed"] != seed:
+        raise InputError(f"{path}: saved by a run with another recipe or seed; resume with the same name, seed "
+                         "and --set options (only --steps may change)")
+    if recorded["steps"] != recipe.steps:
+        # A new length changes the learning-rate schedule from the saved step on; the steps already taken
+        # stay as they were, and metrics.json (schedule_changes) says where the schedule changed.
+        if step >= recipe.steps:
+            raise InputError(f"{path}: the run is saved at step {step}; --steps {recipe.steps} would end it before "
+                             "that (give more steps than it has taken)")
+        schedule.append({"at_step": step, "steps_before": recorded["steps"], "steps_after": recipe.steps})
     model.load_state_dict(state["model"])
     probe.load_state_dict(state["probe"])
     opt.load_state_dict(state["optimizer"])
     history.extend(state["history"])
+    schedule[:0] = state.get("schedule_changes", [])
     running.update({k: torch.tensor(v) for k, v in state["running"].items()})
-    return int(state["step"]), float(state["minutes"])
+    return step, float(state["minutes"])
 
 
 def resolve_device(device: str | None) -> torch.device:
@@ -782,10 +794,12 @@ def train(
     stream = _TrainingBatches(encoder, recipe, seed)
     history: list[dict[str, Any]] = []
     running: dict[str, Any] = {}
+    schedule: list[dict[str, int]] = []
     first = 0
     minutes_before = 0.0
     if resume:
-        first, minutes_before = _load_state(out_dir / STATE_FILE, recipe, seed, model, probe, opt, history, running)
+        first, minutes_before = _load_state(out_dir / STATE_FILE, recipe, seed, model, probe, opt, history, running,
+                                            schedule)
     stream = torch.utils.data.Subset(stream, range(first, recipe.steps))
     loader = torch.utils.data.DataLoader(
         stream, batch_size=None, num_workers=workers, prefetch_factor=4 if workers else None,
@@ -847,7 +861,7 @@ def train(
             if not last:  # an interrupted run still leaves its latest weights, and can be resumed
                 save_checkpoint(model, processor, out_dir)
                 _save_state(out_dir / STATE_FILE, recipe, seed, step + 1, model, probe, opt, history, running,
-                            (time.time() - t0) / 60)
+                            (time.time() - t0) / 60, schedule)
     train_minutes = (time.time() - t0) / 60
     save_checkpoint(model, processor, out_dir)
     (out_dir / STATE_FILE).unlink(missing_ok=True)  # the run is complete: nothing to resume
@@ -863,6 +877,7 @@ def train(
         "torch_threads": torch.get_num_threads(),
         "data_workers": workers,
         "history": history,
+        "schedule_changes": schedule,
         "checkpoint_bytes": sum(p.stat().st_size for p in out_dir.iterdir() if p.is_file()),
     }
     (out_dir / card.TRAINING_FILE).write_text(json.dumps(metrics, indent=2) + "\n")
