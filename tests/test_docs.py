@@ -564,6 +564,32 @@ def test_the_leaderboard_writer_keeps_notes_out_of_the_table_and_captions_its_pl
                                 "baseline.")
 
 
+def test_a_leaderboard_update_rebuilds_its_models_sections_and_keeps_the_others(tmp_path):
+    pytest.importorskip("matplotlib")
+    page = tmp_path / "board.md"
+    first, second = _fake_board(), _fake_board()
+    second.model = "zoo:other"
+    leaderboard.write_page([first, second], page, 600, "tokenpress leaderboard")
+    before = leaderboard.page_sections(page.read_text(encoding="utf-8"))
+    assert list(before) == ["zoo:tiny", "zoo:other"]
+    assert "Measured by `tokenpress leaderboard` on " in before["zoo:tiny"]
+    assert "600 test questions." in before["zoo:tiny"]
+    first.rows = [dataclasses.replace(row, accuracy=row.accuracy / 2) for row in first.rows]
+    leaderboard.write_page([first], page, 300, "tokenpress leaderboard --models zoo:tiny --update", update=True)
+    after = leaderboard.page_sections(page.read_text(encoding="utf-8"))
+    assert list(after) == ["zoo:tiny", "zoo:other"] and after["zoo:other"] == before["zoo:other"]
+    assert "| baseline | 100.0% | 45.0% |" in after["zoo:tiny"] and "300 test questions." in after["zoo:tiny"]
+    leaderboard.write_page([first], page, 300, "tokenpress leaderboard")  # without update: only what was run
+    assert list(leaderboard.page_sections(page.read_text(encoding="utf-8"))) == ["zoo:tiny"]
+
+
+def test_the_command_line_defaults_of_the_leaderboard_are_the_modules():
+    from tokenpress.tools import cli
+
+    assert tuple(cli.LEADERBOARD_MODELS.split(",")) == leaderboard.DEFAULT_MODELS
+    assert tuple(float(b) for b in cli.LEADERBOARD_BUDGETS.split(",")) == leaderboard.BUDGETS
+
+
 def test_the_committed_leaderboard_page_has_the_writers_layout():
     text = (DOCS / "leaderboard.md").read_text(encoding="utf-8")
     headers = [line for line in text.splitlines() if line.startswith("| stack ")]

@@ -285,10 +285,12 @@ def board_table(board: Board) -> list[str]:
     return lines
 
 
-def board_section(board: Board, plots: dict[str, str]) -> list[str]:
-    """One proxy's part of the page: its table and notes, its refusals, and its plots (``x`` -> the
-    plot's path relative to the page), each with its caption."""
-    lines = [f"## {board.model} ({board.tokens_per_image} visual tokens per image)", "", *board_table(board)]
+def board_section(board: Board, plots: dict[str, str], measured: str = "") -> list[str]:
+    """One proxy's part of the page: its heading, ``measured`` (how and when it was measured), its table and
+    notes, its refusals, and its plots (``x`` -> the plot's path relative to the page), each with its caption."""
+    lines = [f"## {board.model} ({board.tokens_per_image} visual tokens per image)", ""]
+    lines += [measured, ""] if measured else []
+    lines += board_table(board)
     if board.refused:
         lines += ["", "Refused on this model:", ""] + [f"- {line}" for line in board.refused]
     for x, link in plots.items():
@@ -297,29 +299,46 @@ def board_section(board: Board, plots: dict[str, str]) -> list[str]:
     return lines
 
 
-def write_page(boards: list[Board], path: str | Path, n: int, command: str) -> list[Path]:
-    """The leaderboard page at ``path`` and its plots beside it (in ``leaderboard/``); returns the files."""
+#: The page's opening, above the proxies' sections.
+PAGE_INTRO = ("# Leaderboard", "",
+              "Every registered method at 50%, 25% and 11% of the visual tokens and at prefill-FLOPs budgets on the "
+              "shipped proxies, one `tokenpress eval` run per proxy (so the ratios are against the baseline measured "
+              "in the same run); each section says the command, the number of test questions, the day and the "
+              "machine that measured it.", "",
+              "**retention** is accuracy / the baseline's; **tokens kept** the visual tokens the last decoder layer "
+              "holds (a routing method keeps them all); FLOPs are the analytical prefill FLOPs of what ran, time the "
+              "median per-batch prefill time ratio. A method faithful to its paper that loses to `random` is shown "
+              "as it is.", "")
+
+
+def page_sections(text: str) -> dict[str, str]:
+    """The proxies' sections of a leaderboard page, by model name, in page order (each up to the next)."""
+    sections: dict[str, str] = {}
+    current: list[str] | None = None
+    for line in text.splitlines():
+        if line.startswith("## "):
+            current = sections.setdefault(line[3:].split(" (", 1)[0], [])
+        if current is not None:
+            current.append(line)
+    return {model: "\n".join(lines).rstrip("\n") for model, lines in sections.items()}
+
+
+def write_page(boards: list[Board], path: str | Path, n: int, command: str, update: bool = False) -> list[Path]:
+    """The leaderboard page at ``path`` and its plots beside it (in ``leaderboard/``); returns the files
+    written. With ``update`` the sections of the models not in ``boards`` are kept from the page as it is."""
     path = Path(path)
     folder = path.parent / path.stem
     folder.mkdir(parents=True, exist_ok=True)
     written = [path]
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else (
         f"CPU ({platform.machine()}, {torch.get_num_threads()} threads)")
-    asked = sorted({entry.budget for board in boards for entry in board.entries if entry.budget}, reverse=True)
-    at_budgets = f" and at prefill-FLOPs budgets of {' and '.join(f'{b:g}' for b in asked)}" if asked else ""
-    lines = ["# Leaderboard", "",
-             f"Every registered method at 50%, 25% and 11% of the visual tokens{at_budgets} on the shipped proxies, "
-             f"{n} test "
-             f"questions each, one `tokenpress eval` run per proxy (so the ratios are against the baseline measured "
-             f"in the same run). Rebuilt by `{command}` on {datetime.date.today().isoformat()}, {device}.", "",
-             "**retention** is accuracy / the baseline's; **tokens kept** the visual tokens the last decoder layer "
-             "holds (a routing method keeps them all); FLOPs are the analytical prefill FLOPs of what ran, time the "
-             "median per-batch prefill time ratio. A method faithful to its paper that loses to `random` is shown "
-             "as it is.", ""]
+    measured = f"Measured by `{command}` on {datetime.date.today().isoformat()}, {device}, {n} test questions."
+    sections = page_sections(path.read_text(encoding="utf-8")) if update and path.is_file() else {}
     for board in boards:
         slug = board.model.replace("zoo:", "").replace("/", "-")
         plots = {x: _plot(board, folder / f"{slug}-{x}.png", x) for x in PLOT_AXES}
         written += plots.values()
-        lines += [*board_section(board, {x: f"{folder.name}/{plot.name}" for x, plot in plots.items()}), ""]
-    path.write_text("\n".join(lines), encoding="utf-8")
+        links = {x: f"{folder.name}/{plot.name}" for x, plot in plots.items()}
+        sections[board.model] = "\n".join(board_section(board, links, measured))
+    path.write_text("\n".join([*PAGE_INTRO, "\n\n".join(sections.values()), ""]), encoding="utf-8")
     return written

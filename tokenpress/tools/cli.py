@@ -219,14 +219,18 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
     outputs.check_folder(str(page.parent / page.stem), "--out", "the leaderboard's plots", plots=True)
     boards = leaderboard.run(models, n=args.n, batch_size=args.batch_size, progress=not args.quiet, methods=methods,
                              budgets=tuple(budgets))
-    command = "tokenpress leaderboard" + (f" --n {args.n}" if args.n != LEADERBOARD_N else "")
+    command = "tokenpress leaderboard"
+    command += f" --models {args.models}" if args.models != LEADERBOARD_MODELS else ""
+    command += f" --n {args.n}" if args.n != LEADERBOARD_N else ""
     command += f" --methods {args.methods}" if args.methods else ""
     command += f" --budgets {args.budgets}" if args.budgets != LEADERBOARD_BUDGETS else ""
-    for path in leaderboard.write_page(boards, page, args.n, command):
+    for path in leaderboard.write_page(boards, page, args.n, command, update=args.update):
         print(f"wrote {path}")
     return 0
 
 
+#: The proxies of ``tokenpress leaderboard`` (tokenpress.measure.leaderboard.DEFAULT_MODELS, without importing torch).
+LEADERBOARD_MODELS = "zoo:llava-shapes,zoo:qwen2.5-vl-shapes"
 #: Questions per proxy of ``tokenpress leaderboard``.
 LEADERBOARD_N = 600
 #: The FLOPs budgets of ``tokenpress leaderboard`` (tokenpress.measure.leaderboard.BUDGETS, without importing torch).
@@ -434,8 +438,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("leaderboard", help="every registered method at 50/25/11%% of the visual tokens and at FLOPs "
                                            "budgets on the shipped proxies: one Markdown page with tables and plots",
                        epilog=outputs.RULES)
-    p.add_argument("--models", default="zoo:llava-shapes,zoo:qwen2.5-vl-shapes",
-                   help="comma-separated zoo:NAME or checkpoint folders")
+    p.add_argument("--models", default=LEADERBOARD_MODELS, help="comma-separated zoo:NAME or checkpoint folders "
+                   "(default: %(default)s)")
     p.add_argument("--n", type=positive_int, default=LEADERBOARD_N, help="test questions per model")
     p.add_argument("--methods", metavar="A,B", help="only these methods (default: every registered one)")
     p.add_argument("--budgets", metavar="F,F", default=LEADERBOARD_BUDGETS, help="prefill-FLOPs ratios every method "
@@ -443,6 +447,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=positive_int, default=50)
     p.add_argument("--out", default="docs/leaderboard.md", help="the .md page to write (its plots go beside it, in "
                    "a folder of the page's name; default: %(default)s)")
+    p.add_argument("--update", action="store_true", help="keep the sections of the other models already on the "
+                   "page (rebuild only those of --models)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_leaderboard)
 
