@@ -140,6 +140,35 @@ def clip_encode_inside(tower: nn.Module, pixel_values: torch.Tensor, blocks: int
     return tokens, {request: gather_rows(value, order) for request, value in found.items()}, run
 
 
+class ClipTower:
+    """The vision tower of the LLaVA families (``model.model.vision_tower``, a CLIP or SigLIP encoder whose
+    features are ``hidden_states[vision_feature_layer]``): its blocks, and how many of them feed the features.
+    A mixin for a :class:`~tokenpress.runtime.adapter.ModelAdapter` subclass (listed before it)."""
+
+    model: nn.Module
+
+    @property
+    def vision_tower(self) -> nn.Module:
+        return self.model.model.vision_tower
+
+    def _encoder_layers(self) -> nn.ModuleList:
+        tower = self.vision_tower
+        return getattr(tower, "vision_model", tower).encoder.layers
+
+    def num_encoder_layers(self) -> int:
+        return len(self._encoder_layers())
+
+    def feature_blocks(self) -> int | None:
+        return feature_block_count(self.model.config.vision_feature_layer, self.num_encoder_layers())
+
+    def encoder_stages_refusal(self) -> str:
+        layer = self.model.config.vision_feature_layer
+        if not isinstance(layer, int):
+            return (f"this model concatenates the features of encoder layers {list(layer)}, so no stage can change "
+                    "the tokens inside its encoder")
+        return "this model's features are its encoder's input embeddings (vision_feature_layer 0): no block feeds them"
+
+
 def feature_block_count(feature_layer: int | list[int], encoder_layers: int) -> int | None:
     """How many CLIP blocks feed the features: they are ``hidden_states[vision_feature_layer]``, the
     output of that many blocks (None: several layers' features concatenated, or the embeddings alone)."""

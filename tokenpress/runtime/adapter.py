@@ -135,14 +135,16 @@ class ModelAdapter:
         raise NotImplementedError
 
     def inner_module(self) -> nn.Module:
-        """The module whose ``forward`` is taken over while attached (instance attribute only)."""
-        raise NotImplementedError
+        """The module whose ``forward`` is taken over while attached (instance attribute only). Default:
+        ``model.model``, where every transformers 5 ``*ForConditionalGeneration`` keeps it."""
+        return self.model.model
 
     # --- modules --------------------------------------------------------------------------------
 
     @property
     def language_model(self) -> nn.Module:
-        raise NotImplementedError
+        """The decoder. Default: the inner module's ``language_model``, as transformers 5 names it."""
+        return self.inner_module().language_model
 
     @property
     def layers(self) -> nn.ModuleList:

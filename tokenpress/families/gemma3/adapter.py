@@ -81,13 +81,6 @@ class Gemma3Adapter(ModelAdapter):
 
     # --- modules --------------------------------------------------------------------------------
 
-    def inner_module(self) -> nn.Module:
-        return self.model.model
-
-    @property
-    def language_model(self) -> nn.Module:
-        return self.model.model.language_model
-
     @property
     def vision_tower(self) -> nn.Module:
         return self.model.model.vision_tower

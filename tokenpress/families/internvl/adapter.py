@@ -72,13 +72,6 @@ class InternVLAdapter(ModelAdapter):
                 f"this model has {config.vision_feature_layer!r}")
         self.unit = unit_side(config)
 
-    def inner_module(self) -> nn.Module:
-        return self.model.model
-
-    @property
-    def language_model(self) -> nn.Module:
-        return self.model.model.language_model
-
     @property
     def vision_tower(self) -> nn.Module:
         return self.model.model.vision_tower

@@ -11,13 +11,13 @@ from torch import nn
 from tokenpress.core.errors import UnsupportedModelError
 from tokenpress.core.signals import Signal
 from tokenpress.core.tokens import TokenState
-from tokenpress.families.clip import clip_encode_inside, clip_signals, feature_block_count
+from tokenpress.families.clip import ClipTower, clip_encode_inside, clip_signals
 from tokenpress.families.llava.costs import LlavaCosts
 from tokenpress.runtime.adapter import ModelAdapter, ProjectorMLP
 from tokenpress.runtime.encoder import InsideEncoder
 
 
-class LlavaAdapter(ModelAdapter):
+class LlavaAdapter(ClipTower, ModelAdapter):
     """Adapter for ``LlavaForConditionalGeneration`` (LLaVA-1.5 and its relatives)."""
 
     family = "llava"
@@ -40,34 +40,6 @@ class LlavaAdapter(ModelAdapter):
         vision = config.vision_config
         side = vision.image_size // vision.patch_size
         self.grid = (1, side, side)
-
-    def inner_module(self) -> nn.Module:
-        return self.model.model
-
-    @property
-    def language_model(self) -> nn.Module:
-        return self.model.model.language_model
-
-    @property
-    def vision_tower(self) -> nn.Module:
-        return self.model.model.vision_tower
-
-    def _encoder_layers(self) -> nn.ModuleList:
-        tower = self.vision_tower
-        return getattr(tower, "vision_model", tower).encoder.layers
-
-    def num_encoder_layers(self) -> int:
-        return len(self._encoder_layers())
-
-    def feature_blocks(self) -> int | None:
-        return feature_block_count(self.model.config.vision_feature_layer, self.num_encoder_layers())
-
-    def encoder_stages_refusal(self) -> str:
-        layer = self.model.config.vision_feature_layer
-        if not isinstance(layer, int):
-            return (f"this model concatenates the features of encoder layers {list(layer)}, so no stage can change "
-                    "the tokens inside its encoder")
-        return "this model's features are its encoder's input embeddings (vision_feature_layer 0): no block feeds them"
 
     def encode_images(self, inputs: dict[str, Any], requests: list[Signal],
                       inside: InsideEncoder | None = None) -> tuple[TokenState, dict[Signal, torch.Tensor]]:

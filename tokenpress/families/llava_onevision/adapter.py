@@ -43,7 +43,7 @@ from torch import nn
 from tokenpress.core.errors import CompressionError, UnsupportedModelError
 from tokenpress.core.signals import Signal
 from tokenpress.core.tokens import TokenState
-from tokenpress.families.clip import clip_encode_inside, clip_signals, feature_block_count
+from tokenpress.families.clip import ClipTower, clip_encode_inside, clip_signals
 from tokenpress.families.llava_onevision.costs import (
     LlavaOnevisionCosts,
     anyres_max,
@@ -82,7 +82,7 @@ class RowPlan:
     grid: tuple[int, int, int]
 
 
-class LlavaOnevisionAdapter(ModelAdapter):
+class LlavaOnevisionAdapter(ClipTower, ModelAdapter):
     """Adapter for ``LlavaOnevisionForConditionalGeneration`` (anyres images, multi-image prompts, videos)."""
 
     family = "llava-onevision"
@@ -115,37 +115,9 @@ class LlavaOnevisionAdapter(ModelAdapter):
             raise UnsupportedModelError(f"the llava-onevision adapter runs full-attention decoder layers only; layer "
                                         f"{sliding[0]} of this model attends through a sliding window")
 
-    def inner_module(self) -> nn.Module:
-        return self.model.model
-
-    @property
-    def language_model(self) -> nn.Module:
-        return self.model.model.language_model
-
-    @property
-    def vision_tower(self) -> nn.Module:
-        return self.model.model.vision_tower
-
     def placeholder_ids(self) -> tuple[int, ...]:
         config = self.model.config
         return (config.image_token_id, config.video_token_id)
-
-    def _encoder_layers(self) -> nn.ModuleList:
-        tower = self.vision_tower
-        return getattr(tower, "vision_model", tower).encoder.layers
-
-    def num_encoder_layers(self) -> int:
-        return len(self._encoder_layers())
-
-    def feature_blocks(self) -> int | None:
-        return feature_block_count(self.model.config.vision_feature_layer, self.num_encoder_layers())
-
-    def encoder_stages_refusal(self) -> str:
-        layer = self.model.config.vision_feature_layer
-        if not isinstance(layer, int):
-            return (f"this model concatenates the features of encoder layers {list(layer)}, so no stage can change "
-                    "the tokens inside its encoder")
-        return "this model's features are its encoder's input embeddings (vision_feature_layer 0): no block feeds them"
 
     def encoder_width(self) -> int:
         return int(self.model.model.multi_modal_projector.linear_1.in_features)

@@ -167,13 +167,6 @@ class Qwen2_5_VLAdapter(ModelAdapter):
     def supports(cls, model: nn.Module) -> bool:
         return getattr(getattr(model, "config", None), "model_type", None) == "qwen2_5_vl" and hasattr(model, "model")
 
-    def inner_module(self) -> nn.Module:
-        return self.model.model
-
-    @property
-    def language_model(self) -> nn.Module:
-        return self.model.model.language_model
-
     @property
     def visual(self) -> nn.Module:
         return self.model.model.visual
