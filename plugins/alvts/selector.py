@@ -91,9 +91,8 @@ def importance(
     batch, heads, length, _ = query.shape
     visual, text = visual & valid, text & valid & ~visual
     weights = torch.stack([visual, text], 1).float()  # (B, 2, N): which rows count for S_V2V and S_T2V
-    # contiguous once (the rotated (B, N, H, d) views would otherwise be copied by every chunk's product), the
-    # scaling applied in the same pass
-    scaled = torch.mul(query.float(), scaling, out=query.new_empty(query.shape, dtype=torch.float32))
+    # contiguous once: the rotated (B, N, H, d) views would otherwise be copied by every chunk's product
+    scaled = (query.float() * scaling).contiguous()
     keys = key.float().transpose(-1, -2).contiguous()  # (B, H, d, N)
     upper = torch.ones(chunk, chunk, dtype=torch.bool, device=query.device).triu(1)  # a block's future keys
     totals = torch.zeros(batch, 2, length, dtype=torch.float32, device=query.device)
