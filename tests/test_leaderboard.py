@@ -32,7 +32,9 @@ def test_the_command_writes_the_page_and_its_plots(checkpoint, tmp_path, capsys)
     page = out.read_text(encoding="utf-8")
     assert page.startswith("# Leaderboard") and "| baseline | " in page
     assert "| tome 25% | " in page and "| cdpruner 11% | " in page and "| pool " not in page
-    assert "at prefill-FLOPs budgets of 0.5 on" in page
+    measured = next(line for line in page.splitlines() if line.startswith("Measured by `tokenpress leaderboard "))
+    assert f"--models {checkpoint} --n 2 --methods tome,cdpruner,fastv,prumerge --budgets 0.5` on " in measured
+    assert measured.endswith(", 2 test questions.")
     # at the budget: each method with a keep knob, its knob, and the FLOPs ratio the run reached
     budget_rows = {line.split(" | ")[0][2:]: line.split(" | ") for line in page.splitlines() if "@ FLOPs" in line}
     assert set(budget_rows) == {"tome @ FLOPs 0.5", "cdpruner @ FLOPs 0.5", "fastv @ FLOPs 0.5"}
