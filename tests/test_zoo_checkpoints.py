@@ -26,9 +26,11 @@ from tokenpress.tools import zoo_card as card  # noqa: E402
 from tokenpress.tools.zoo_train import Encoder, greedy_answers, train  # noqa: E402
 from tokenpress.zoo import ZOO_DIR, ZOO_NAMES, zoo_path  # noqa: E402
 
+#: name -> (model class, visual tokens per image, the training recipe's architecture)
 MODELS = {
-    "llava-shapes": (LlavaForConditionalGeneration, 144),
-    "qwen2.5-vl-shapes": (Qwen2_5_VLForConditionalGeneration, 36),
+    "llava-shapes": (LlavaForConditionalGeneration, 144, "llava"),
+    "qwen2.5-vl-shapes": (Qwen2_5_VLForConditionalGeneration, 36, "qwen"),
+    "llava-shapes-deep": (LlavaForConditionalGeneration, 144, "llava"),
 }
 N_QUESTIONS = 50
 
@@ -36,7 +38,7 @@ N_QUESTIONS = 50
 @pytest.fixture(scope="module", params=sorted(MODELS))
 def loaded(request: pytest.FixtureRequest) -> tuple[str, torch.nn.Module, object]:
     name = request.param
-    cls, _ = MODELS[name]
+    cls = MODELS[name][0]
     path = zoo_path(name)
     model = cls.from_pretrained(path, **compat.PRETRAINED_OPTIONS).eval()
     processor = AutoProcessor.from_pretrained(path)
@@ -76,11 +78,13 @@ def test_checkpoint_files_and_size() -> None:
             card.TRAINING_FILE,
         ):
             assert (folder / f).is_file(), f"{name}: missing {f}"
-        total += sum(p.stat().st_size for p in folder.iterdir() if p.is_file())
+        size = sum(p.stat().st_size for p in folder.iterdir() if p.is_file())
+        assert size <= 20 * 1024 * 1024, f"{name} takes {size / 1e6:.1f} MB"
+        total += size
         text = (folder / card.CARD_FILE).read_text()
         assert f"Visual tokens per image: **{MODELS[name][1]}**" in text
         assert f"tokenpress zoo train {name} --out DIR --seed 0" in text
-    assert total <= 30 * 1024 * 1024, f"checkpoints take {total / 1e6:.1f} MB"
+    assert total <= 40 * 1024 * 1024, f"checkpoints take {total / 1e6:.1f} MB"
 
 
 def test_processor_builds_model_inputs(loaded: tuple[str, torch.nn.Module, object]) -> None:
@@ -90,15 +94,16 @@ def test_processor_builds_model_inputs(loaded: tuple[str, torch.nn.Module, objec
     samples = shapes.generate_split("test", 3)
     texts = _texts(processor, samples)
     image_token = processor.image_token
-    image_text = "<image>" if name == "llava-shapes" else "<|vision_start|><|image_pad|><|vision_end|>"
+    arch = MODELS[name][2]
+    image_text = "<image>" if arch == "llava" else "<|vision_start|><|image_pad|><|vision_end|>"
     assert texts == [shapes.build_prompt(s.question, image_text) for s in samples]
     assert image_token in image_text
     inputs = processor(images=[s.image for s in samples], text=texts, return_tensors="pt", padding=True)
     image_id = processor.tokenizer.convert_tokens_to_ids(image_token)
-    assert image_id == (model.config.image_token_index if name == "llava-shapes" else model.config.image_token_id)
+    assert image_id == (model.config.image_token_index if arch == "llava" else model.config.image_token_id)
     assert ((inputs["input_ids"] == image_id).sum(1) == n_visual).all()
     # The training code builds the same token sequences and pixels as the processor.
-    encoder = Encoder("llava" if name == "llava-shapes" else "qwen", processor, model.config)
+    encoder = Encoder(arch, processor, model.config)
     for row, mask, s in zip(inputs["input_ids"], inputs["attention_mask"], samples, strict=True):
         assert row[mask.bool()].tolist() == encoder.prefix + encoder.words(s.question)
     assert torch.allclose(inputs["pixel_values"], encoder.pixels([s.image for s in samples])["pixel_values"])
@@ -117,7 +122,7 @@ def test_plain_generate_answers_test_questions(loaded: tuple[str, torch.nn.Modul
     result = shapes.score(answers, samples)
     assert result["accuracy"] >= 0.8, result
     # The validation used during training gives the same answers.
-    encoder = Encoder("llava" if name == "llava-shapes" else "qwen", processor, model.config)
+    encoder = Encoder(MODELS[name][2], processor, model.config)
     ours = greedy_answers(model, encoder, samples, max_new_tokens=3)
     assert [shapes.normalize_answer(a) for a in ours] == [shapes.normalize_answer(a) for a in answers]
 

@@ -38,7 +38,7 @@ from tokenpress.runtime.loading import load_model_and_processor, process
 RATIOS = (0.5, 0.25, 0.11)
 #: The prefill-FLOPs ratios every method with a keep knob is matched to.
 BUDGETS = (0.5, 0.3)
-DEFAULT_MODELS = ("zoo:llava-shapes", "zoo:qwen2.5-vl-shapes")
+DEFAULT_MODELS = ("zoo:llava-shapes", "zoo:qwen2.5-vl-shapes", "zoo:llava-shapes-deep")
 #: The decoder layer of a decoder_layer method that has no default layers (FastV's K = 2).
 DECODER_LAYER = 2
 

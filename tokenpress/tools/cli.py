@@ -230,7 +230,7 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
 
 
 #: The proxies of ``tokenpress leaderboard`` (tokenpress.measure.leaderboard.DEFAULT_MODELS, without importing torch).
-LEADERBOARD_MODELS = "zoo:llava-shapes,zoo:qwen2.5-vl-shapes"
+LEADERBOARD_MODELS = "zoo:llava-shapes,zoo:qwen2.5-vl-shapes,zoo:llava-shapes-deep"
 #: Questions per proxy of ``tokenpress leaderboard``.
 LEADERBOARD_N = 600
 #: The FLOPs budgets of ``tokenpress leaderboard`` (tokenpress.measure.leaderboard.BUDGETS, without importing torch).

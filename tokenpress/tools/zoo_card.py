@@ -133,7 +133,8 @@ def model_card(metrics: dict[str, Any]) -> str:
     workers = metrics.get("data_workers", 0)
     if device == "cpu":
         device_flags = f" --device cpu --threads {metrics['torch_threads']}"
-        where = f"float32, {metrics['train_minutes']:.1f} minutes with {metrics['torch_threads']} CPU thread(s)"
+        precision = "bf16 autocast" if metrics.get("bf16_autocast") else "float32"
+        where = f"{precision}, {metrics['train_minutes']:.1f} minutes with {metrics['torch_threads']} CPU thread(s)"
     else:
         device_flags = f" --device cuda --workers {workers}"
         minutes = metrics["train_minutes"]

@@ -10,8 +10,8 @@ import tokenpress
 from tokenpress.core.errors import InputError
 from tokenpress.zoo import ZOO_NAMES
 
-#: The proxies ``tokenpress zoo train`` can build: the shipped ones and those whose recipe is ready.
-TRAINABLE: tuple[str, ...] = (*ZOO_NAMES, "llava-shapes-deep")
+#: The proxies ``tokenpress zoo train`` can build: the shipped ones.
+TRAINABLE: tuple[str, ...] = ZOO_NAMES
 
 
 

@@ -875,6 +875,7 @@ def train(
         "train_minutes": round(train_minutes, 2),
         "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
         "torch_threads": torch.get_num_threads(),
+        "bf16_autocast": bf16,
         "data_workers": workers,
         "history": history,
         "schedule_changes": schedule,
