@@ -263,6 +263,24 @@ def test_the_shipped_alvts_selector_belongs_to_its_model(loaded: tuple[str, torc
         tokenpress.compress(model, stack)
 
 
+def _train_until_interrupted(monkeypatch: pytest.MonkeyPatch, step: int, *args: object, **kwargs: object) -> None:
+    """Run ``train(*args, **kwargs)`` and stop it with a KeyboardInterrupt during (1-based) ``step``."""
+    from tokenpress.tools import zoo_train as training
+
+    real_loss, calls = training._loss_and_stats, []
+
+    def interrupted(*loss_args: object, **loss_kwargs: object) -> object:
+        calls.append(1)
+        if len(calls) == step:
+            raise KeyboardInterrupt
+        return real_loss(*loss_args, **loss_kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(training, "_loss_and_stats", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            train(*args, **kwargs)
+
+
 def test_an_interrupted_training_run_resumes_to_the_same_weights(tmp_path: Path,
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     """A run stopped after an evaluation and resumed with --resume ends bit for bit where an uninterrupted
@@ -274,19 +292,9 @@ def test_an_interrupted_training_run_resumes_to_the_same_weights(tmp_path: Path,
     options = {"seed": 0, "steps": 5, "progress": False, "tiny": True, "device": "cpu", "measure": False,
                "overrides": {"eval_every": 2}}
     train("llava-shapes", tmp_path / "whole", **options)
-    real_loss, calls = training._loss_and_stats, []
-
-    def interrupted(*args: object, **kwargs: object) -> object:
-        calls.append(1)
-        if len(calls) == 4:  # during step 4: the state of step 2 is on disk
-            raise KeyboardInterrupt
-        return real_loss(*args, **kwargs)
-
-    monkeypatch.setattr(training, "_loss_and_stats", interrupted)
-    with pytest.raises(KeyboardInterrupt):
-        train("llava-shapes", tmp_path / "resumed", **options)
+    # stopped during step 4: the state of step 2 is on disk
+    _train_until_interrupted(monkeypatch, 4, "llava-shapes", tmp_path / "resumed", **options)
     assert (tmp_path / "resumed" / training.STATE_FILE).is_file()
-    monkeypatch.setattr(training, "_loss_and_stats", real_loss)
     train("llava-shapes", tmp_path / "resumed", resume=True, **options)
     whole, resumed = (load_file(tmp_path / folder / "model.safetensors") for folder in ("whole", "resumed"))
     assert all(torch.equal(whole[k], resumed[k]) for k in whole)
@@ -300,22 +308,11 @@ def test_an_interrupted_training_run_resumes_to_the_same_weights(tmp_path: Path,
 def test_a_resumed_run_may_change_its_length_and_says_so(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """--resume with other --steps continues the saved run on the new schedule and records where it changed;
     any other change of the recipe, or a length the run has already passed, is refused."""
-    from tokenpress.tools import zoo_train as training
 
     options = {"seed": 0, "progress": False, "tiny": True, "device": "cpu", "measure": False,
                "overrides": {"eval_every": 2}}
-    real_loss, calls = training._loss_and_stats, []
-
-    def interrupted(*args: object, **kwargs: object) -> object:
-        calls.append(1)
-        if len(calls) == 5:  # during step 5: the state of step 4 is on disk
-            raise KeyboardInterrupt
-        return real_loss(*args, **kwargs)
-
-    monkeypatch.setattr(training, "_loss_and_stats", interrupted)
-    with pytest.raises(KeyboardInterrupt):
-        train("llava-shapes", tmp_path, steps=5, **options)
-    monkeypatch.setattr(training, "_loss_and_stats", real_loss)
+    # stopped during step 5: the state of step 4 is on disk
+    _train_until_interrupted(monkeypatch, 5, "llava-shapes", tmp_path, steps=5, **options)
     with pytest.raises(InputError, match="saved at step 4; --steps 4 would end it before that"):
         train("llava-shapes", tmp_path, steps=4, resume=True, **options)
     with pytest.raises(InputError, match="another recipe or seed"):
