@@ -337,3 +337,51 @@ def test_the_block_causal_score_equals_the_previous_computation(seed) -> None:
         ours = importance(query, key, valid, visual, text, 0.25, chunk=chunk)
         torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-10)
         assert torch.equal(topk_mask(ours, visual & valid, counts), topk_mask(reference, visual & valid, counts))
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+@torch.no_grad()
+def test_the_folded_selector_scores_and_routes_as_the_unfolded_one(family) -> None:
+    """The selector's rotation folded into its up-projections (one product per stream, no rotate pass)
+    gives the scores and routed sets of the unfolded path, which runs the layer's own norm, projections
+    and ``rotate``; a layer with per-head norms between projection and rotation keeps the unfolded path."""
+    from tokenpress.core.select import topk_mask
+
+    spec = FAMILIES[family]
+    model = spec.build("sdpa")
+    batch = spec.batch(model, prompts(3), "left", 0)
+    with tokenpress.compress(model, alvts_stack(keep_ratio=0.5)) as handle:
+        method = handle.entries[0].method
+        method.recording = []
+        model(**batch)
+        recorded, method.recording = method.recording, None
+        per_head_norms = handle.adapter.attention_parts(0).q_norm is not None
+        assert recorded
+        for layer, sequence in recorded:
+            folded = method.folded(layer, sequence.hidden)
+            assert (folded is None) == per_head_norms
+            ours = method.scores(sequence, layer)
+            unfolded = method.scores(sequence, layer, method.projections(layer, sequence.hidden))
+            torch.testing.assert_close(ours, unfolded, rtol=1e-4, atol=1e-9)
+            candidates = sequence.is_visual & sequence.valid
+            counts = method.counts(candidates.sum(-1), layer)
+            assert torch.equal(topk_mask(ours, candidates, counts), topk_mask(unfolded, candidates, counts))
+
+
+def test_a_rotation_of_another_form_is_not_folded() -> None:
+    """The fold assumes ``rotate(x) = x * cos + T(x) * sin``; a rotation that is not of that form (here
+    one that squares its input) is detected, so its adapter keeps the unfolded path."""
+    from tokenpress_plugins.alvts.selector import rotation_is_linear
+
+    def rotate_half(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        half = x.shape[-1] // 2
+        return x * cos.unsqueeze(2) + torch.cat((-x[..., half:], x[..., :half]), -1) * sin.unsqueeze(2)
+
+    def turn(x: torch.Tensor) -> torch.Tensor:
+        return rotate_half(x, torch.zeros(1, 1, x.shape[-1]).to(x), torch.ones(1, 1, x.shape[-1]).to(x))
+
+    def squaring(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        return rotate_half(x * x, cos, sin)
+
+    assert rotation_is_linear(rotate_half, turn, 4, 8)
+    assert not rotation_is_linear(squaring, turn, 4, 8)

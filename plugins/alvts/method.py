@@ -23,7 +23,15 @@ from tokenpress.core import weights as weights_io
 from tokenpress.core.errors import InputError
 from tokenpress.core.select import topk_mask
 from tokenpress_plugins.alvts.parts import LayerSelector, SelectorParts, tensor_layers
-from tokenpress_plugins.alvts.selector import LowRank, block_causal_pairs, importance, low_rank
+from tokenpress_plugins.alvts.selector import (
+    FoldedQueryKey,
+    LowRank,
+    block_causal_pairs,
+    importance,
+    low_rank,
+    rotation_is_linear,
+    scaled_importance,
+)
 
 #: The paper's ranks (256 for LLaVA-1.5-7B's 4096-wide decoder, 128 for Qwen2.5-VL-3B's 2048) are
 #: the hidden size over 16; the default keeps that proportion.
@@ -80,6 +88,7 @@ class ALVTS(Method):
         #: Set to a list to record ``(layer, sequence)`` instead of routing (calibration).
         self.recording: list[tuple[int, Sequence]] | None = None
         self._cast: dict[tuple[int, str, torch.dtype], tuple[LowRank, LowRank]] = {}
+        self._folded: dict[tuple[int, str], FoldedQueryKey | None] = {}
 
     @classmethod
     def default_layers(cls, config: ALVTSConfig, num_layers: int) -> tuple[int, ...]:
@@ -162,6 +171,7 @@ class ALVTS(Method):
     def teardown(self) -> None:
         super().teardown()
         self._cast.clear()
+        self._folded.clear()
         self._ratios = None
 
     # --- scoring --------------------------------------------------------------------------------
@@ -174,17 +184,50 @@ class ALVTS(Method):
             self._cast[key] = (q.to(reference), k.to(reference))
         return self._cast[key]
 
+    def folded(self, layer: int, reference: torch.Tensor) -> FoldedQueryKey | None:
+        """The selector's (q, k) at ``layer`` with the rotation folded in (on ``reference``'s device), or
+        None where it cannot be: per-head norms between projection and rotation (Qwen3, Gemma 3), or an
+        adapter whose :meth:`rotate` is not ``x * cos + T(x) * sin``."""
+        key = (layer, str(reference.device))
+        if key not in self._folded:
+            parts = self.adapter.attention_parts(layer)
+            width = parts.head_dim
+            ones, zeros = torch.ones(1, 1, width), torch.zeros(1, 1, width)
+
+            def turn(x: torch.Tensor) -> torch.Tensor:
+                return self.adapter.rotate(x, zeros.to(x), ones.to(x), heads_dim=2)
+
+            def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+                return self.adapter.rotate(x, cos, sin, heads_dim=2)
+
+            plain = parts.q_norm is None and parts.k_norm is None
+            if plain and rotation_is_linear(rotate, turn, parts.num_heads, width):
+                q, k = self.factors[layer]
+                folded = FoldedQueryKey.fold(q, k, turn, parts.num_heads, parts.num_kv_heads, width, parts.scaling)
+                self._folded[key] = folded.to(reference.device)
+            else:
+                self._folded[key] = None
+        return self._folded[key]
+
     def scores(self, sequence: Sequence, layer: int, projections: tuple[Any, Any] | None = None) -> torch.Tensor:
         """Importance S of every slot of ``sequence`` (the hidden states entering ``layer``), (B, N).
 
         ``projections`` replaces the selector's (q, k): the layer's own ``q_proj``/``k_proj`` give the
-        exact score S*; trainable :class:`LowRank` factors are what calibration optimises.
+        exact score S*; trainable :class:`LowRank` factors are what calibration optimises. Without it, the
+        selector's own factors run folded (:meth:`folded`) where the layer allows it.
         """
         parts = self.adapter.attention_parts(layer)
-        chosen = projections if projections is not None else self.projections(layer, sequence.hidden)
-        query, key = layer_query_key(self.adapter, layer, sequence, projections=chosen)
         text = sequence.is_prompt & ~sequence.is_visual
         combine = {"product": None, "visual": lambda v, t: v, "text": lambda v, t: t}[self.config.score]
+        folded = self.folded(layer, sequence.hidden) if projections is None else None
+        if folded is not None:
+            normed = parts.input_norm(sequence.hidden)
+            cos, sin = self.adapter.rotary_tables(normed, sequence.positions, layer)
+            scaled, keys = folded(normed, cos, sin)
+            return scaled_importance(scaled, keys, sequence.valid, sequence.is_visual, text, self.config.chunk,
+                                     combine)
+        chosen = projections if projections is not None else self.projections(layer, sequence.hidden)
+        query, key = layer_query_key(self.adapter, layer, sequence, projections=chosen)
         return importance(query, key, sequence.valid, sequence.is_visual, text, parts.scaling, self.config.chunk,
                           combine)
 
@@ -232,7 +275,8 @@ class ALVTS(Method):
     def scoring_flops(self, item: Any) -> float:
         """The selector's FLOPs at one layer: the low-rank q and k of every token, the logits of every row
         against the keys up to its block's end (block-causal), and the two weighted sums over rows and heads
-        (S_V2V, S_T2V)."""
+        (S_V2V, S_T2V). Folded (:meth:`folded`), each up-projection also yields its turned half, for every
+        query head."""
         decoder = item.decoder
         rank = self.config.rank
         if rank is None and self.weights is not None:
@@ -244,6 +288,8 @@ class ALVTS(Method):
         tokens = item.tokens
         q_width, k_width = decoder.heads * decoder.head_dim, decoder.kv_heads * decoder.head_dim
         q_rank, k_rank = min(rank, decoder.hidden, q_width), min(rank, decoder.hidden, k_width)  # as low_rank clamps
+        if not decoder.qk_norm:  # folded: [up | T up], keys repeated per query head
+            q_width = k_width = 2 * decoder.heads * decoder.head_dim
         projections = 2.0 * tokens * (q_rank * (decoder.hidden + q_width) + k_rank * (decoder.hidden + k_width))
         pairs = block_causal_pairs(tokens, self.config.chunk)
         logits = 2.0 * decoder.heads * pairs * decoder.head_dim

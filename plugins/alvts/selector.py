@@ -4,6 +4,10 @@ No model knowledge here: the method (``method.py``) takes a layer's weights, nor
 tables from the model adapter and hands tensors to these functions.
 
 * :func:`low_rank` - ``W ~ U V`` from a truncated SVD, ``U = U_R S_R^1/2`` and ``V = S_R^1/2 V_R^T``.
+* :class:`FoldedQueryKey` - a layer's low-rank q and k with the rotary rotation's fixed linear part
+  (``rotate_half``) and the logit scale folded into the up-projections, laid out head-major: the
+  rotated queries (B, H, N, d) and transposed keys (B, H, d, N) come out of two small products and one
+  ``addcmul`` each, in the layout the score's products read, with no copy in between.
 * :func:`importance` - ``S(i) = S_V2V(i) * S_T2V(i)``: the mean attention visual token ``i``
   receives from the visual tokens, times the mean it receives from the prompt's text tokens, with
   the layer's causal softmax over all keys, averaged over heads. A chunk of query rows at a time,
@@ -60,6 +64,87 @@ def low_rank(weight: torch.Tensor, bias: torch.Tensor | None, rank: int) -> LowR
     return LowRank(down.contiguous(), up.contiguous(), None if bias is None else bias.detach().to(torch.float32))
 
 
+#: ``turn(x)``: the fixed linear part ``T`` of a rotary rotation ``x * cos + T(x) * sin`` (``rotate_half``
+#: in every transformers decoder), on x of layout (B, N, H, d).
+Turn = Callable[[torch.Tensor], torch.Tensor]
+
+
+def rotation_is_linear(rotate: Callable[..., torch.Tensor], turn: Turn, heads: int, head_dim: int) -> bool:
+    """Whether ``rotate(x, cos, sin)`` equals ``x * cos + turn(x) * sin`` (checked on random values), the
+    form :class:`FoldedQueryKey` folds. An adapter whose rotation differs keeps the unfolded path."""
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 3, heads, head_dim, generator=generator, dtype=torch.float64)
+    cos, sin = (torch.randn(1, 3, head_dim, generator=generator, dtype=torch.float64) for _ in range(2))
+    expected = x * cos.unsqueeze(2) + turn(x) * sin.unsqueeze(2)
+    return torch.allclose(rotate(x, cos, sin), expected, rtol=1e-12, atol=1e-12)
+
+
+@dataclass
+class FoldedQueryKey:
+    """A layer's low-rank (q, k) with each up-projection stacked on its turned copy, head-major, so that
+    ``rotate(up @ v) = (up @ v) * cos + (T up @ v) * sin`` takes one product for both halves; the logit
+    scale is folded into the queries. Float32 throughout: the score is computed in float32 anyway."""
+
+    down: torch.Tensor  # (Rq + Rk, D): the q and k down-projections, one product for both
+    q_rank: int
+    q_up: torch.Tensor  # (H, Rq, 2d): [up | T up] per head, times the scale
+    k_up: torch.Tensor  # (H, 2d, Rk): the same for the keys, repeated for grouped-query heads
+    q_bias: torch.Tensor | None  # (H, 1, 2d)
+    k_bias: torch.Tensor | None  # (H, 2d, 1)
+
+    @classmethod
+    def fold(cls, q: LowRank, k: LowRank, turn: Turn, heads: int, kv_heads: int, head_dim: int,
+             scaling: float) -> FoldedQueryKey:
+        """Fold ``turn`` and ``scaling`` into ``q`` (``heads`` x ``head_dim`` wide) and ``k`` (``kv_heads``)."""
+        def stacked(up: torch.Tensor, count: int) -> torch.Tensor:  # (count * d, R) -> (count, 2d, R)
+            rank = up.shape[-1]
+            turned = turn(up.float().transpose(0, 1).reshape(1, rank, count, head_dim))
+            return torch.cat([up.float().view(count, head_dim, rank),
+                              turned.reshape(rank, count * head_dim).transpose(0, 1).reshape(count, head_dim, rank)], 1)
+
+        def stacked_bias(bias: torch.Tensor | None, count: int) -> torch.Tensor | None:  # -> (count, 2d)
+            if bias is None:
+                return None
+            plain = bias.float().view(1, 1, count, head_dim)
+            return torch.cat([plain, turn(plain)], -1).view(count, 2 * head_dim)
+
+        group = heads // kv_heads
+        q_bias, k_bias = stacked_bias(q.bias, heads), stacked_bias(k.bias, kv_heads)
+        return cls(
+            down=torch.cat([q.down, k.down]).float().contiguous(),
+            q_rank=q.rank,
+            q_up=(stacked(q.up, heads) * scaling).transpose(1, 2).contiguous(),
+            k_up=stacked(k.up, kv_heads).repeat_interleave(group, 0).contiguous(),
+            q_bias=None if q_bias is None else (q_bias * scaling).unsqueeze(1),
+            k_bias=None if k_bias is None else k_bias.repeat_interleave(group, 0).unsqueeze(-1),
+        )
+
+    def to(self, device: torch.device) -> FoldedQueryKey:
+        def moved(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.to(device)
+
+        return FoldedQueryKey(moved(self.down), self.q_rank, moved(self.q_up), moved(self.k_up),
+                              moved(self.q_bias), moved(self.k_bias))
+
+    def __call__(self, normed: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Scaled rotated queries (B, H, N, d) and rotated keys transposed (B, H, d, N), contiguous float32,
+        from the normed hidden states (B, N, D) and the rotary tables (B, N, d)."""
+        width = cos.shape[-1]
+        cos, sin = cos.float(), sin.float()
+        low = torch.matmul(normed.float(), self.down.transpose(0, 1))  # (B, N, Rq + Rk)
+        query = torch.matmul(low[..., :self.q_rank].unsqueeze(1), self.q_up)  # (B, H, N, 2d)
+        if self.q_bias is not None:
+            query = query + self.q_bias
+        query = torch.addcmul(query[..., :width] * cos.unsqueeze(1), query[..., width:], sin.unsqueeze(1))
+        low_keys = low[..., self.q_rank:].transpose(1, 2).contiguous().unsqueeze(1)  # (B, 1, Rk, N)
+        keys = torch.matmul(self.k_up, low_keys)  # (B, H, 2d, N)
+        if self.k_bias is not None:
+            keys = keys + self.k_bias
+        cos_t, sin_t = (table.transpose(1, 2).contiguous().unsqueeze(1) for table in (cos, sin))  # (B, 1, d, N)
+        keys = torch.addcmul(keys[:, :, :width] * cos_t, keys[:, :, width:], sin_t)
+        return query, keys
+
+
 def block_causal_pairs(length: int, chunk: int) -> int:
     """Query-key pairs :func:`importance` scores on ``length`` slots, ``chunk`` rows at a time: each block
     of rows against the keys up to its last row (the diagonal block whole, masked after)."""
@@ -88,14 +173,28 @@ def importance(
     needed on the block's own diagonal alone. Memory: ``chunk x N`` per head; work: half the rows x keys
     products a full matrix would take.
     """
-    batch, heads, length, _ = query.shape
-    visual, text = visual & valid, text & valid & ~visual
-    weights = torch.stack([visual, text], 1).float()  # (B, 2, N): which rows count for S_V2V and S_T2V
     # contiguous once: the rotated (B, N, H, d) views would otherwise be copied by every chunk's product
     scaled = (query.float() * scaling).contiguous()
     keys = key.float().transpose(-1, -2).contiguous()  # (B, H, d, N)
-    upper = torch.ones(chunk, chunk, dtype=torch.bool, device=query.device).triu(1)  # a block's future keys
-    totals = torch.zeros(batch, 2, length, dtype=torch.float32, device=query.device)
+    return scaled_importance(scaled, keys, valid, visual, text, chunk, combine)
+
+
+def scaled_importance(
+    scaled: torch.Tensor,
+    keys: torch.Tensor,
+    valid: torch.Tensor,
+    visual: torch.Tensor,
+    text: torch.Tensor,
+    chunk: int = 64,
+    combine: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """:func:`importance` from queries already scaled, (B, H, N, d), and keys already transposed,
+    (B, H, d, N), both float32 and contiguous (what :class:`FoldedQueryKey` returns)."""
+    batch, heads, length, _ = scaled.shape
+    visual, text = visual & valid, text & valid & ~visual
+    weights = torch.stack([visual, text], 1).float()  # (B, 2, N): which rows count for S_V2V and S_T2V
+    upper = torch.ones(chunk, chunk, dtype=torch.bool, device=scaled.device).triu(1)  # a block's future keys
+    totals = torch.zeros(batch, 2, length, dtype=torch.float32, device=scaled.device)
     for start in range(0, length, chunk):
         stop = min(start + chunk, length)
         rows = stop - start

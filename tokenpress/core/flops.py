@@ -76,13 +76,17 @@ class DecoderShape:
     layers: int
     gated_mlp: bool = True
     vocab: int = 0
+    #: Per-head norms on the projected queries and keys, before the rotation (Qwen3, Gemma 3): a scorer that
+    #: folds the rotation into its projections cannot fold past them.
+    qk_norm: bool = False
 
     @classmethod
-    def from_config(cls, config: Any) -> DecoderShape:
+    def from_config(cls, config: Any, qk_norm: bool = False) -> DecoderShape:
         heads = config.num_attention_heads
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
         return cls(config.hidden_size, heads, getattr(config, "num_key_value_heads", None) or heads, head_dim,
-                   config.intermediate_size, config.num_hidden_layers, vocab=getattr(config, "vocab_size", 0) or 0)
+                   config.intermediate_size, config.num_hidden_layers, vocab=getattr(config, "vocab_size", 0) or 0,
+                   qk_norm=qk_norm)
 
     def layer_flops(self, tokens: float, keys: float | None = None) -> float:
         """FLOPs of one layer processing ``tokens`` queries against ``keys`` keys (default: the same)."""
@@ -349,10 +353,12 @@ class FamilyCosts:
     model_type: ClassVar[str] = ""
     #: The family's name in a breakdown, e.g. ``"LLaVA-1.5"``.
     label: ClassVar[str] = ""
+    #: Whether the decoder's attention norms each head's queries and keys (:attr:`DecoderShape.qk_norm`).
+    qk_norm: ClassVar[bool] = False
 
     def __init__(self, config: Any) -> None:
         self.config = config
-        self.decoder = DecoderShape.from_config(config.get_text_config())
+        self.decoder = DecoderShape.from_config(config.get_text_config(), qk_norm=self.qk_norm)
 
     def image(self, image_size: tuple[int, int] | None) -> ImageCosts:
         """One image of ``image_size`` (height, width in pixels; None when not given), for :func:`simulate`.

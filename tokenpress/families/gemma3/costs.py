@@ -31,6 +31,7 @@ class Gemma3Costs(FamilyCosts):
 
     model_type = "gemma3"
     label = "Gemma 3"
+    qk_norm = True
     class_token = False  # SigLIP: a class-token request is served as the attention each patch receives
 
     def __init__(self, config: Any) -> None:

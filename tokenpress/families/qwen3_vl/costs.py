@@ -19,6 +19,7 @@ class Qwen3VLCosts(Qwen2_5_VLCosts):
 
     model_type = "qwen3_vl"
     label = "Qwen3-VL"
+    qk_norm = True
 
     def vision_flops(self, frames: int, grid_h: int, grid_w: int) -> float:
         vision = self.vision
@@ -66,4 +67,4 @@ class Qwen3VLMoeCosts(Qwen3VLCosts):
             dense = self.decoder
             self.decoder = MoeDecoderShape(dense.hidden, dense.heads, dense.kv_heads, dense.head_dim,
                                            text.num_experts_per_tok * text.moe_intermediate_size, dense.layers,
-                                           dense.gated_mlp, dense.vocab, experts=experts)
+                                           dense.gated_mlp, dense.vocab, dense.qk_norm, experts=experts)
