@@ -120,6 +120,7 @@ class FoldedQueryKey:
         )
 
     def to(self, device: torch.device) -> FoldedQueryKey:
+        """The same factors on ``device``."""
         def moved(t: torch.Tensor | None) -> torch.Tensor | None:
             return None if t is None else t.to(device)
 
