@@ -122,14 +122,14 @@ def _proxy_hint(model: str) -> str | None:
     for a model that is not a proxy."""
     from tokenpress.runtime.loading import resolve_model_path
     from tokenpress.tools import zoo_card as card
-    from tokenpress.tools.zoo_options import TRAINABLE
+    from tokenpress.zoo import ZOO_NAMES
 
     if not str(model).startswith("zoo:"):  # a folder `tokenpress zoo train` wrote names its proxy in metrics.json
         try:
             trained = json.loads((resolve_model_path(model) / card.TRAINING_FILE).read_text(encoding="utf-8"))
         except (OSError, ValueError):
             return None
-        if not isinstance(trained, dict) or trained.get("name") not in TRAINABLE:
+        if not isinstance(trained, dict) or trained.get("name") not in ZOO_NAMES:
             return None
     return (f"hint: {model} is a proxy trained only on the shapes benchmark's questions, such as "
             "\"what color is at 3 5 ?\" (row 3, column 5); other prompts get an empty answer")

@@ -10,10 +10,6 @@ import tokenpress
 from tokenpress.core.errors import InputError
 from tokenpress.zoo import ZOO_NAMES
 
-#: The proxies ``tokenpress zoo train`` can build: the shipped ones.
-TRAINABLE: tuple[str, ...] = ZOO_NAMES
-
-
 
 def check_not_shipped(folder: pathlib.Path, what: str) -> None:
     """Refuse to write ``what`` into the package's own files (in a normal install: site-packages)."""
@@ -27,7 +23,7 @@ def check_not_shipped(folder: pathlib.Path, what: str) -> None:
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of ``tokenpress zoo train`` and ``python -m tokenpress.tools.zoo_train`` (kept light:
     building the ``tokenpress`` parser must not import torch)."""
-    parser.add_argument("name", choices=TRAINABLE)
+    parser.add_argument("name", choices=ZOO_NAMES)  # every shipped proxy can be rebuilt
     parser.add_argument("--out", type=pathlib.Path, required=True,
                         help="the folder to write the checkpoint to (never the shipped one: copy a checkpoint "
                              "into tokenpress/zoo/checkpoints/ by hand to ship it)")
