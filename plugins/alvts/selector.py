@@ -6,8 +6,8 @@ tables from the model adapter and hands tensors to these functions.
 * :func:`low_rank` - ``W ~ U V`` from a truncated SVD, ``U = U_R S_R^1/2`` and ``V = S_R^1/2 V_R^T``.
 * :class:`FoldedQueryKey` - a layer's low-rank q and k with the rotary rotation's fixed linear part
   (``rotate_half``) and the logit scale folded into the up-projections, laid out head-major: the
-  rotated queries (B, H, N, d) and transposed keys (B, H, d, N) come out of two small products and one
-  ``addcmul`` each, in the layout the score's products read, with no copy in between.
+  rotated queries and keys come out of two small products and two in-place passes each, in the layout
+  the score's products read, with no copy in between.
 * :func:`importance` - ``S(i) = S_V2V(i) * S_T2V(i)``: the mean attention visual token ``i``
   receives from the visual tokens, times the mean it receives from the prompt's text tokens, with
   the layer's causal softmax over all keys, averaged over heads. A chunk of query rows at a time,
@@ -81,42 +81,43 @@ def rotation_is_linear(rotate: Callable[..., torch.Tensor], turn: Turn, heads: i
 
 @dataclass
 class FoldedQueryKey:
-    """A layer's low-rank (q, k) with each up-projection stacked on its turned copy, head-major, so that
-    ``rotate(up @ v) = (up @ v) * cos + (T up @ v) * sin`` takes one product for both halves; the logit
-    scale is folded into the queries. Float32 throughout: the score is computed in float32 anyway."""
+    """A layer's low-rank (q, k) with each up-projection split per head into its plain part and its turned
+    copy ``T up``, so that ``rotate(up @ v) = (up @ v) * cos + (T up @ v) * sin`` is two small products
+    and two in-place passes; the logit scale is folded into the queries. Float32 throughout: the score
+    is computed in float32 anyway."""
 
     down: torch.Tensor  # (Rq + Rk, D): the q and k down-projections, one product for both
     q_rank: int
-    q_up: torch.Tensor  # (H, Rq, 2d): [up | T up] per head, times the scale
-    k_up: torch.Tensor  # (H, 2d, Rk): the same for the keys, repeated for grouped-query heads
-    q_bias: torch.Tensor | None  # (H, 1, 2d)
-    k_bias: torch.Tensor | None  # (H, 2d, 1)
+    q_up: torch.Tensor  # (2, H, Rq, d): [up, T up] per head, times the scale
+    k_up: torch.Tensor  # (2, H, Rk, d): the same for the keys, repeated for grouped-query heads
+    q_bias: torch.Tensor | None  # (2, H, 1, d)
+    k_bias: torch.Tensor | None  # (2, H, 1, d)
 
     @classmethod
     def fold(cls, q: LowRank, k: LowRank, turn: Turn, heads: int, kv_heads: int, head_dim: int,
              scaling: float) -> FoldedQueryKey:
         """Fold ``turn`` and ``scaling`` into ``q`` (``heads`` x ``head_dim`` wide) and ``k`` (``kv_heads``)."""
-        def stacked(up: torch.Tensor, count: int) -> torch.Tensor:  # (count * d, R) -> (count, 2d, R)
+        def split(up: torch.Tensor, count: int) -> torch.Tensor:  # (count * d, R) -> (2, heads, R, d)
             rank = up.shape[-1]
-            turned = turn(up.float().transpose(0, 1).reshape(1, rank, count, head_dim))
-            return torch.cat([up.float().view(count, head_dim, rank),
-                              turned.reshape(rank, count * head_dim).transpose(0, 1).reshape(count, head_dim, rank)], 1)
+            plain = up.float().transpose(0, 1).reshape(1, rank, count, head_dim)
+            halves = torch.cat([plain, turn(plain)]).permute(0, 2, 1, 3)  # (2, count, R, d)
+            return halves.repeat_interleave(heads // count, 1).contiguous()
 
-        def stacked_bias(bias: torch.Tensor | None, count: int) -> torch.Tensor | None:  # -> (count, 2d)
+        def split_bias(bias: torch.Tensor | None, count: int) -> torch.Tensor | None:  # -> (2, heads, 1, d)
             if bias is None:
                 return None
             plain = bias.float().view(1, 1, count, head_dim)
-            return torch.cat([plain, turn(plain)], -1).view(count, 2 * head_dim)
+            halves = torch.cat([plain, turn(plain)]).view(2, count, 1, head_dim)
+            return halves.repeat_interleave(heads // count, 1).contiguous()
 
-        group = heads // kv_heads
-        q_bias, k_bias = stacked_bias(q.bias, heads), stacked_bias(k.bias, kv_heads)
+        q_bias = split_bias(q.bias, heads)
         return cls(
             down=torch.cat([q.down, k.down]).float().contiguous(),
             q_rank=q.rank,
-            q_up=(stacked(q.up, heads) * scaling).transpose(1, 2).contiguous(),
-            k_up=stacked(k.up, kv_heads).repeat_interleave(group, 0).contiguous(),
-            q_bias=None if q_bias is None else (q_bias * scaling).unsqueeze(1),
-            k_bias=None if k_bias is None else k_bias.repeat_interleave(group, 0).unsqueeze(-1),
+            q_up=split(q.up, heads) * scaling,
+            k_up=split(k.up, kv_heads),
+            q_bias=None if q_bias is None else q_bias * scaling,
+            k_bias=split_bias(k.bias, kv_heads),
         )
 
     def to(self, device: torch.device) -> FoldedQueryKey:
@@ -128,22 +129,24 @@ class FoldedQueryKey:
                               moved(self.q_bias), moved(self.k_bias))
 
     def __call__(self, normed: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Scaled rotated queries (B, H, N, d) and rotated keys transposed (B, H, d, N), contiguous float32,
-        from the normed hidden states (B, N, D) and the rotary tables (B, N, d)."""
-        width = cos.shape[-1]
-        cos, sin = cos.float(), sin.float()
-        low = torch.matmul(normed.float(), self.down.transpose(0, 1))  # (B, N, Rq + Rk)
-        query = torch.matmul(low[..., :self.q_rank].unsqueeze(1), self.q_up)  # (B, H, N, 2d)
-        if self.q_bias is not None:
-            query = query + self.q_bias
-        query = torch.addcmul(query[..., :width] * cos.unsqueeze(1), query[..., width:], sin.unsqueeze(1))
-        low_keys = low[..., self.q_rank:].transpose(1, 2).contiguous().unsqueeze(1)  # (B, 1, Rk, N)
-        keys = torch.matmul(self.k_up, low_keys)  # (B, H, 2d, N)
-        if self.k_bias is not None:
-            keys = keys + self.k_bias
-        cos_t, sin_t = (table.transpose(1, 2).contiguous().unsqueeze(1) for table in (cos, sin))  # (B, 1, d, N)
-        keys = torch.addcmul(keys[:, :, :width] * cos_t, keys[:, :, width:], sin_t)
-        return query, keys
+        """Scaled rotated queries (B, H, N, d), contiguous, and rotated keys transposed (B, H, d, N), a view
+        of a contiguous (B, H, N, d), both float32, from the normed hidden states (B, N, D) and the rotary
+        tables (B, N, d).
+
+        Each stream is written once and rotated in place: fresh (B, H, N, d) temporaries cost more here
+        than the products themselves (page faults on CPU)."""
+        cos, sin = cos.float().unsqueeze(1), sin.float().unsqueeze(1)
+        low = torch.matmul(normed.float(), self.down.transpose(0, 1)).unsqueeze(1)  # (B, 1, N, Rq + Rk)
+        rotated, turned = [], None
+        for factors, up, bias in ((low[..., :self.q_rank], self.q_up, self.q_bias),
+                                  (low[..., self.q_rank:], self.k_up, self.k_bias)):
+            stream = torch.matmul(factors, up[0])
+            turned = torch.matmul(factors, up[1], out=turned)  # one scratch for both streams' turned halves
+            if bias is not None:
+                stream.add_(bias[0])
+                turned.add_(bias[1])
+            rotated.append(stream.mul_(cos).addcmul_(turned, sin))
+        return rotated[0], rotated[1].transpose(-1, -2)
 
 
 def block_causal_pairs(length: int, chunk: int) -> int:
@@ -189,19 +192,29 @@ def scaled_importance(
     chunk: int = 64,
     combine: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """:func:`importance` from queries already scaled, (B, H, N, d), and keys already transposed,
-    (B, H, d, N), both float32 and contiguous (what :class:`FoldedQueryKey` returns)."""
+    """:func:`importance` from queries already scaled, (B, H, N, d) contiguous, and keys already
+    transposed, (B, H, d, N) (contiguous or a transposed view), both float32: what
+    :class:`FoldedQueryKey` returns."""
     batch, heads, length, _ = scaled.shape
     visual, text = visual & valid, text & valid & ~visual
     weights = torch.stack([visual, text], 1).float()  # (B, 2, N): which rows count for S_V2V and S_T2V
-    upper = torch.ones(chunk, chunk, dtype=torch.bool, device=scaled.device).triu(1)  # a block's future keys
+    # -inf on a block's future keys, added to its diagonal block: one vectorised pass (a broadcast
+    # boolean masked_fill_ takes several times longer)
+    future = torch.full((chunk, chunk), -torch.inf, device=scaled.device).triu(1)
     totals = torch.zeros(batch, 2, length, dtype=torch.float32, device=scaled.device)
+    # every block's logits and probabilities in one buffer, written in place: a fresh tensor per block
+    # and per step costs more in page faults than its product and softmax take (measured on CPU).
+    # Calibration differentiates through the score: there each block gets its own tensors.
+    differentiable = torch.is_grad_enabled() and (scaled.requires_grad or keys.requires_grad)
+    workspace = None if differentiable else torch.empty(
+        batch * heads * min(chunk, length) * length, dtype=torch.float32, device=scaled.device)
     for start in range(0, length, chunk):
         stop = min(start + chunk, length)
         rows = stop - start
-        logits = torch.matmul(scaled[:, :, start:stop], keys[..., :stop])  # (B, H, c, stop)
-        logits[..., start:stop].masked_fill_(upper[:rows, :rows], -torch.inf)
-        probs = torch.softmax(logits, dim=-1).view(batch, heads * rows, stop)
+        out = None if workspace is None else workspace[:batch * heads * rows * stop].view(batch, heads, rows, stop)
+        logits = torch.matmul(scaled[:, :, start:stop], keys[..., :stop], out=out)  # (B, H, c, stop)
+        logits[..., start:stop].add_(future[:rows, :rows])
+        probs = torch.softmax(logits, dim=-1, out=out).view(batch, heads * rows, stop)
         # the weighted sum over the block's rows and every head in one product: (B, 2, H*c) @ (B, H*c, stop)
         row_weights = weights[..., start:stop].unsqueeze(2).expand(batch, 2, heads, rows).reshape(batch, 2, -1)
         totals[..., :stop] += torch.bmm(row_weights, probs)
