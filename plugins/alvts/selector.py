@@ -198,6 +198,10 @@ def scaled_importance(
     batch, heads, length, _ = scaled.shape
     visual, text = visual & valid, text & valid & ~visual
     weights = torch.stack([visual, text], 1).float()  # (B, 2, N): which rows count for S_V2V and S_T2V
+    # each block's row weights repeated per head, in its probabilities' (head, row) order: (B, 2, blocks, H, c)
+    blocks = -(-length // chunk)
+    block_weights = torch.nn.functional.pad(weights, (0, blocks * chunk - length)).view(
+        batch, 2, blocks, 1, chunk).expand(batch, 2, blocks, heads, chunk).contiguous()
     # -inf on a block's future keys, added to its diagonal block: one vectorised pass (a broadcast
     # boolean masked_fill_ takes several times longer)
     future = torch.full((chunk, chunk), -torch.inf, device=scaled.device).triu(1)
@@ -216,7 +220,7 @@ def scaled_importance(
         logits[..., start:stop].add_(future[:rows, :rows])
         probs = torch.softmax(logits, dim=-1, out=out).view(batch, heads * rows, stop)
         # the weighted sum over the block's rows and every head in one product: (B, 2, H*c) @ (B, H*c, stop)
-        row_weights = weights[..., start:stop].unsqueeze(2).expand(batch, 2, heads, rows).reshape(batch, 2, -1)
+        row_weights = block_weights[:, :, start // chunk, :, :rows].reshape(batch, 2, heads * rows)
         totals[..., :stop] += torch.bmm(row_weights, probs)
     totals /= heads
     v2v = totals[:, 0] / visual.sum(-1, keepdim=True).clamp_min(1)
