@@ -21,6 +21,7 @@ from tokenpress.runtime import compat
 from tokenpress.testing import llava_batch, sample_prompts
 from tokenpress.testing.models import tiny_llava
 from tokenpress_plugins.cdpruner.dpp import (
+    _greedy_map_kernel,
     greedy_map,
     quality,
     relevance,
@@ -125,6 +126,26 @@ def test_the_kernel_and_low_rank_forms_pick_the_same_items(slots, width):
     real = torch.arange(steps).unsqueeze(0) < torch.tensor(lengths).unsqueeze(1)
     assert torch.equal(torch.where(real, per_row, -1), torch.where(real, kernel_form, -1))
     assert uses_kernel(slots, width) == (slots <= 2 * width)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize(("slots", "width", "steps"), [(120, 160, 60), (40, 16, 15), (30, 30, 1)])
+def test_the_host_greedy_picks_what_the_torch_greedy_picks(slots, width, steps, dtype):
+    """On a kernel in CPU memory the greedy runs in NumPy; on CDPruner's own items, on a padded batch, it
+    picks the same items in the same order as torch's form of the same steps (what runs on an accelerator,
+    and under a FLOP counter)."""
+    generator = torch.Generator().manual_seed(slots + steps)
+    visual = torch.randn(2, slots, width, generator=generator).to(dtype)
+    valid = torch.ones(2, slots, dtype=torch.bool)
+    valid[1, slots // 3:] = False
+    direction = torch.stack([text_direction(torch.randn(5, width, generator=generator).to(dtype))] * 2)
+    unit = unit_tokens(visual)
+    items = unit * (quality(relevance(unit, valid, direction), None) * valid).unsqueeze(-1)
+    kernel = torch.bmm(items, items.transpose(1, 2))
+    on_host = _greedy_map_kernel(items, valid, steps, kernel, on_host=True)
+    assert on_host.dtype == torch.long and on_host.shape == (2, steps)
+    assert torch.equal(on_host, _greedy_map_kernel(items, valid, steps, kernel, on_host=False))
+    assert torch.equal(on_host, greedy_map(items, valid, steps, kernel=True))  # the default on the CPU
 
 
 # --- (b) against the exact optimum over every k-subset -----------------------------------------------

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 
 def topk_mask(scores: torch.Tensor, candidates: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
@@ -25,3 +26,11 @@ def seeded_uniform(key: int, count: int, device: torch.device | str = "cpu") -> 
     """
     generator = torch.Generator().manual_seed(key % (2**63 - 1))
     return torch.rand(count, generator=generator).to(device)
+
+
+def host_loop_allowed(tensor: torch.Tensor) -> bool:
+    """Whether a method may run a sequential loop (a greedy's picks) on host arrays, NumPy, instead of
+    torch: where ``tensor`` is in CPU memory, so no device waits for the host, and no torch dispatch mode
+    is watching (a FLOP counter, the contract kit's synchronisation check, a memory tracker must see
+    torch's operations). Per pick, NumPy's few-microsecond operations beat torch's dispatch."""
+    return tensor.device.type == "cpu" and _get_current_dispatch_mode() is None
