@@ -128,13 +128,16 @@ class FoldedQueryKey:
         return FoldedQueryKey(moved(self.down), self.q_rank, moved(self.q_up), moved(self.k_up),
                               moved(self.q_bias), moved(self.k_bias))
 
+    @torch.no_grad()
     def __call__(self, normed: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Scaled rotated queries (B, H, N, d), contiguous, and rotated keys transposed (B, H, d, N), a view
         of a contiguous (B, H, N, d), both float32, from the normed hidden states (B, N, D) and the rotary
         tables (B, N, d).
 
         Each stream is written once and rotated in place: fresh (B, H, N, d) temporaries cost more here
-        than the products themselves (page faults on CPU)."""
+        than the products themselves (page faults on CPU). No graph is kept, even when the model runs
+        with autograd on: the folded selector only feeds a discrete choice (calibration differentiates
+        through the unfolded path)."""
         cos, sin = cos.float().unsqueeze(1), sin.float().unsqueeze(1)
         low = torch.matmul(normed.float(), self.down.transpose(0, 1)).unsqueeze(1)  # (B, 1, N, Rq + Rk)
         rotated, turned = [], None

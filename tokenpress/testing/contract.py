@@ -536,6 +536,24 @@ class MethodContract:
             f"{contract_method} with its identity_params {identity} changes the logits on {contract_family}: "
             f"max |difference| {difference:.3g} > {self.atol} (tokens {_counts(observer.calls)})")
 
+    def test_autograd_on_gives_the_same_logits(self, contract_family: str, contract_method: str) -> None:
+        """A prefill with autograd on (a user who did not write ``torch.no_grad()``, or one fine-tuning
+        through the compressed model) runs, keeps its graph and gives the logits it gives under
+        ``no_grad``: no ``out=`` or in-place write meets a tensor autograd needs."""
+        case = self.case(contract_family)
+        batch = case.batch(2, "left", 0)
+        with observing(StageObserver(contract_method)) as observer, \
+                tokenpress.compress(case.model, self.stack(contract_method)):
+            with torch.no_grad():
+                expected = case.model(**batch).logits
+            actual = case.model(**batch).logits
+        self._ran(observer, contract_method)
+        assert actual.requires_grad, f"{contract_method} on {contract_family}: the logits lost their graph"
+        difference = float((actual.detach() - expected).abs().max())
+        assert torch.allclose(actual.detach(), expected, rtol=self.atol, atol=self.atol), (
+            f"{contract_method} on {contract_family}: autograd on changes the logits, max |difference| "
+            f"{difference:.3g} > {self.atol}")
+
     @torch.no_grad()
     def test_batch_invariance(self, contract_family: str, contract_method: str) -> None:
         """Each sample of a left-padded batch of 3 prompts gives its text logits as when run alone."""
