@@ -342,9 +342,10 @@ def test_the_block_causal_score_equals_the_previous_computation(seed) -> None:
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 @torch.no_grad()
 def test_the_folded_selector_scores_and_routes_as_the_unfolded_one(family) -> None:
-    """The selector's rotation folded into its up-projections (one product per stream, no rotate pass)
-    gives the scores and routed sets of the unfolded path, which runs the layer's own norm, projections
-    and ``rotate``; a layer with per-head norms between projection and rotation keeps the unfolded path."""
+    """The selector's rotation folded into its up-projections (a plain and a turned product per stream,
+    rotated in place, no rotate pass) gives the scores and routed sets of the unfolded path, which runs
+    the layer's own norm, projections and ``rotate``; a layer with per-head norms between projection and
+    rotation keeps the unfolded path."""
     from tokenpress.core.select import topk_mask
 
     spec = FAMILIES[family]

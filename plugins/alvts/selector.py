@@ -87,7 +87,6 @@ class FoldedQueryKey:
     is computed in float32 anyway."""
 
     down: torch.Tensor  # (Rq + Rk, D): the q and k down-projections, one product for both
-    q_rank: int
     q_up: torch.Tensor  # (2, H, Rq, d): [up, T up] per head, times the scale
     k_up: torch.Tensor  # (2, H, Rk, d): the same for the keys, repeated for grouped-query heads
     q_bias: torch.Tensor | None  # (2, H, 1, d)
@@ -104,28 +103,28 @@ class FoldedQueryKey:
             return halves.repeat_interleave(heads // count, 1).contiguous()
 
         def split_bias(bias: torch.Tensor | None, count: int) -> torch.Tensor | None:  # -> (2, heads, 1, d)
-            if bias is None:
-                return None
-            plain = bias.float().view(1, 1, count, head_dim)
-            halves = torch.cat([plain, turn(plain)]).view(2, count, 1, head_dim)
-            return halves.repeat_interleave(heads // count, 1).contiguous()
+            return None if bias is None else split(bias.unsqueeze(-1), count)  # a bias is a rank-1 column
 
         q_bias = split_bias(q.bias, heads)
         return cls(
             down=torch.cat([q.down, k.down]).float().contiguous(),
-            q_rank=q.rank,
             q_up=split(q.up, heads) * scaling,
             k_up=split(k.up, kv_heads),
             q_bias=None if q_bias is None else q_bias * scaling,
             k_bias=split_bias(k.bias, kv_heads),
         )
 
+    @property
+    def q_rank(self) -> int:
+        """Rq: the first Rq rows of :attr:`down` are the queries'."""
+        return self.q_up.shape[2]
+
     def to(self, device: torch.device) -> FoldedQueryKey:
         """The same factors on ``device``."""
         def moved(t: torch.Tensor | None) -> torch.Tensor | None:
             return None if t is None else t.to(device)
 
-        return FoldedQueryKey(moved(self.down), self.q_rank, moved(self.q_up), moved(self.k_up),
+        return FoldedQueryKey(moved(self.down), moved(self.q_up), moved(self.k_up),
                               moved(self.q_bias), moved(self.k_bias))
 
     @torch.no_grad()
