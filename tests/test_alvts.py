@@ -3,8 +3,12 @@ written with the model's own modules, the selector file and its calibration."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import os
+import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +20,7 @@ from reference import llava_patch_features, merged_embeddings
 from tokenpress.core import weights
 from tokenpress.core.errors import InputError
 from tokenpress.core.tokens import pack_index
+from tokenpress.runtime.scorer import layer_query_key
 from tokenpress.testing import llava_batch, sample_prompts, select_rows
 from tokenpress.testing.families import FAMILIES, prompts
 from tokenpress.testing.models import tiny_llava
@@ -339,6 +344,22 @@ def test_the_block_causal_score_equals_the_previous_computation(seed) -> None:
         assert torch.equal(topk_mask(ours, visual & valid, counts), topk_mask(reference, visual & valid, counts))
 
 
+@contextlib.contextmanager
+def recorded_prefill(family: str) -> Iterator[tuple[Any, Any, list]]:
+    """A family's tiny model with ALVTS at 50% attached, after one prefill of three prompts: the handle,
+    the method, and the (layer, sequence) pairs it scored."""
+    spec = FAMILIES[family]
+    model = spec.build("sdpa")
+    batch = spec.batch(model, prompts(3), "left", 0)
+    with tokenpress.compress(model, alvts_stack(keep_ratio=0.5)) as handle:
+        method = handle.entries[0].method
+        method.recording = []
+        model(**batch)
+        recorded, method.recording = method.recording, None
+        assert recorded
+        yield handle, method, recorded
+
+
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 @torch.no_grad()
 def test_the_folded_selector_scores_and_routes_as_the_unfolded_one(family) -> None:
@@ -348,16 +369,8 @@ def test_the_folded_selector_scores_and_routes_as_the_unfolded_one(family) -> No
     rotation keeps the unfolded path."""
     from tokenpress.core.select import topk_mask
 
-    spec = FAMILIES[family]
-    model = spec.build("sdpa")
-    batch = spec.batch(model, prompts(3), "left", 0)
-    with tokenpress.compress(model, alvts_stack(keep_ratio=0.5)) as handle:
-        method = handle.entries[0].method
-        method.recording = []
-        model(**batch)
-        recorded, method.recording = method.recording, None
+    with recorded_prefill(family) as (handle, method, recorded):
         per_head_norms = handle.adapter.attention_parts(0).q_norm is not None
-        assert recorded
         for layer, sequence in recorded:
             folded = method.folded(layer, sequence.hidden)
             assert (folded is None) == per_head_norms
@@ -367,6 +380,48 @@ def test_the_folded_selector_scores_and_routes_as_the_unfolded_one(family) -> No
             candidates = sequence.is_visual & sequence.valid
             counts = method.counts(candidates.sum(-1), layer)
             assert torch.equal(topk_mask(ours, candidates, counts), topk_mask(unfolded, candidates, counts))
+
+
+def test_the_score_kernel_is_compiled_where_a_c_compiler_is() -> None:
+    """On a machine with a C compiler and torch on GNU OpenMP (CI's), ALVTS scores with its compiled
+    kernel: the equality tests below then compare two different computations, not torch with itself."""
+    from tokenpress_plugins.alvts.selector import _score_kernel
+
+    if shutil.which("cc") is None and shutil.which("gcc") is None:
+        pytest.skip("no C compiler on this machine: the torch path is the only one")
+    if os.environ.get("TOKENPRESS_NATIVE") == "0":
+        pytest.skip("TOKENPRESS_NATIVE=0 turns the kernel off")
+    assert _score_kernel("folded_totals") is not None
+    assert _score_kernel("block_causal_totals") is not None
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+@torch.no_grad()
+def test_the_compiled_score_equals_the_torch_loop(family) -> None:
+    """On every family's recorded prefill, the compiled kernel's scores (folded: queries and keys made in
+    the kernel; unfolded: the layer's own projections) equal the torch loop's, and route the same sets."""
+    from tokenpress.core.select import topk_mask
+    from tokenpress_plugins.alvts.selector import importance
+
+    with recorded_prefill(family) as (handle, method, recorded):
+        for layer, sequence in recorded:
+            parts = handle.adapter.attention_parts(layer)
+            text = sequence.is_prompt & ~sequence.is_visual
+            rows = (sequence.valid, sequence.is_visual, text)
+            pairs = []
+            folded = method.folded(layer, sequence.hidden)
+            if folded is not None:
+                normed = parts.input_norm(sequence.hidden)
+                cos, sin = handle.adapter.rotary_tables(normed, sequence.positions, layer)
+                pairs.append([folded.importance(normed, cos, sin, *rows, native=native) for native in (True, False)])
+            query, key = layer_query_key(handle.adapter, layer, sequence,
+                                         projections=method.projections(layer, sequence.hidden))
+            pairs.append([importance(query, key, *rows, parts.scaling, native=native) for native in (True, False)])
+            candidates = sequence.is_visual & sequence.valid
+            counts = method.counts(candidates.sum(-1), layer)
+            for compiled, loop in pairs:
+                torch.testing.assert_close(compiled, loop, rtol=1e-5, atol=1e-10)
+                assert torch.equal(topk_mask(compiled, candidates, counts), topk_mask(loop, candidates, counts))
 
 
 def test_a_rotation_of_another_form_is_not_folded() -> None:

@@ -30,7 +30,6 @@ from tokenpress_plugins.alvts.selector import (
     importance,
     low_rank,
     rotation_is_linear,
-    scaled_importance,
 )
 
 #: The paper's ranks (256 for LLaVA-1.5-7B's 4096-wide decoder, 128 for Qwen2.5-VL-3B's 2048) are
@@ -223,8 +222,7 @@ class ALVTS(Method):
         if folded is not None:
             normed = parts.input_norm(sequence.hidden)
             cos, sin = self.adapter.rotary_tables(normed, sequence.positions, layer)
-            scaled, keys = folded(normed, cos, sin)
-            return scaled_importance(scaled, keys, sequence.valid, sequence.is_visual, text, self.config.chunk,
+            return folded.importance(normed, cos, sin, sequence.valid, sequence.is_visual, text, self.config.chunk,
                                      combine)
         chosen = projections if projections is not None else self.projections(layer, sequence.hidden)
         query, key = layer_query_key(self.adapter, layer, sequence, projections=chosen)

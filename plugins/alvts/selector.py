@@ -17,10 +17,16 @@ tables from the model adapter and hands tensors to these functions.
 
 from __future__ import annotations
 
+import ctypes
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
+
+from tokenpress.core.native import load_kernel
+from tokenpress.core.select import host_loop_allowed
 
 
 @dataclass
@@ -150,6 +156,31 @@ class FoldedQueryKey:
             rotated.append(stream.mul_(cos).addcmul_(turned, sin))
         return rotated[0], rotated[1].transpose(-1, -2)
 
+    @torch.no_grad()
+    def importance(self, normed: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, valid: torch.Tensor,
+                   visual: torch.Tensor, text: torch.Tensor, chunk: int = 64,
+                   combine: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+                   native: bool = True) -> torch.Tensor:
+        """:func:`importance` of this layer's folded (q, k), from the normed hidden states and rotary
+        tables as :meth:`__call__` takes them.
+
+        On the CPU the compiled kernel (``score_kernel.c``) makes each head's queries and keys in cache
+        and scores them there, where it can run; else (``native=False``, a GPU, a dispatch mode watching)
+        :meth:`__call__` then :func:`scaled_importance`, the reference it is tested equal to."""
+        kernel = _score_kernel("folded_totals") if native and host_loop_allowed(normed) else None
+        if kernel is None:
+            scaled, keys = self(normed, cos, sin)
+            return scaled_importance(scaled, keys, valid, visual, text, chunk, combine, native)
+        batch, length, _ = normed.shape
+        heads, dim = self.q_up.shape[1], self.q_up.shape[-1]
+        visual, text, weights = _rows(valid, visual, text)
+        low = torch.matmul(normed.float(), self.down.transpose(0, 1))  # (B, N, Rq + Rk)
+        cos, sin = (t.float().expand(batch, length, dim).contiguous() for t in (cos, sin))
+        totals = low.new_zeros(batch, heads, 2, length)
+        _run_kernel(kernel, low, self.q_up, self.k_up, self.q_bias, self.k_bias, cos, sin, *_row_weights(weights),
+                    totals, batch, heads, length, dim, self.q_rank, self.k_up.shape[2])
+        return _score(totals.sum(1), visual, text, heads, combine)
+
 
 def block_causal_pairs(length: int, chunk: int) -> int:
     """Query-key pairs :func:`importance` scores on ``length`` slots, ``chunk`` rows at a time: each block
@@ -166,6 +197,7 @@ def importance(
     scaling: float,
     chunk: int = 64,
     combine: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    native: bool = True,
 ) -> torch.Tensor:
     """``S_V2V * S_T2V`` of every slot, (B, N) float32; zero outside the real visual slots.
 
@@ -173,6 +205,7 @@ def importance(
     attention); ``valid``, ``visual``, ``text`` (B, N) mark real slots (left-packed: a sample's real slots
     come first), visual slots and the text rows whose attention counts for ``S_T2V``. A row attends
     causally (slot order) to real keys. ``combine(v2v, t2v)`` replaces the product (for ablations).
+    ``native=False`` keeps the torch loop where the compiled kernel would run (:func:`scaled_importance`).
 
     Every slot is a query row, weighted (visual, text) or 0; ``chunk`` rows at a time, each block of rows
     against the keys up to its last row only (causality: the keys after it are never computed), the mask
@@ -182,7 +215,7 @@ def importance(
     # contiguous once: the rotated (B, N, H, d) views would otherwise be copied by every chunk's product
     scaled = (query.float() * scaling).contiguous()
     keys = key.float().transpose(-1, -2).contiguous()  # (B, H, d, N)
-    return scaled_importance(scaled, keys, valid, visual, text, chunk, combine)
+    return scaled_importance(scaled, keys, valid, visual, text, chunk, combine, native)
 
 
 def scaled_importance(
@@ -193,13 +226,89 @@ def scaled_importance(
     text: torch.Tensor,
     chunk: int = 64,
     combine: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    native: bool = True,
 ) -> torch.Tensor:
     """:func:`importance` from queries already scaled, (B, H, N, d) contiguous, and keys already
     transposed, (B, H, d, N) (contiguous or a transposed view), both float32: what
-    :class:`FoldedQueryKey` returns."""
-    batch, heads, length, _ = scaled.shape
+    :class:`FoldedQueryKey` returns.
+
+    On the CPU the totals come from the compiled kernel (``score_kernel.c``) where it can run
+    (:func:`tokenpress.core.native.load_kernel`), outside autograd and any torch dispatch mode;
+    ``native=False`` runs the torch loop, the reference it is tested equal to."""
+    visual, text, weights = _rows(valid, visual, text)
+    differentiable = torch.is_grad_enabled() and (scaled.requires_grad or keys.requires_grad)
+    native = native and not differentiable and scaled.dtype == keys.dtype == torch.float32
+    kernel = _score_kernel("block_causal_totals") if native and host_loop_allowed(scaled) else None
+    if kernel is not None:
+        totals = _kernel_totals(kernel, scaled, keys, weights)
+    else:
+        totals = _block_totals(scaled, keys, weights, chunk, differentiable)
+    return _score(totals, visual, text, scaled.shape[1], combine)
+
+
+def _rows(valid: torch.Tensor, visual: torch.Tensor,
+          text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The real visual and text rows, (B, N) bool each, and their (B, 2, N) float weights: which rows
+    count for S_V2V and which for S_T2V."""
     visual, text = visual & valid, text & valid & ~visual
-    weights = torch.stack([visual, text], 1).float()  # (B, 2, N): which rows count for S_V2V and S_T2V
+    return visual, text, torch.stack([visual, text], 1).float()
+
+
+def _score(totals: torch.Tensor, visual: torch.Tensor, text: torch.Tensor, heads: int,
+           combine: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None) -> torch.Tensor:
+    """S from the (B, 2, N) weighted totals summed over ``heads``: each sum's mean over heads and rows."""
+    totals /= heads
+    v2v = totals[:, 0] / visual.sum(-1, keepdim=True).clamp_min(1)
+    t2v = totals[:, 1] / text.sum(-1, keepdim=True).clamp_min(1)
+    score = combine(v2v, t2v) if combine is not None else v2v * t2v
+    return score * visual
+
+
+#: The C signatures of ``score_kernel.c``'s entry points (pointers, then sizes, then the thread count).
+_KERNEL_ARGUMENTS = {"block_causal_totals": (5, 4), "folded_totals": (10, 6)}
+
+
+@functools.cache
+def _score_kernel(name: str) -> Callable[..., int] | None:
+    """``score_kernel.c``'s entry point ``name``, compiled for this machine; None where it cannot run."""
+    library = load_kernel(Path(__file__).with_name("score_kernel.c"))
+    if library is None:
+        return None
+    pointers, sizes = _KERNEL_ARGUMENTS[name]
+    kernel = getattr(library, name)
+    kernel.restype = ctypes.c_int
+    kernel.argtypes = [ctypes.c_void_p] * pointers + [ctypes.c_int64] * sizes + [ctypes.c_int]
+    return kernel
+
+
+def _run_kernel(kernel: Callable[..., int], *arguments: torch.Tensor | int | None) -> None:
+    """Call ``kernel`` with tensors passed as their data pointers (None as NULL), then the thread count."""
+    pointers = [a.data_ptr() if isinstance(a, torch.Tensor) else a for a in arguments]
+    if kernel(*pointers, torch.get_num_threads()) != 0:
+        raise MemoryError("ALVTS's score kernel could not allocate its scratch rows")
+
+
+def _row_weights(weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The kernel's form of the (B, 2, N) row weights: each row's weight and the sum it counts for (0:
+    S_V2V, 1: S_T2V); a row counts for one of them at most."""
+    return weights.sum(1).contiguous(), weights[:, 1].to(torch.uint8).contiguous()
+
+
+def _kernel_totals(kernel: Callable[..., int], scaled: torch.Tensor, keys: torch.Tensor,
+                   weights: torch.Tensor) -> torch.Tensor:
+    """The (B, 2, N) weighted attention totals, summed over heads, from ``score_kernel.c``."""
+    batch, heads, length, dim = scaled.shape
+    totals = scaled.new_zeros(batch, heads, 2, length)
+    # keys (B, H, d, N) contiguous: a transposed view is copied once
+    _run_kernel(kernel, scaled.contiguous(), keys.contiguous(), *_row_weights(weights), totals,
+                batch * heads, heads, length, dim)
+    return totals.sum(1)
+
+
+def _block_totals(scaled: torch.Tensor, keys: torch.Tensor, weights: torch.Tensor, chunk: int,
+                  differentiable: bool) -> torch.Tensor:
+    """The (B, 2, N) weighted attention totals, summed over heads, by chunks of rows in torch."""
+    batch, heads, length, _ = scaled.shape
     # each block's row weights repeated per head, in its probabilities' (head, row) order: (B, 2, blocks, H, c)
     blocks = -(-length // chunk)
     block_weights = torch.nn.functional.pad(weights, (0, blocks * chunk - length)).view(
@@ -211,7 +320,6 @@ def scaled_importance(
     # every block's logits and probabilities in one buffer, written in place: a fresh tensor per block
     # and per step costs more in page faults than its product and softmax take (measured on CPU).
     # Calibration differentiates through the score: there each block gets its own tensors.
-    differentiable = torch.is_grad_enabled() and (scaled.requires_grad or keys.requires_grad)
     workspace = None if differentiable else torch.empty(
         batch * heads * min(chunk, length) * length, dtype=torch.float32, device=scaled.device)
     for start in range(0, length, chunk):
@@ -224,11 +332,7 @@ def scaled_importance(
         # the weighted sum over the block's rows and every head in one product: (B, 2, H*c) @ (B, H*c, stop)
         row_weights = block_weights[:, :, start // chunk, :, :rows].reshape(batch, 2, heads * rows)
         totals[..., :stop] += torch.bmm(row_weights, probs)
-    totals /= heads
-    v2v = totals[:, 0] / visual.sum(-1, keepdim=True).clamp_min(1)
-    t2v = totals[:, 1] / text.sum(-1, keepdim=True).clamp_min(1)
-    score = combine(v2v, t2v) if combine is not None else v2v * t2v
-    return score * visual
+    return totals
 
 
 def coverage_curve(scores: torch.Tensor, candidates: torch.Tensor, points: int = 101) -> torch.Tensor:
