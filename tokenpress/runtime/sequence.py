@@ -143,7 +143,7 @@ class Sequence:
         batch, length, dim = self.hidden.shape
         target = torch.where(picked, index, length)  # padding picks go to a dump slot
         out = torch.cat([self.hidden, self.hidden.new_zeros(batch, 1, dim)], dim=1)
-        out = out.scatter(1, target.unsqueeze(-1).expand(-1, -1, dim), hidden)
+        out.scatter_(1, target.unsqueeze(-1).expand(-1, -1, dim), hidden)  # in place: out is this call's own
         return dc_replace(self, hidden=out[:, :length])
 
     def with_hidden(self, hidden: torch.Tensor) -> Sequence:
