@@ -7,7 +7,7 @@
  *     p_i = softmax_j<=i(q_i . k_j)            (causal: keys up to the row itself)
  *     totals[sample, head, target_i, j] += w_i * p_i[j]
  * target_i picks the V2V (0) or the T2V (1) sum. The logits of ROWS rows at a time are computed by a
- * register-tiled product (ROWS rows x WIDTH keys of accumulators), then each row's softmax and its
+ * register-tiled product (ROWS rows x 2 WIDTH keys of accumulators), then each row's softmax and its
  * weighted sum run on that tile while it is still in cache.
  *
  * Threads: OpenMP, the runtime torch itself runs on (the loader only builds this where torch's libgomp
@@ -19,7 +19,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-enum { ROWS = 16, WIDTH = 16, PROJECTED = 4 };
+enum { ROWS = 12, WIDTH = 16, PROJECTED = 4 };
 typedef float lane __attribute__((vector_size(WIDTH * sizeof(float)), aligned(4)));
 
 /* WIDTH floats from `from`, or the first `count` of them and zeros (a row's tail). */
@@ -37,6 +37,17 @@ static void store_lane(float *to, lane value, int64_t count)
     else memcpy(to, &value, (size_t)count * sizeof(float));
 }
 
+/* One step of the register tile: ROWS rows times two vectors of keys, one query element each. */
+static inline __attribute__((always_inline)) void accumulate(lane acc[ROWS][2], const float *const row[ROWS],
+                                                             int64_t t, lane keys0, lane keys1)
+{
+#pragma GCC unroll 16
+    for (int r = 0; r < ROWS; ++r) {
+        acc[r][0] += row[r][t] * keys0;
+        acc[r][1] += row[r][t] * keys1;
+    }
+}
+
 /* One (sample, head) pair: queries (length, dim), keys_t (dim, length), its sample's row weights and
  * targets (length), its totals (2, length); tile: ROWS x stride floats of scratch. */
 static void task_totals(const float *q, const float *kt, const float *weight, const uint8_t *target,
@@ -50,15 +61,24 @@ static void task_totals(const float *q, const float *kt, const float *weight, co
         const float *row[ROWS];  /* a short last block repeats its last row: computed, never used */
         for (int r = 0; r < ROWS; ++r) row[r] = q + (start + (r < rows ? r : rows - 1)) * dim;
         const int64_t keys = start + rows;
-        for (int64_t j = 0; j < keys; j += WIDTH) {
-            lane acc[ROWS] = {0};
+        for (int64_t j = 0; j < keys; j += 2 * WIDTH) {
+            lane acc[ROWS][2] = {{{0}}};
             const int64_t count = length - j;
-            for (int64_t t = 0; t < dim; ++t) {
-                const lane k = load_lane(kt + t * length + j, count);
-#pragma GCC unroll 16
-                for (int r = 0; r < ROWS; ++r) acc[r] += row[r][t] * k;
+            if (count >= 2 * WIDTH)  /* the common case, without the tail's branches */
+                for (int64_t t = 0; t < dim; ++t) {
+                    const float *at = kt + t * length + j;
+                    accumulate(acc, row, t, *(const lane *)at, *(const lane *)(at + WIDTH));
+                }
+            else
+                for (int64_t t = 0; t < dim; ++t) {
+                    const float *at = kt + t * length + j;
+                    accumulate(acc, row, t, load_lane(at, count),
+                               count > WIDTH ? load_lane(at + WIDTH, count - WIDTH) : (lane){0});
+                }
+            for (int r = 0; r < ROWS; ++r) {
+                *(lane *)(tile + r * stride + j) = acc[r][0];
+                *(lane *)(tile + r * stride + j + WIDTH) = acc[r][1];
             }
-            for (int r = 0; r < ROWS; ++r) *(lane *)(tile + r * stride + j) = acc[r];
         }
         for (int64_t r = 0; r < rows; ++r) {
             const int64_t i = start + r;
@@ -83,7 +103,7 @@ int block_causal_totals(const float *queries, const float *keys_t, const float *
                         const uint8_t *row_target, float *totals, int64_t tasks, int64_t heads,
                         int64_t length, int64_t dim, int threads)
 {
-    const int64_t stride = (length + WIDTH - 1) / WIDTH * WIDTH;  /* a tile row: whole vectors */
+    const int64_t stride = (length + 2 * WIDTH - 1) / (2 * WIDTH) * (2 * WIDTH);  /* a tile row: whole pairs of vectors */
     int failed = 0;
 #pragma omp parallel num_threads(threads) reduction(| : failed)
     {
@@ -153,7 +173,7 @@ int folded_totals(const float *low, const float *q_up, const float *k_up, const 
                   const uint8_t *row_target, float *totals, int64_t samples, int64_t heads, int64_t length,
                   int64_t dim, int64_t q_rank, int64_t k_rank, int threads)
 {
-    const int64_t stride = (length + WIDTH - 1) / WIDTH * WIDTH, low_stride = q_rank + k_rank;
+    const int64_t stride = (length + 2 * WIDTH - 1) / (2 * WIDTH) * (2 * WIDTH), low_stride = q_rank + k_rank;
     int failed = 0;
 #pragma omp parallel num_threads(threads) reduction(| : failed)
     {
