@@ -6,6 +6,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -31,7 +32,7 @@ int threads(int n)
 
 
 @pytest.fixture
-def fresh(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+def fresh(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     """An empty kernel cache, and no compiled kernel remembered by this process."""
     monkeypatch.setenv("TOKENPRESS_CACHE", str(tmp_path / "cache"))
     monkeypatch.delenv("TOKENPRESS_NATIVE", raising=False)

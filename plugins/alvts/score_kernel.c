@@ -37,6 +37,12 @@ static void store_lane(float *to, lane value, int64_t count)
     else memcpy(to, &value, (size_t)count * sizeof(float));
 }
 
+/* A tile row's length for `length` keys: whole pairs of vectors. */
+static int64_t tile_stride(int64_t length)
+{
+    return (length + 2 * WIDTH - 1) / (2 * WIDTH) * (2 * WIDTH);
+}
+
 /* One step of the register tile: ROWS rows times two vectors of keys, one query element each. */
 static inline __attribute__((always_inline)) void accumulate(lane acc[ROWS][2], const float *const row[ROWS],
                                                              int64_t t, lane keys0, lane keys1)
@@ -103,7 +109,7 @@ int block_causal_totals(const float *queries, const float *keys_t, const float *
                         const uint8_t *row_target, float *totals, int64_t tasks, int64_t heads,
                         int64_t length, int64_t dim, int threads)
 {
-    const int64_t stride = (length + 2 * WIDTH - 1) / (2 * WIDTH) * (2 * WIDTH);  /* a tile row: whole pairs of vectors */
+    const int64_t stride = tile_stride(length);
     int failed = 0;
 #pragma omp parallel num_threads(threads) reduction(| : failed)
     {
@@ -111,11 +117,10 @@ int block_causal_totals(const float *queries, const float *keys_t, const float *
         failed = tile == NULL;
 #pragma omp for schedule(static)
         for (int64_t task = 0; task < tasks; ++task) {
+            if (tile == NULL) continue;
             const int64_t sample = task / heads;
-            if (tile != NULL)
-                task_totals(queries + task * length * dim, keys_t + task * dim * length,
-                            row_weight + sample * length, row_target + sample * length,
-                            totals + task * 2 * length, tile, length, dim, stride);
+            task_totals(queries + task * length * dim, keys_t + task * dim * length, row_weight + sample * length,
+                        row_target + sample * length, totals + task * 2 * length, tile, length, dim, stride);
         }
         free(tile);
     }
@@ -173,7 +178,7 @@ int folded_totals(const float *low, const float *q_up, const float *k_up, const 
                   const uint8_t *row_target, float *totals, int64_t samples, int64_t heads, int64_t length,
                   int64_t dim, int64_t q_rank, int64_t k_rank, int threads)
 {
-    const int64_t stride = (length + 2 * WIDTH - 1) / (2 * WIDTH) * (2 * WIDTH), low_stride = q_rank + k_rank;
+    const int64_t stride = tile_stride(length), low_stride = q_rank + k_rank;
     int failed = 0;
 #pragma omp parallel num_threads(threads) reduction(| : failed)
     {

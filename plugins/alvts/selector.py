@@ -14,8 +14,8 @@ tables from the model adapter and hands tensors to these functions.
   each against the keys up to its last row only (so no (rows x keys) matrix larger than ``chunk x keys``
   per head ever exists, and the causal half is never computed).
 * ``score_kernel.c`` - the same score in one compiled pass per (sample, head) on the CPU, from the
-  folded factors (:meth:`FoldedQueryKey.importance`) or from given queries and keys: the logits of 16
-  rows at a time never leave the cache. The torch loop above stays the reference it is tested equal
+  folded factors (:meth:`FoldedQueryKey.importance`) or from given queries and keys: the logits of a
+  few rows at a time never leave the cache. The torch loop above stays the reference it is tested equal
   to, and runs wherever the kernel cannot (GPU, autograd, a dispatch mode, no C compiler).
 """
 
